@@ -1,0 +1,8 @@
+//! sdlora: fine-tune Stable Diffusion with LoRA.
+//!
+//! The pipeline reads top-down: `model` (frozen networks with explicit forward/backward),
+//! `lora` (adapters and their file formats).
+pub mod lora;
+pub mod model;
+
+pub use candle_core::{DType, Device, Result, Tensor};

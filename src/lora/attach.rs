@@ -1,0 +1,127 @@
+//! Attaching adapters to a model's Linear/Conv2d layers, selected by module path.
+use super::adapter::Lora;
+use crate::model::layers::{LayerMut, Visit};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+/// One attached adapter, as the optimizer and the file writers see it.
+#[derive(Clone)]
+pub struct AdapterInfo {
+    /// Component-relative module path, e.g. `down_blocks.1.attentions.0.proj_in`.
+    pub path: String,
+    pub id: usize,
+    pub down: Var,
+    pub up: Var,
+    pub alpha: f64,
+}
+
+impl AdapterInfo {
+    pub fn rank(&self) -> usize {
+        self.down.dim(0).unwrap_or(0)
+    }
+}
+
+pub enum Init {
+    /// kohya / peft: down ~ Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)), up = 0, so training
+    /// starts from the base model exactly.
+    Standard,
+    /// Both factors random (tests: a zero `up` would hide gradient bugs in `down`).
+    Random,
+}
+
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub multiplier: f64,
+    pub init: Init,
+    pub seed: u64,
+    pub dtype: DType,
+}
+
+/// Attaches one adapter to every layer for which `select(path, layer)` holds; ids continue
+/// from `first_id`. Returns the adapters in model order.
+pub fn attach(
+    model: &mut dyn Visit,
+    prefix: &str,
+    select: &dyn Fn(&str, &LayerMut<'_>) -> bool,
+    spec: &LoraSpec,
+    first_id: usize,
+    device: &Device,
+) -> Result<Vec<AdapterInfo>> {
+    let mut out = vec![];
+    let mut err = None;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+    model.visit(prefix, &mut |path, layer| {
+        if err.is_some() || !select(path, &layer) {
+            return;
+        }
+        let id = first_id + out.len();
+        let r = make(layer, path, id, spec, &mut rng, device);
+        match r {
+            Ok(info) => out.push(info),
+            Err(e) => err = Some(e),
+        }
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+fn uniform(rng: &mut impl Rng, n: usize, bound: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.random::<f64>() * 2.0 - 1.0) as f32 * bound as f32)
+        .collect()
+}
+
+fn make(
+    layer: LayerMut<'_>,
+    path: &str,
+    id: usize,
+    spec: &LoraSpec,
+    rng: &mut impl Rng,
+    device: &Device,
+) -> Result<AdapterInfo> {
+    let r = spec.rank;
+    let (down_shape, up_shape, fan_in): (Vec<usize>, Vec<usize>, usize) = match &layer {
+        LayerMut::Linear(l) => (
+            vec![r, l.in_features()],
+            vec![l.out_features(), r],
+            l.in_features(),
+        ),
+        LayerMut::Conv(c) => {
+            let (o, i, kh, kw) = c.weight.dims4()?;
+            (vec![r, i, kh, kw], vec![o, r, 1, 1], i * kh * kw)
+        }
+    };
+    let nd: usize = down_shape.iter().product();
+    let nu: usize = up_shape.iter().product();
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let down =
+        Tensor::from_vec(uniform(rng, nd, bound), down_shape, device)?.to_dtype(spec.dtype)?;
+    let up = match spec.init {
+        Init::Standard => Tensor::zeros(up_shape, spec.dtype, device)?,
+        Init::Random => {
+            Tensor::from_vec(uniform(rng, nu, 1.0 / (r as f64).sqrt()), up_shape, device)?
+                .to_dtype(spec.dtype)?
+        }
+    };
+    let (down, up) = (Var::from_tensor(&down)?, Var::from_tensor(&up)?);
+    let lora = Lora {
+        id,
+        down: down.clone(),
+        up: up.clone(),
+        scale: spec.alpha / r as f64 * spec.multiplier,
+    };
+    match layer {
+        LayerMut::Linear(l) => l.adapters.push(lora),
+        LayerMut::Conv(c) => c.adapters.push(lora),
+    }
+    Ok(AdapterInfo {
+        path: path.to_string(),
+        id,
+        down,
+        up,
+        alpha: spec.alpha,
+    })
+}

@@ -1,0 +1,120 @@
+//! Multi-head attention (self or cross, optionally causal), diffusers' `Attention` and CLIP's
+//! `CLIPAttention` alike. Scores and softmax in f32; the probability matrix is kept for backward.
+use super::linear::{Linear, LinearSaved};
+use super::{acc, softmax_last};
+use crate::lora::AdapterGrads;
+use candle_core::{Result, Tensor, D};
+
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub heads: usize,
+    pub causal: bool,
+    /// Module names of (q, k, v, out) in the checkpoint, for LoRA naming.
+    pub names: [&'static str; 4],
+}
+
+pub const DIFFUSERS_NAMES: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+pub const CLIP_NAMES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
+
+pub struct AttentionSaved {
+    lin: [LinearSaved; 4],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    p: Tensor,
+    cross: bool,
+}
+
+/// [B, L, H·D] → [B, H, L, D]
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, c) = x.dims3()?;
+    x.reshape((b, l, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// [B, H, L, D] → [B, L, H·D]
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))
+}
+
+fn causal_mask(l: usize, s: usize, x: &Tensor) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..l)
+        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (l, s), x.device())?.to_dtype(x.dtype())
+}
+
+impl Attention {
+    pub fn fwd(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward(x, context)?.0)
+    }
+
+    /// x [B, L, C]; context [B, S, C_ctx] for cross-attention.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+    ) -> Result<(Tensor, AttentionSaved)> {
+        let ctx = context.unwrap_or(x);
+        let (q, sq) = self.to_q.forward(x)?;
+        let (k, sk) = self.to_k.forward(ctx)?;
+        let (v, sv) = self.to_v.forward(ctx)?;
+        let (q, k, v) = (
+            split_heads(&q, self.heads)?,
+            split_heads(&k, self.heads)?,
+            split_heads(&v, self.heads)?,
+        );
+        let scale = (q.dim(D::Minus1)? as f64).powf(-0.5);
+        let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(acc(q.dtype()))?;
+        if self.causal {
+            let (l, s) = (scores.dim(2)?, scores.dim(3)?);
+            scores = scores.broadcast_add(&causal_mask(l, s, &scores)?)?;
+        }
+        let p = softmax_last(&scores)?.to_dtype(q.dtype())?;
+        let o = merge_heads(&p.matmul(&v)?)?;
+        let (y, so) = self.to_out.forward(&o)?;
+        let saved = AttentionSaved {
+            lin: [sq, sk, sv, so],
+            q,
+            k,
+            v,
+            p,
+            cross: context.is_some(),
+        };
+        Ok((y, saved))
+    }
+
+    /// Returns (dx, dcontext); dcontext is `Some` for cross-attention.
+    pub fn backward(
+        &self,
+        s: AttentionSaved,
+        dy: &Tensor,
+        grads: &mut AdapterGrads,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let [sq, sk, sv, so] = s.lin;
+        let dout = split_heads(&self.to_out.backward(so, dy, grads)?, self.heads)?;
+        let scale = (s.q.dim(D::Minus1)? as f64).powf(-0.5);
+        // o = p v, p = softmax(scale · q kᵀ)
+        let dp = dout.matmul(&s.v.t()?)?;
+        let dv = s.p.t()?.matmul(&dout)?;
+        let f = acc(s.p.dtype());
+        let (pf, dpf) = (s.p.to_dtype(f)?, dp.to_dtype(f)?);
+        let ds = (&pf * dpf.broadcast_sub(&(&dpf * &pf)?.sum_keepdim(D::Minus1)?)?)?;
+        let ds = (ds * scale)?.to_dtype(s.q.dtype())?;
+        let dq = ds.matmul(&s.k)?;
+        let dk = ds.t()?.matmul(&s.q)?;
+        let dx = self.to_q.backward(sq, &merge_heads(&dq)?, grads)?;
+        let dctx = (self.to_k.backward(sk, &merge_heads(&dk)?, grads)?
+            + self.to_v.backward(sv, &merge_heads(&dv)?, grads)?)?;
+        if s.cross {
+            Ok((dx, Some(dctx)))
+        } else {
+            Ok(((dx + dctx)?, None))
+        }
+    }
+}

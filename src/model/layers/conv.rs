@@ -1,0 +1,197 @@
+//! Conv2d with optional LoRA adapters (1×1 and k×k, "LoCon").
+//!
+//! The input gradient is a plain convolution of the (stride-dilated) output gradient with the
+//! flipped, transposed kernel, so it runs on the same im2col+GEMM path as the forward instead
+//! of candle's naive conv_transpose2d.
+use crate::lora::{AdapterGrads, Lora};
+use candle_core::{DType, Result, Tensor};
+
+pub struct Conv2d {
+    /// [out, in, kh, kw], frozen.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+    pub adapters: Vec<Lora>,
+}
+
+pub struct Conv2dSaved {
+    x: Option<Tensor>,
+    hidden: Vec<Tensor>,
+    in_hw: (usize, usize),
+}
+
+impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            adapters: vec![],
+        }
+    }
+
+    pub fn kernel_size(&self) -> usize {
+        self.weight.dim(2).unwrap_or(1)
+    }
+
+    fn adapter_dtype(&self) -> DType {
+        self.adapters
+            .first()
+            .map(|a| a.down.dtype())
+            .unwrap_or(DType::F32)
+    }
+
+    pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(x)?.0)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Conv2dSaved)> {
+        let mut y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        }
+        let mut hidden = vec![];
+        if !self.adapters.is_empty() {
+            let xf = x.to_dtype(self.adapter_dtype())?;
+            for a in &self.adapters {
+                let h = xf.conv2d(a.down.as_tensor(), self.padding, self.stride, 1, 1)?;
+                let delta = (h.conv2d(a.up.as_tensor(), 0, 1, 1, 1)? * a.scale)?;
+                let dt = y.dtype();
+                y = (y + delta.to_dtype(dt)?)?;
+                hidden.push(h);
+            }
+        }
+        let (_, _, h, w) = x.dims4()?;
+        let x = (!self.adapters.is_empty()).then(|| x.clone());
+        Ok((
+            y,
+            Conv2dSaved {
+                x,
+                hidden,
+                in_hw: (h, w),
+            },
+        ))
+    }
+
+    pub fn backward(
+        &self,
+        s: Conv2dSaved,
+        dy: &Tensor,
+        grads: &mut AdapterGrads,
+    ) -> Result<Tensor> {
+        let mut dx = conv_input_grad(dy, &self.weight, self.stride, self.padding, s.in_hw)?;
+        if let Some(x) = &s.x {
+            let xf = x.to_dtype(self.adapter_dtype())?;
+            let dyf = dy.to_dtype(self.adapter_dtype())?;
+            for (a, h) in self.adapters.iter().zip(&s.hidden) {
+                let rank = h.dim(1)?;
+                let out = dyf.dim(1)?;
+                // delta = s · up ⋆ h (1×1): dU = s · Σ dy hᵀ, dh = s · Uᵀ dy
+                let d_up = (channels_by_rest(&dyf)?.matmul(&channels_by_rest(h)?.t()?)? * a.scale)?
+                    .reshape((out, rank, 1, 1))?;
+                let up_t = a.up.as_tensor().transpose(0, 1)?.contiguous()?;
+                let dh = (dyf.conv2d(&up_t, 0, 1, 1, 1)? * a.scale)?;
+                let d_down = kernel_grad(&xf, &dh, a.down.dims4()?, self.stride, self.padding)?;
+                let dxa =
+                    conv_input_grad(&dh, a.down.as_tensor(), self.stride, self.padding, s.in_hw)?;
+                dx = (dx + dxa.to_dtype(dy.dtype())?)?;
+                grads.add(a.id, d_down, d_up)?;
+            }
+        }
+        Ok(dx)
+    }
+}
+
+/// [N, C, H, W] → [C, N·H·W]
+fn channels_by_rest(x: &Tensor) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    x.transpose(0, 1)?.contiguous()?.reshape((c, ()))
+}
+
+/// Inserts (stride − 1) zeros between rows and columns: [N,C,H,W] → [N,C,(H−1)s+1,(W−1)s+1].
+fn dilate(x: &Tensor, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(x.clone());
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let x = x
+        .unsqueeze(3)?
+        .pad_with_zeros(3, 0, stride - 1)?
+        .reshape((n, c, h * stride, w))?;
+    let x = x.unsqueeze(4)?.pad_with_zeros(4, 0, stride - 1)?.reshape((
+        n,
+        c,
+        h * stride,
+        w * stride,
+    ))?;
+    x.narrow(2, 0, (h - 1) * stride + 1)?
+        .narrow(3, 0, (w - 1) * stride + 1)
+}
+
+/// dx of y = conv(x, w, stride, padding) for an input of spatial size `in_hw`.
+pub fn conv_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    in_hw: (usize, usize),
+) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let (_, _, ho, wo) = dy.dims4()?;
+    let d = dilate(dy, stride)?;
+    let pad_lo = kh - 1 - padding;
+    let pad_hi_h = in_hw.0 + padding - (ho - 1) * stride - 1;
+    let pad_hi_w = in_hw.1 + padding - (wo - 1) * stride - 1;
+    let d = d
+        .pad_with_zeros(2, pad_lo, pad_hi_h)?
+        .pad_with_zeros(3, kw - 1 - padding, pad_hi_w)?;
+    let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+    d.conv2d(&wf.to_dtype(d.dtype())?, 0, 1, 1, 1)
+}
+
+/// Gradient of a conv kernel of shape `wdims` from its input x and output gradient dy:
+/// dW[:, :, i, j] = dy · window(i, j)ᵀ, one GEMM per kernel tap.
+fn kernel_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    wdims: (usize, usize, usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (o, c, kh, kw) = wdims;
+    let (_, _, ho, wo) = dy.dims4()?;
+    let xp = x
+        .pad_with_zeros(2, padding, padding + stride)?
+        .pad_with_zeros(3, padding, padding + stride)?;
+    let dyc = channels_by_rest(dy)?;
+    let mut taps = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        for j in 0..kw {
+            let win = strided_window(&xp, i, j, stride, ho, wo)?;
+            taps.push(dyc.matmul(&channels_by_rest(&win)?.t()?)?);
+        }
+    }
+    Tensor::stack(&taps, 2)?.reshape((o, c, kh, kw))
+}
+
+/// xp[:, :, i + s·a, j + s·b] for a < ho, b < wo.
+fn strided_window(
+    xp: &Tensor,
+    i: usize,
+    j: usize,
+    s: usize,
+    ho: usize,
+    wo: usize,
+) -> Result<Tensor> {
+    let (n, c, _, _) = xp.dims4()?;
+    let t = xp.narrow(2, i, ho * s)?.narrow(3, j, wo * s)?;
+    if s == 1 {
+        return Ok(t);
+    }
+    t.reshape((n, c, ho, s, wo, s))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((n, c, ho, wo))
+}

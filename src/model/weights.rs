@@ -1,0 +1,249 @@
+//! Named, shaped access to frozen weights, with the file name in every error.
+//!
+//! A folder's safetensors are memory-mapped and each tensor is converted to the run's dtype as
+//! it is taken; single-file checkpoints are first renamed into diffusers' layout (see `load`) and
+//! served from a map.
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Error, Result, Shape, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+enum Source {
+    Mmap(MmapedSafetensors),
+    Map(HashMap<String, Tensor>),
+    /// Seeded random weights of whatever shape is asked for (benchmarks, tests, demo init).
+    Random(u64),
+    /// No data: records the shapes asked for and hands out zero-stride placeholders, so a
+    /// full-size model can be "built" to count its parameters without allocating them.
+    Meta(std::sync::Mutex<Vec<(String, Vec<usize>)>>),
+}
+
+#[derive(Clone)]
+pub struct Weights {
+    src: Arc<Source>,
+    /// What errors name: the file(s) the tensors come from.
+    origin: Arc<String>,
+    prefix: String,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Weights {
+    /// Memory-maps safetensors files. Errors name the file and say what is wrong with it.
+    pub fn from_files(paths: &[PathBuf], dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        for p in paths {
+            check_safetensors(p)?;
+        }
+        // SAFETY: the files are only read; a file changed underneath us is the user's race.
+        let st = unsafe { MmapedSafetensors::multi(paths) }
+            .map_err(|e| anyhow::anyhow!("{}: cannot read safetensors: {e}", show(paths)))?;
+        Ok(Self {
+            src: Arc::new(Source::Mmap(st)),
+            origin: Arc::new(show(paths)),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn from_map(
+        map: HashMap<String, Tensor>,
+        origin: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            src: Arc::new(Source::Map(map)),
+            origin: Arc::new(origin.to_string()),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::from_source(Source::Random(seed), "random weights", dtype, device)
+    }
+
+    pub fn meta() -> Self {
+        Self::from_source(
+            Source::Meta(Default::default()),
+            "shapes only",
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+
+    fn from_source(src: Source, origin: &str, dtype: DType, device: &Device) -> Self {
+        Self {
+            src: Arc::new(src),
+            origin: Arc::new(origin.into()),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// For `meta()` weights: every (name, shape) asked for so far.
+    pub fn recorded(&self) -> Vec<(String, Vec<usize>)> {
+        match &*self.src {
+            Source::Meta(m) => m.lock().map(|v| v.clone()).unwrap_or_default(),
+            _ => vec![],
+        }
+    }
+
+    /// A view under `prefix.`
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let mut w = self.clone();
+        w.prefix = self.full(&name.to_string());
+        w
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        let full = self.full(name);
+        match &*self.src {
+            Source::Mmap(st) => st.get(&full).is_ok(),
+            Source::Map(m) => m.contains_key(&full),
+            Source::Random(_) | Source::Meta(_) => true,
+        }
+    }
+
+    /// The tensor `name`, checked against `shape`, in the run's dtype.
+    pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        let full = self.full(name);
+        let t = match &*self.src {
+            Source::Mmap(st) => st
+                .load(&full, &self.device)
+                .map_err(|_| self.missing(&full))?,
+            Source::Map(m) => m.get(&full).cloned().ok_or_else(|| self.missing(&full))?,
+            Source::Random(seed) => {
+                return random_tensor(*seed, &full, &shape.into(), self.dtype, &self.device)
+            }
+            Source::Meta(m) => {
+                let shape: Shape = shape.into();
+                if let Ok(mut m) = m.lock() {
+                    m.push((full, shape.dims().to_vec()));
+                }
+                return Tensor::zeros(1, self.dtype, &self.device)?.broadcast_as(shape);
+            }
+        };
+        let shape = shape.into();
+        if t.shape() != &shape {
+            return Err(Error::Msg(format!(
+                "{}: tensor `{full}` has shape {:?}, expected {:?} — the config does not match these weights",
+                self.origin,
+                t.dims(),
+                shape.dims()
+            )));
+        }
+        t.to_device(&self.device)?.to_dtype(self.dtype)
+    }
+
+    fn missing(&self, full: &str) -> Error {
+        Error::Msg(format!(
+            "{}: tensor `{full}` is missing — is this the right model family and component?",
+            self.origin
+        ))
+    }
+}
+
+fn show(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads the header and checks that every tensor lies inside the file, so a truncated download
+/// becomes one clear error instead of a failed mmap slice later.
+pub fn check_safetensors(path: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot open: {e}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: not a safetensors file (shorter than 8 bytes)",
+            path.display()
+        )
+    })?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100_000_000 {
+        anyhow::bail!(
+            "{}: not a safetensors file or truncated (header of {n} bytes in a {len}-byte file) — download it again",
+            path.display()
+        );
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: corrupt safetensors header ({e}) — download it again",
+            path.display()
+        )
+    })?;
+    let data_len = len - 8 - n;
+    if let Some(obj) = header.as_object() {
+        for (k, v) in obj {
+            if k == "__metadata__" {
+                continue;
+            }
+            let end = v["data_offsets"][1].as_u64().unwrap_or(u64::MAX);
+            if end > data_len {
+                anyhow::bail!(
+                    "{}: truncated: tensor `{k}` ends at byte {end} but the file holds {data_len} data bytes — download it again",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic per-name random init: norms near 1, biases small, matrices ~ N(0, 1/fan_in).
+fn random_tensor(
+    seed: u64,
+    name: &str,
+    shape: &Shape,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (seed, name).hash(&mut h);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(h.finish());
+    let n = shape.elem_count();
+    let dims = shape.dims();
+    let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+    let (mean, std) = if dims.len() == 1 && name.contains("norm") {
+        (1.0, 0.1)
+    } else if dims.len() == 1 {
+        (0.0, 0.1)
+    } else {
+        (0.0, 1.0 / (fan_in as f64).sqrt())
+    };
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            // Box–Muller
+            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+            (mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect();
+    Tensor::from_vec(data, shape.clone(), device)?.to_dtype(dtype)
+}

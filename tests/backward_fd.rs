@@ -1,0 +1,270 @@
+//! Finite-difference checks of every layer's explicit backward, in f64 on random inputs.
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::{dot, fd_check, randn, var};
+use sdlora::lora::{attach, AdapterGrads, Init, LoraSpec};
+use sdlora::model::blocks::{ResnetBlock2D, Transformer2D};
+use sdlora::model::layers::load::{conv, group_norm, layer_norm, linear};
+use sdlora::model::layers::*;
+use sdlora::model::weights::Weights;
+
+const CPU: Device = Device::Cpu;
+
+fn weights(seed: u64) -> Weights {
+    Weights::random(seed, DType::F64, &CPU)
+}
+
+fn lora_spec(rank: usize) -> LoraSpec {
+    LoraSpec {
+        rank,
+        alpha: 3.0,
+        multiplier: 1.0,
+        init: Init::Random,
+        seed: 5,
+        dtype: DType::F64,
+    }
+}
+
+/// Attaches random adapters to every layer of `m` and returns their (down, up) vars.
+fn add_lora(m: &mut dyn Visit, rank: usize) -> Vec<sdlora::lora::AdapterInfo> {
+    attach(m, "", &|_, _| true, &lora_spec(rank), 0, &CPU).unwrap()
+}
+
+/// Checks the adapter gradients of `infos` against finite differences of `loss`.
+fn check_adapters(infos: &[sdlora::lora::AdapterInfo], g: &AdapterGrads, loss: &dyn Fn() -> f64) {
+    assert!(!infos.is_empty());
+    for a in infos {
+        let (dd, du) = g
+            .get(a.id)
+            .unwrap_or_else(|| panic!("no gradient for adapter {}", a.path));
+        fd_check(&format!("{} lora_down", a.path), &a.down, dd, loss, 6);
+        fd_check(&format!("{} lora_up", a.path), &a.up, du, loss, 6);
+    }
+}
+
+#[test]
+fn linear_with_lora() {
+    let mut l = linear(&weights(1).pp("l"), 5, 6, true).unwrap();
+    let infos = add_lora(&mut l, 3);
+    let x = var(&[2, 4, 5], 2);
+    let r = randn(&[2, 4, 6], 3);
+    let (_, s) = l.forward(&x).unwrap();
+    let mut g = AdapterGrads::default();
+    let dx = l.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&l.fwd(&x).unwrap(), &r);
+    fd_check("linear dx", &x, &dx, &loss, 20);
+    check_adapters(&infos, &g, &loss);
+}
+
+fn check_conv(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, hw: usize) {
+    let mut c = conv(&weights(7).pp("c"), cin, cout, k, stride, pad).unwrap();
+    let infos = add_lora(&mut c, 2);
+    let x = var(&[2, cin, hw, hw], 8);
+    let (y, s) = c.forward(&x).unwrap();
+    let r = randn(y.dims(), 9);
+    let mut g = AdapterGrads::default();
+    let dx = c.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&c.fwd(&x).unwrap(), &r);
+    fd_check(
+        &format!("conv{k}x{k}/s{stride}/p{pad} dx"),
+        &x,
+        &dx,
+        &loss,
+        25,
+    );
+    check_adapters(&infos, &g, &loss);
+}
+
+#[test]
+fn conv_3x3() {
+    check_conv(3, 4, 3, 1, 1, 6);
+}
+
+#[test]
+fn conv_3x3_stride2() {
+    check_conv(3, 4, 3, 2, 1, 6);
+    check_conv(2, 3, 3, 2, 1, 7);
+    check_conv(2, 3, 3, 2, 0, 7); // the VAE's downsampler (pads itself first)
+}
+
+#[test]
+fn conv_1x1() {
+    check_conv(4, 5, 1, 1, 0, 3);
+}
+
+#[test]
+fn group_norm_and_fused_silu() {
+    for silu in [false, true] {
+        let n = group_norm(&weights(11).pp("norm"), 2, 6, 1e-5).unwrap();
+        let x = var(&[2, 6, 3, 3], 12);
+        let r = randn(&[2, 6, 3, 3], 13);
+        let (_, s) = n.forward(&x, silu).unwrap();
+        let dx = n.backward(s, &r).unwrap();
+        fd_check(
+            &format!("group_norm silu={silu}"),
+            &x,
+            &dx,
+            &|| dot(&n.forward(&x, silu).unwrap().0, &r),
+            30,
+        );
+    }
+}
+
+#[test]
+fn layer_norm_backward() {
+    let n = layer_norm(&weights(14).pp("norm"), 7, 1e-5).unwrap();
+    let x = var(&[2, 3, 7], 15);
+    let r = randn(&[2, 3, 7], 16);
+    let (_, s) = n.forward(&x).unwrap();
+    let dx = n.backward(s, &r).unwrap();
+    fd_check("layer_norm", &x, &dx, &|| dot(&n.fwd(&x).unwrap(), &r), 30);
+}
+
+#[test]
+fn activations() {
+    let x = var(&[3, 5], 17);
+    let r = randn(&[3, 5], 18);
+    fd_check(
+        "silu",
+        &x,
+        &silu_backward(&x, &r).unwrap(),
+        &|| dot(&x.silu().unwrap(), &r),
+        15,
+    );
+    fd_check(
+        "gelu",
+        &x,
+        &gelu_backward(&x, &r).unwrap(),
+        &|| dot(&x.gelu_erf().unwrap(), &r),
+        15,
+    );
+    fd_check(
+        "quick_gelu",
+        &x,
+        &quick_gelu_backward(&x, &r).unwrap(),
+        &|| dot(&quick_gelu(&x).unwrap(), &r),
+        15,
+    );
+}
+
+#[test]
+fn upsample() {
+    let x = var(&[1, 2, 3, 4], 19);
+    let r = randn(&[1, 2, 6, 8], 20);
+    let dx = upsample_nearest2x_backward(&r).unwrap();
+    fd_check(
+        "upsample",
+        &x,
+        &dx,
+        &|| dot(&upsample_nearest2x(&x).unwrap(), &r),
+        24,
+    );
+}
+
+fn attention(causal: bool, ctx_dim: Option<usize>) -> Attention {
+    let w = weights(21);
+    let c = ctx_dim.unwrap_or(8);
+    Attention {
+        to_q: linear(&w.pp("q"), 8, 8, true).unwrap(),
+        to_k: linear(&w.pp("k"), c, 8, true).unwrap(),
+        to_v: linear(&w.pp("v"), c, 8, true).unwrap(),
+        to_out: linear(&w.pp("o"), 8, 8, true).unwrap(),
+        heads: 2,
+        causal,
+        names: DIFFUSERS_NAMES,
+    }
+}
+
+#[test]
+fn self_attention_plain_and_causal() {
+    for causal in [false, true] {
+        let mut a = attention(causal, None);
+        let infos = add_lora(&mut a, 2);
+        let x = var(&[2, 5, 8], 22);
+        let r = randn(&[2, 5, 8], 23);
+        let (_, s) = a.forward(&x, None).unwrap();
+        let mut g = AdapterGrads::default();
+        let (dx, dctx) = a.backward(s, &r, &mut g).unwrap();
+        assert!(dctx.is_none());
+        let loss = || dot(&a.fwd(&x, None).unwrap(), &r);
+        fd_check(
+            &format!("self-attention causal={causal}"),
+            &x,
+            &dx,
+            &loss,
+            25,
+        );
+        check_adapters(&infos, &g, &loss);
+    }
+}
+
+#[test]
+fn cross_attention() {
+    let a = attention(false, Some(6));
+    let x = var(&[2, 5, 8], 24);
+    let ctx = var(&[2, 3, 6], 25);
+    let r = randn(&[2, 5, 8], 26);
+    let (_, s) = a.forward(&x, Some(&ctx)).unwrap();
+    let (dx, dctx) = a.backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    let loss = || dot(&a.fwd(&x, Some(&ctx)).unwrap(), &r);
+    fd_check("cross-attention dx", &x, &dx, &loss, 25);
+    fd_check("cross-attention dctx", &ctx, &dctx.unwrap(), &loss, 25);
+}
+
+#[test]
+fn resnet_block() {
+    let mut b = ResnetBlock2D::load(&weights(27).pp("r"), 4, 6, Some(5), 2, 1e-5).unwrap();
+    let infos = add_lora(&mut b, 2);
+    let x = var(&[2, 4, 4, 4], 28);
+    let t = var(&[2, 5], 29);
+    let r = randn(&[2, 6, 4, 4], 30);
+    let (_, s) = b.forward(&x, Some(&t)).unwrap();
+    let mut g = AdapterGrads::default();
+    let (dx, dt) = b.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&b.forward(&x, Some(&t)).unwrap().0, &r);
+    fd_check("resnet dx", &x, &dx, &loss, 30);
+    fd_check("resnet dtemb", &t, &dt.unwrap(), &loss, 10);
+    check_adapters(&infos, &g, &loss);
+}
+
+#[test]
+fn transformer_2d_conv_and_linear_projection() {
+    for linear_proj in [false, true] {
+        let mut t = Transformer2D::load(&weights(31).pp("t"), 8, 6, 2, 2, 2, linear_proj).unwrap();
+        let infos = add_lora(&mut t, 2);
+        let x = var(&[2, 8, 3, 3], 32);
+        let ctx = var(&[2, 4, 6], 33);
+        let r = randn(&[2, 8, 3, 3], 34);
+        let (_, s) = t.forward(&x, &ctx).unwrap();
+        let mut g = AdapterGrads::default();
+        let (dx, dctx) = t.backward(s, &r, &mut g).unwrap();
+        let loss = || dot(&t.forward(&x, &ctx).unwrap().0, &r);
+        fd_check(
+            &format!("transformer2d linear={linear_proj} dx"),
+            &x,
+            &dx,
+            &loss,
+            30,
+        );
+        fd_check(
+            &format!("transformer2d linear={linear_proj} dctx"),
+            &ctx,
+            &dctx,
+            &loss,
+            20,
+        );
+        check_adapters(&infos, &g, &loss);
+    }
+}
+
+#[test]
+fn the_check_itself_catches_a_wrong_gradient() {
+    let x = var(&[3, 4], 35);
+    let r = randn(&[3, 4], 36);
+    let wrong = (silu_backward(&x, &r).unwrap() * 1.01).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fd_check("wrong", &x, &wrong, &|| dot(&x.silu().unwrap(), &r), 12)
+    }));
+    assert!(caught.is_err(), "a 1% error must fail the check");
+    let _ = Tensor::zeros(1, DType::F64, &CPU);
+}
