@@ -4,5 +4,6 @@
 //! `lora` (adapters and their file formats).
 pub mod lora;
 pub mod model;
+pub mod util;
 
 pub use candle_core::{DType, Device, Result, Tensor};

@@ -15,14 +15,7 @@ fn weights(seed: u64) -> Weights {
 }
 
 fn lora_spec(rank: usize) -> LoraSpec {
-    LoraSpec {
-        rank,
-        alpha: 3.0,
-        multiplier: 1.0,
-        init: Init::Random,
-        seed: 5,
-        dtype: DType::F64,
-    }
+    LoraSpec { rank, alpha: 3.0, multiplier: 1.0, init: Init::Random, seed: 5, dtype: DType::F64 }
 }
 
 /// Attaches random adapters to every layer of `m` and returns their (down, up) vars.
@@ -34,9 +27,7 @@ fn add_lora(m: &mut dyn Visit, rank: usize) -> Vec<sdlora::lora::AdapterInfo> {
 fn check_adapters(infos: &[sdlora::lora::AdapterInfo], g: &AdapterGrads, loss: &dyn Fn() -> f64) {
     assert!(!infos.is_empty());
     for a in infos {
-        let (dd, du) = g
-            .get(a.id)
-            .unwrap_or_else(|| panic!("no gradient for adapter {}", a.path));
+        let (dd, du) = g.get(a.id).unwrap_or_else(|| panic!("no gradient for adapter {}", a.path));
         fd_check(&format!("{} lora_down", a.path), &a.down, dd, loss, 6);
         fd_check(&format!("{} lora_up", a.path), &a.up, du, loss, 6);
     }
@@ -65,13 +56,7 @@ fn check_conv(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, hw: 
     let mut g = AdapterGrads::default();
     let dx = c.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&c.fwd(&x).unwrap(), &r);
-    fd_check(
-        &format!("conv{k}x{k}/s{stride}/p{pad} dx"),
-        &x,
-        &dx,
-        &loss,
-        25,
-    );
+    fd_check(&format!("conv{k}x{k}/s{stride}/p{pad} dx"), &x, &dx, &loss, 25);
     check_adapters(&infos, &g, &loss);
 }
 
@@ -124,20 +109,8 @@ fn layer_norm_backward() {
 fn activations() {
     let x = var(&[3, 5], 17);
     let r = randn(&[3, 5], 18);
-    fd_check(
-        "silu",
-        &x,
-        &silu_backward(&x, &r).unwrap(),
-        &|| dot(&x.silu().unwrap(), &r),
-        15,
-    );
-    fd_check(
-        "gelu",
-        &x,
-        &gelu_backward(&x, &r).unwrap(),
-        &|| dot(&x.gelu_erf().unwrap(), &r),
-        15,
-    );
+    fd_check("silu", &x, &silu_backward(&x, &r).unwrap(), &|| dot(&x.silu().unwrap(), &r), 15);
+    fd_check("gelu", &x, &gelu_backward(&x, &r).unwrap(), &|| dot(&x.gelu_erf().unwrap(), &r), 15);
     fd_check(
         "quick_gelu",
         &x,
@@ -152,13 +125,7 @@ fn upsample() {
     let x = var(&[1, 2, 3, 4], 19);
     let r = randn(&[1, 2, 6, 8], 20);
     let dx = upsample_nearest2x_backward(&r).unwrap();
-    fd_check(
-        "upsample",
-        &x,
-        &dx,
-        &|| dot(&upsample_nearest2x(&x).unwrap(), &r),
-        24,
-    );
+    fd_check("upsample", &x, &dx, &|| dot(&upsample_nearest2x(&x).unwrap(), &r), 24);
 }
 
 fn attention(causal: bool, ctx_dim: Option<usize>) -> Attention {
@@ -187,13 +154,7 @@ fn self_attention_plain_and_causal() {
         let (dx, dctx) = a.backward(s, &r, &mut g).unwrap();
         assert!(dctx.is_none());
         let loss = || dot(&a.fwd(&x, None).unwrap(), &r);
-        fd_check(
-            &format!("self-attention causal={causal}"),
-            &x,
-            &dx,
-            &loss,
-            25,
-        );
+        fd_check(&format!("self-attention causal={causal}"), &x, &dx, &loss, 25);
         check_adapters(&infos, &g, &loss);
     }
 }
@@ -239,20 +200,8 @@ fn transformer_2d_conv_and_linear_projection() {
         let mut g = AdapterGrads::default();
         let (dx, dctx) = t.backward(s, &r, &mut g).unwrap();
         let loss = || dot(&t.forward(&x, &ctx).unwrap().0, &r);
-        fd_check(
-            &format!("transformer2d linear={linear_proj} dx"),
-            &x,
-            &dx,
-            &loss,
-            30,
-        );
-        fd_check(
-            &format!("transformer2d linear={linear_proj} dctx"),
-            &ctx,
-            &dctx,
-            &loss,
-            20,
-        );
+        fd_check(&format!("transformer2d linear={linear_proj} dx"), &x, &dx, &loss, 30);
+        fd_check(&format!("transformer2d linear={linear_proj} dctx"), &ctx, &dctx, &loss, 20);
         check_adapters(&infos, &g, &loss);
     }
 }
@@ -267,4 +216,41 @@ fn the_check_itself_catches_a_wrong_gradient() {
     }));
     assert!(caught.is_err(), "a 1% error must fail the check");
     let _ = Tensor::zeros(1, DType::F64, &CPU);
+}
+
+#[test]
+fn clip_text_encoder_backward() {
+    use sdlora::model::clip::{ClipOutputGrads, ClipTextModel};
+    use sdlora::model::config::ClipTextConfig;
+    for (act, proj, eos) in [("quick_gelu", false, 2), ("gelu", true, 9)] {
+        let cfg: ClipTextConfig = serde_json::from_str(&format!(
+            r#"{{"vocab_size":10,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":3,"num_attention_heads":2,
+               "max_position_embeddings":6,"hidden_act":"{act}","eos_token_id":{eos},"projection_dim":5,
+               "architectures":["{}"]}}"#,
+            if proj { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }
+        ))
+        .unwrap();
+        let mut m = ClipTextModel::load(&cfg, &weights(40)).unwrap();
+        let infos = add_lora(&mut m, 2);
+        let ids = Tensor::new(&[[0u32, 5, 7, 9, 1, 1], [0, 3, 9, 1, 1, 1]], &CPU).unwrap();
+        let e = sdlora::lora::attach::AdapterInfo::clone(&infos[0]); // adapters exist
+        assert!(e.rank() == 2);
+        let x = common::var(&[2, 6, 8], 41);
+        let (rl, rp, rq) =
+            (randn(&[2, 6, 8], 42), randn(&[2, 6, 8], 43), randn(&[2, if proj { 5 } else { 8 }], 44));
+        let (_, s) = m.forward_train(&ids, &x).unwrap();
+        let grads = ClipOutputGrads {
+            last_hidden_state: Some(rl.clone()),
+            penultimate: Some(rp.clone()),
+            pooled: Some(rq.clone()),
+        };
+        let mut g = AdapterGrads::default();
+        let dx = m.backward(s, grads, &mut g).unwrap();
+        let loss = || {
+            let o = m.forward_train(&ids, &x).unwrap().0;
+            dot(&o.last_hidden_state, &rl) + dot(&o.penultimate, &rp) + dot(&o.pooled, &rq)
+        };
+        fd_check(&format!("clip {act} d token embeds"), &x, &dx, &loss, 30);
+        check_adapters(&infos[..4], &g, &loss);
+    }
 }

@@ -29,9 +29,7 @@ pub struct AdapterGrads {
 
 impl AdapterGrads {
     pub fn new(n: usize) -> Self {
-        Self {
-            grads: (0..n).map(|_| None).collect(),
-        }
+        Self { grads: (0..n).map(|_| None).collect() }
     }
 
     pub fn add(&mut self, id: usize, d_down: Tensor, d_up: Tensor) -> Result<()> {

@@ -69,9 +69,7 @@ pub fn attach(
 }
 
 fn uniform(rng: &mut impl Rng, n: usize, bound: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| (rng.random::<f64>() * 2.0 - 1.0) as f32 * bound as f32)
-        .collect()
+    (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) as f32 * bound as f32).collect()
 }
 
 fn make(
@@ -84,11 +82,7 @@ fn make(
 ) -> Result<AdapterInfo> {
     let r = spec.rank;
     let (down_shape, up_shape, fan_in): (Vec<usize>, Vec<usize>, usize) = match &layer {
-        LayerMut::Linear(l) => (
-            vec![r, l.in_features()],
-            vec![l.out_features(), r],
-            l.in_features(),
-        ),
+        LayerMut::Linear(l) => (vec![r, l.in_features()], vec![l.out_features(), r], l.in_features()),
         LayerMut::Conv(c) => {
             let (o, i, kh, kw) = c.weight.dims4()?;
             (vec![r, i, kh, kw], vec![o, r, 1, 1], i * kh * kw)
@@ -97,31 +91,18 @@ fn make(
     let nd: usize = down_shape.iter().product();
     let nu: usize = up_shape.iter().product();
     let bound = 1.0 / (fan_in as f64).sqrt();
-    let down =
-        Tensor::from_vec(uniform(rng, nd, bound), down_shape, device)?.to_dtype(spec.dtype)?;
+    let down = Tensor::from_vec(uniform(rng, nd, bound), down_shape, device)?.to_dtype(spec.dtype)?;
     let up = match spec.init {
         Init::Standard => Tensor::zeros(up_shape, spec.dtype, device)?,
-        Init::Random => {
-            Tensor::from_vec(uniform(rng, nu, 1.0 / (r as f64).sqrt()), up_shape, device)?
-                .to_dtype(spec.dtype)?
-        }
+        Init::Random => Tensor::from_vec(uniform(rng, nu, 1.0 / (r as f64).sqrt()), up_shape, device)?
+            .to_dtype(spec.dtype)?,
     };
     let (down, up) = (Var::from_tensor(&down)?, Var::from_tensor(&up)?);
-    let lora = Lora {
-        id,
-        down: down.clone(),
-        up: up.clone(),
-        scale: spec.alpha / r as f64 * spec.multiplier,
-    };
+    let lora =
+        Lora { id, down: down.clone(), up: up.clone(), scale: spec.alpha / r as f64 * spec.multiplier };
     match layer {
         LayerMut::Linear(l) => l.adapters.push(lora),
         LayerMut::Conv(c) => c.adapters.push(lora),
     }
-    Ok(AdapterInfo {
-        path: path.to_string(),
-        id,
-        down,
-        up,
-        alpha: spec.alpha,
-    })
+    Ok(AdapterInfo { path: path.to_string(), id, down, up, alpha: spec.alpha })
 }

@@ -2,9 +2,8 @@
 //! its BasicTransformerBlocks, and the resamplers. Each backward mirrors its forward bottom-up.
 use super::layers::load::{conv, group_norm, layer_norm, linear};
 use super::layers::{
-    gelu_backward, join, upsample_nearest2x, upsample_nearest2x_backward, Attention,
-    AttentionSaved, Conv2d, Conv2dSaved, GroupNorm, LayerMut, LayerNorm, Linear, LinearSaved,
-    NormSaved, Visit, DIFFUSERS_NAMES,
+    gelu_backward, join, upsample_nearest2x, upsample_nearest2x_backward, Attention, AttentionSaved, Conv2d,
+    Conv2dSaved, GroupNorm, LayerMut, LayerNorm, Linear, LinearSaved, NormSaved, Visit, DIFFUSERS_NAMES,
 };
 use super::weights::Weights;
 use crate::lora::AdapterGrads;
@@ -43,9 +42,7 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: group_norm(&w.pp("norm1"), groups, cin, eps)?,
             conv1: conv(&w.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: temb
-                .map(|t| linear(&w.pp("time_emb_proj"), t, cout, true))
-                .transpose()?,
+            time_emb_proj: temb.map(|t| linear(&w.pp("time_emb_proj"), t, cout, true)).transpose()?,
             norm2: group_norm(&w.pp("norm2"), groups, cout, eps)?,
             conv2: conv(&w.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut: (cin != cout)
@@ -73,14 +70,7 @@ impl ResnetBlock2D {
             }
             None => (x.clone(), None),
         };
-        let saved = ResnetSaved {
-            norm1,
-            conv1,
-            temb: temb_saved,
-            norm2,
-            conv2,
-            shortcut,
-        };
+        let saved = ResnetSaved { norm1, conv1, temb: temb_saved, norm2, conv2, shortcut };
         Ok(((sc + h)?, saved))
     }
 
@@ -182,17 +172,7 @@ impl BasicTransformerBlock {
         let (hidden, gate) = (chunks[0].contiguous()?, chunks[1].contiguous()?);
         let h = (&hidden * gate.gelu_erf()?)?;
         let (h, out) = self.ff_out.forward(&h)?;
-        let saved = TransformerBlockSaved {
-            n1,
-            a1,
-            n2,
-            a2,
-            n3,
-            proj,
-            hidden,
-            gate,
-            out,
-        };
+        let saved = TransformerBlockSaved { n1, a1, n2, a2, n3, proj, hidden, gate, out };
         Ok(((x + h)?, saved))
     }
 
@@ -206,18 +186,13 @@ impl BasicTransformerBlock {
         let dh = self.ff_out.backward(s.out, dy, g)?;
         let d_hidden = (&dh * s.gate.gelu_erf()?)?;
         let d_gate = gelu_backward(&s.gate, &(&dh * &s.hidden)?)?;
-        let dh = self
-            .ff_proj
-            .backward(s.proj, &Tensor::cat(&[d_hidden, d_gate], D::Minus1)?, g)?;
+        let dh = self.ff_proj.backward(s.proj, &Tensor::cat(&[d_hidden, d_gate], D::Minus1)?, g)?;
         let dx = (dy + self.norm3.backward(s.n3, &dh)?)?;
         let (dh, dctx) = self.attn2.backward(s.a2, &dx, g)?;
         let dx = (&dx + self.norm2.backward(s.n2, &dh)?)?;
         let (dh, _) = self.attn1.backward(s.a1, &dx, g)?;
         let dx = (&dx + self.norm1.backward(s.n1, &dh)?)?;
-        Ok((
-            dx,
-            dctx.expect("cross-attention returns a context gradient"),
-        ))
+        Ok((dx, dctx.expect("cross-attention returns a context gradient")))
     }
 }
 
@@ -334,13 +309,7 @@ impl Transformer2D {
                 (to_image(&y, hh, ww)?, ProjSaved::Linear(s))
             }
         };
-        let saved = Transformer2DSaved {
-            norm,
-            proj_in,
-            blocks,
-            proj_out,
-            hw: (hh, ww),
-        };
+        let saved = Transformer2DSaved { norm, proj_in, blocks, proj_out, hw: (hh, ww) };
         Ok(((h + x)?, saved))
     }
 
@@ -387,8 +356,7 @@ impl Visit for Proj {
 impl Visit for Transformer2D {
     fn visit(&mut self, p: &str, f: &mut dyn FnMut(&str, LayerMut<'_>)) {
         self.proj_in.visit(&join(p, "proj_in"), f);
-        self.transformer_blocks
-            .visit(&join(p, "transformer_blocks"), f);
+        self.transformer_blocks.visit(&join(p, "transformer_blocks"), f);
         self.proj_out.visit(&join(p, "proj_out"), f);
     }
 }

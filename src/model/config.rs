@@ -50,24 +50,12 @@ fn d_boc() -> Vec<usize> {
     vec![320, 640, 1280, 1280]
 }
 fn d_down() -> Vec<String> {
-    [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+        .map(String::from)
+        .to_vec()
 }
 fn d_up() -> Vec<String> {
-    [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -123,9 +111,7 @@ pub struct UNetConfig {
 
 impl UNetConfig {
     pub fn heads(&self) -> PerBlock {
-        self.num_attention_heads
-            .clone()
-            .unwrap_or_else(|| self.attention_head_dim.clone())
+        self.num_attention_heads.clone().unwrap_or_else(|| self.attention_head_dim.clone())
     }
 
     /// Refuses variants this project does not implement, with a message saying which key.
@@ -146,13 +132,8 @@ impl UNetConfig {
             }
         }
         for t in self.down_block_types.iter().chain(&self.up_block_types) {
-            if ![
-                "DownBlock2D",
-                "CrossAttnDownBlock2D",
-                "UpBlock2D",
-                "CrossAttnUpBlock2D",
-            ]
-            .contains(&t.as_str())
+            if !["DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]
+                .contains(&t.as_str())
             {
                 return Err(format!("block type `{t}` is not supported"));
             }
@@ -254,8 +235,6 @@ pub struct ClipTextConfig {
 
 impl ClipTextConfig {
     pub fn with_projection(&self) -> bool {
-        self.architectures
-            .as_ref()
-            .is_some_and(|a| a.iter().any(|s| s == "CLIPTextModelWithProjection"))
+        self.architectures.as_ref().is_some_and(|a| a.iter().any(|s| s == "CLIPTextModelWithProjection"))
     }
 }

@@ -1,6 +1,11 @@
 //! The frozen Stable Diffusion networks, each with an explicit forward and backward.
 pub mod blocks;
+pub mod clip;
 pub mod config;
 pub mod layers;
+pub mod load;
+pub mod text;
+pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;

@@ -9,8 +9,7 @@ use super::blocks::{ResnetBlock2D, ResnetSaved, Transformer2D, Transformer2DSave
 use super::config::UNetConfig;
 use super::layers::load::{conv, group_norm, linear};
 use super::layers::{
-    join, silu_backward, Conv2d, Conv2dSaved, GroupNorm, LayerMut, Linear, LinearSaved, NormSaved,
-    Visit,
+    join, silu_backward, Conv2d, Conv2dSaved, GroupNorm, LayerMut, Linear, LinearSaved, NormSaved, Visit,
 };
 use super::weights::Weights;
 use crate::lora::AdapterGrads;
@@ -70,22 +69,19 @@ pub struct UNetInputGrads {
     pub text_embeds: Option<Tensor>,
 }
 
-/// Sinusoidal timestep features, as diffusers' `get_timestep_embedding` (computed in f32).
+/// Sinusoidal timestep features, as diffusers' `get_timestep_embedding`, computed with the same
+/// f32 operations as PyTorch (f64 for an f64 model) so that large timesteps round alike.
 pub fn timestep_embedding(
     t: &Tensor,
     dim: usize,
     flip_sin_to_cos: bool,
     shift: f64,
+    dtype: DType,
 ) -> Result<Tensor> {
     let half = dim / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32)
-        .collect();
-    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = t
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs)?;
+    let exponent = (Tensor::arange(0u32, half as u32, t.device())?.to_dtype(dtype)? * -(10000f64.ln()))?;
+    let freqs = (exponent / (half as f64 - shift))?.exp()?.unsqueeze(0)?;
+    let args = t.to_dtype(dtype)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
     if flip_sin_to_cos {
         Tensor::cat(&[cos, sin], 1)
@@ -114,8 +110,7 @@ impl Mlp {
     }
     fn backward(&self, s: MlpSaved, dy: &Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
         let dh = self.linear_2.backward(s.l2, dy, g)?;
-        self.linear_1
-            .backward(s.l1, &silu_backward(&s.pre, &dh)?, g)
+        self.linear_1.backward(s.l1, &silu_backward(&s.pre, &dh)?, g)
     }
 }
 
@@ -189,12 +184,7 @@ fn layer_forward(
 
 impl DownBlock {
     /// Returns (h, outputs pushed as skip connections, saved).
-    fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        ctx: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>, DownSaved)> {
+    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<(Tensor, Vec<Tensor>, DownSaved)> {
         let mut h = x.clone();
         let (mut skips, mut layers) = (vec![], vec![]);
         for (i, r) in self.resnets.iter().enumerate() {
@@ -232,15 +222,7 @@ impl DownBlock {
             if let Some(dn) = d.take() {
                 dy = (dy + dn)?;
             }
-            d = Some(layer_backward(
-                &self.resnets[i],
-                self.attentions.get(i),
-                ls,
-                dy,
-                dtemb,
-                dctx,
-                g,
-            )?);
+            d = Some(layer_backward(&self.resnets[i], self.attentions.get(i), ls, dy, dtemb, dctx, g)?);
         }
         Ok(d.expect("a block has at least one layer"))
     }
@@ -259,13 +241,7 @@ impl UpBlock {
         for (i, r) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("as many skips as up-block layers");
             let c = h.dim(1)?;
-            let (y, s) = layer_forward(
-                r,
-                self.attentions.get(i),
-                &Tensor::cat(&[&h, &skip], 1)?,
-                temb,
-                ctx,
-            )?;
+            let (y, s) = layer_forward(r, self.attentions.get(i), &Tensor::cat(&[&h, &skip], 1)?, temb, ctx)?;
             h = y;
             layers.push((s, c));
         }
@@ -293,15 +269,7 @@ impl UpBlock {
         }
         let mut dskips = vec![];
         for (i, (ls, c)) in s.layers.into_iter().enumerate().rev() {
-            let dcat = layer_backward(
-                &self.resnets[i],
-                self.attentions.get(i),
-                ls,
-                d,
-                dtemb,
-                dctx,
-                g,
-            )?;
+            let dcat = layer_backward(&self.resnets[i], self.attentions.get(i), ls, d, dtemb, dctx, g)?;
             let total = dcat.dim(1)?;
             dskips.push(dcat.narrow(1, c, total - c)?);
             d = dcat.narrow(1, 0, c)?;
@@ -312,12 +280,7 @@ impl UpBlock {
 }
 
 impl MidBlock {
-    fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        ctx: &Tensor,
-    ) -> Result<(Tensor, Vec<LayerSaved>)> {
+    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<(Tensor, Vec<LayerSaved>)> {
         let (h, s0) = layer_forward(&self.resnets[0], Some(&self.attention), x, temb, ctx)?;
         let (h, s1) = layer_forward(&self.resnets[1], None, &h, temb, ctx)?;
         Ok((h, vec![s0, s1]))
@@ -334,15 +297,7 @@ impl MidBlock {
         let s1 = s.pop().expect("two layers");
         let s0 = s.pop().expect("two layers");
         let d = layer_backward(&self.resnets[1], None, s1, dy.clone(), dtemb, dctx, g)?;
-        layer_backward(
-            &self.resnets[0],
-            Some(&self.attention),
-            s0,
-            d,
-            dtemb,
-            dctx,
-            g,
-        )
+        layer_backward(&self.resnets[0], Some(&self.attention), s0, d, dtemb, dctx, g)
     }
 }
 
@@ -366,9 +321,7 @@ pub struct UNetSaved {
 
 impl UNet2DConditionModel {
     pub fn load(config: &UNetConfig, w: &Weights) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", w.origin())))?;
+        config.validate().map_err(|e| candle_core::Error::Msg(format!("{}: {e}", w.origin())))?;
         let c = config;
         let n = c.block_out_channels.len();
         let boc = &c.block_out_channels;
@@ -377,9 +330,8 @@ impl UNet2DConditionModel {
         let ted = boc[0] * 4;
         let (groups, eps, ctx) = (c.norm_num_groups, c.norm_eps, c.cross_attention_dim);
         let resnet = |w: &Weights, i, o| ResnetBlock2D::load(w, i, o, Some(ted), groups, eps);
-        let attn = |w: &Weights, ch, h, l| {
-            Transformer2D::load(w, ch, ctx, h, l, groups, c.use_linear_projection)
-        };
+        let attn =
+            |w: &Weights, ch, h, l| Transformer2D::load(w, ch, ctx, h, l, groups, c.use_linear_projection);
 
         let mut down_blocks = vec![];
         let mut prev = boc[0];
@@ -387,24 +339,11 @@ impl UNet2DConditionModel {
             let wb = w.pp(format!("down_blocks.{i}"));
             let out = boc[i];
             let cross = ty.starts_with("CrossAttn");
-            let mut b = DownBlock {
-                resnets: vec![],
-                attentions: vec![],
-                downsampler: None,
-            };
+            let mut b = DownBlock { resnets: vec![], attentions: vec![], downsampler: None };
             for j in 0..c.layers_per_block {
-                b.resnets.push(resnet(
-                    &wb.pp(format!("resnets.{j}")),
-                    if j == 0 { prev } else { out },
-                    out,
-                )?);
+                b.resnets.push(resnet(&wb.pp(format!("resnets.{j}")), if j == 0 { prev } else { out }, out)?);
                 if cross {
-                    b.attentions.push(attn(
-                        &wb.pp(format!("attentions.{j}")),
-                        out,
-                        out / heads[i],
-                        tlpb[i],
-                    )?);
+                    b.attentions.push(attn(&wb.pp(format!("attentions.{j}")), out, heads[i], tlpb[i])?);
                 }
             }
             if i + 1 < n {
@@ -417,16 +356,8 @@ impl UNet2DConditionModel {
         let last = boc[n - 1];
         let wm = w.pp("mid_block");
         let mid_block = MidBlock {
-            resnets: vec![
-                resnet(&wm.pp("resnets.0"), last, last)?,
-                resnet(&wm.pp("resnets.1"), last, last)?,
-            ],
-            attention: attn(
-                &wm.pp("attentions.0"),
-                last,
-                last / heads[n - 1],
-                tlpb[n - 1],
-            )?,
+            resnets: vec![resnet(&wm.pp("resnets.0"), last, last)?, resnet(&wm.pp("resnets.1"), last, last)?],
+            attention: attn(&wm.pp("attentions.0"), last, heads[n - 1], tlpb[n - 1])?,
         };
 
         let mut up_blocks = vec![];
@@ -436,29 +367,18 @@ impl UNet2DConditionModel {
             let r = n - 1 - i;
             let (out, input) = (boc[r], boc[r.saturating_sub(1)]);
             let cross = ty.starts_with("CrossAttn");
-            let mut b = UpBlock {
-                resnets: vec![],
-                attentions: vec![],
-                upsampler: None,
-            };
+            let mut b = UpBlock { resnets: vec![], attentions: vec![], upsampler: None };
             for j in 0..=c.layers_per_block {
                 let skip = if j == c.layers_per_block { input } else { out };
                 let res_in = if j == 0 { prev_out } else { out };
-                b.resnets
-                    .push(resnet(&wb.pp(format!("resnets.{j}")), res_in + skip, out)?);
+                b.resnets.push(resnet(&wb.pp(format!("resnets.{j}")), res_in + skip, out)?);
                 if cross {
-                    b.attentions.push(attn(
-                        &wb.pp(format!("attentions.{j}")),
-                        out,
-                        out / heads[r],
-                        tlpb[r],
-                    )?);
+                    b.attentions.push(attn(&wb.pp(format!("attentions.{j}")), out, heads[r], tlpb[r])?);
                 }
             }
             if i + 1 < n {
-                b.upsampler = Some(Upsample2D {
-                    conv: conv(&wb.pp("upsamplers.0.conv"), out, out, 3, 1, 1)?,
-                });
+                b.upsampler =
+                    Some(Upsample2D { conv: conv(&wb.pp("upsamplers.0.conv"), out, out, 3, 1, 1)? });
             }
             up_blocks.push(b);
             prev_out = out;
@@ -493,24 +413,19 @@ impl UNet2DConditionModel {
     fn embed(&self, inp: &UNetInput) -> Result<(Tensor, EmbSaved)> {
         let c = &self.config;
         let dt = self.conv_in.weight.dtype();
-        let t = timestep_embedding(
-            inp.timestep,
-            c.block_out_channels[0],
-            c.flip_sin_to_cos,
-            c.freq_shift,
-        )?;
+        let acc = super::layers::acc(dt);
+        let t =
+            timestep_embedding(inp.timestep, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, acc)?;
         let (mut emb, time) = self.time_embedding.forward(&t.to_dtype(dt)?)?;
         let mut add = None;
         if let Some(mlp) = &self.add_embedding {
-            let missing =
-                || candle_core::Error::Msg("SDXL U-Net needs text_embeds and time_ids".into());
+            let missing = || candle_core::Error::Msg("SDXL U-Net needs text_embeds and time_ids".into());
             let text = inp.text_embeds.ok_or_else(missing)?;
             let ids = inp.time_ids.ok_or_else(missing)?;
             let b = ids.dim(0)?;
             let dim = c.addition_time_embed_dim.unwrap_or(256);
-            let tid =
-                timestep_embedding(&ids.flatten_all()?, dim, c.flip_sin_to_cos, c.freq_shift)?
-                    .reshape((b, ()))?;
+            let tid = timestep_embedding(&ids.flatten_all()?, dim, c.flip_sin_to_cos, c.freq_shift, acc)?
+                .reshape((b, ()))?;
             let x = Tensor::cat(&[&text.to_dtype(dt)?, &tid.to_dtype(dt)?], 1)?;
             let (aug, s) = mlp.forward(&x)?;
             emb = (emb + aug)?;
@@ -537,23 +452,12 @@ impl UNet2DConditionModel {
             let pos = skips.len();
             skips.extend(s);
             h = y;
-            down.push((
-                if ck {
-                    Kept::Inputs(input, vec![])
-                } else {
-                    Kept::Full(saved)
-                },
-                pos,
-            ));
+            down.push((if ck { Kept::Inputs(input, vec![]) } else { Kept::Full(saved) }, pos));
         }
         let input = h.clone();
         let (y, saved) = self.mid_block.forward(&h, &temb, &ctx)?;
         h = y;
-        let mid = if ck {
-            Kept::Inputs(input, vec![])
-        } else {
-            Kept::Full(saved)
-        };
+        let mid = if ck { Kept::Inputs(input, vec![]) } else { Kept::Full(saved) };
         let mut up = vec![];
         for b in &self.up_blocks {
             let pos = skips.len();
@@ -561,43 +465,19 @@ impl UNet2DConditionModel {
             let input = h.clone();
             let (y, saved) = b.forward(&h, &mut skips, &temb, &ctx)?;
             h = y;
-            up.push((
-                if ck {
-                    Kept::Inputs(input, used)
-                } else {
-                    Kept::Full(saved)
-                },
-                pos,
-            ));
+            up.push((if ck { Kept::Inputs(input, used) } else { Kept::Full(saved) }, pos));
         }
         let (h, norm_out) = self.conv_norm_out.forward(&h, true)?;
         let (out, conv_out) = self.conv_out.forward(&h)?;
-        let saved = UNetSaved {
-            emb,
-            temb,
-            ctx,
-            conv_in,
-            down,
-            mid,
-            up,
-            norm_out,
-            conv_out,
-        };
+        let saved = UNetSaved { emb, temb, ctx, conv_in, down, mid, up, norm_out, conv_out };
         Ok((out, saved))
     }
 
     /// Backward from d output: returns the input gradients; adapter gradients go to `g`.
-    pub fn backward(
-        &self,
-        s: UNetSaved,
-        dout: &Tensor,
-        g: &mut AdapterGrads,
-    ) -> Result<UNetInputGrads> {
+    pub fn backward(&self, s: UNetSaved, dout: &Tensor, g: &mut AdapterGrads) -> Result<UNetInputGrads> {
         let (temb, ctx) = (&s.temb, &s.ctx);
         let (mut dtemb, mut dctx) = (None, None);
-        let d = self
-            .conv_out
-            .backward(s.conv_out, &dout.to_dtype(temb.dtype())?, g)?;
+        let d = self.conv_out.backward(s.conv_out, &dout.to_dtype(temb.dtype())?, g)?;
         let mut d = self.conv_norm_out.backward(s.norm_out, &d)?;
         let total_skips = s.up.first().map(|(_, p)| *p).unwrap_or(1);
         let mut dskips: Vec<Option<Tensor>> = vec![None; total_skips];
@@ -617,19 +497,15 @@ impl UNet2DConditionModel {
             Kept::Full(x) => x,
             Kept::Inputs(x, _) => self.mid_block.forward(&x, temb, ctx)?.1,
         };
-        d = self
-            .mid_block
-            .backward(saved, &d, &mut dtemb, &mut dctx, g)?;
+        d = self.mid_block.backward(saved, &d, &mut dtemb, &mut dctx, g)?;
         for (b, (kept, pos)) in self.down_blocks.iter().zip(s.down).rev() {
             let saved = match kept {
                 Kept::Full(x) => x,
                 Kept::Inputs(x, _) => b.forward(&x, temb, ctx)?.2,
             };
             let n = b.resnets.len() + b.downsampler.is_some() as usize;
-            let mut ds: Vec<Tensor> = dskips
-                .drain(pos..pos + n)
-                .map(|t| t.expect("every skip is consumed"))
-                .collect();
+            let mut ds: Vec<Tensor> =
+                dskips.drain(pos..pos + n).map(|t| t.expect("every skip is consumed")).collect();
             let last = ds.pop().expect("n ≥ 1");
             ds.push((last + &d)?);
             d = b.backward(saved, ds, &mut dtemb, &mut dctx, g)?;
@@ -641,11 +517,7 @@ impl UNet2DConditionModel {
             Some(c) => c,
             None => ctx.zeros_like()?,
         };
-        Ok(UNetInputGrads {
-            sample,
-            encoder_hidden_states,
-            text_embeds,
-        })
+        Ok(UNetInputGrads { sample, encoder_hidden_states, text_embeds })
     }
 
     fn embed_backward(
@@ -684,12 +556,8 @@ impl Visit for UNet2DConditionModel {
             b.attentions.visit(&join(&q, "attentions"), f);
             b.downsampler.visit(&join(&q, "downsamplers.0.conv"), f);
         }
-        self.mid_block
-            .resnets
-            .visit(&join(p, "mid_block.resnets"), f);
-        self.mid_block
-            .attention
-            .visit(&join(p, "mid_block.attentions.0"), f);
+        self.mid_block.resnets.visit(&join(p, "mid_block.resnets"), f);
+        self.mid_block.attention.visit(&join(p, "mid_block.attentions.0"), f);
         for (i, b) in self.up_blocks.iter_mut().enumerate() {
             let q = join(p, format!("up_blocks.{i}"));
             b.resnets.visit(&join(&q, "resnets"), f);

@@ -47,12 +47,7 @@ impl Weights {
         })
     }
 
-    pub fn from_map(
-        map: HashMap<String, Tensor>,
-        origin: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> Self {
+    pub fn from_map(map: HashMap<String, Tensor>, origin: &str, dtype: DType, device: &Device) -> Self {
         Self {
             src: Arc::new(Source::Map(map)),
             origin: Arc::new(origin.to_string()),
@@ -67,12 +62,7 @@ impl Weights {
     }
 
     pub fn meta() -> Self {
-        Self::from_source(
-            Source::Meta(Default::default()),
-            "shapes only",
-            DType::F32,
-            &Device::Cpu,
-        )
+        Self::from_source(Source::Meta(Default::default()), "shapes only", DType::F32, &Device::Cpu)
     }
 
     fn from_source(src: Source, origin: &str, dtype: DType, device: &Device) -> Self {
@@ -125,9 +115,7 @@ impl Weights {
     pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
         let full = self.full(name);
         let t = match &*self.src {
-            Source::Mmap(st) => st
-                .load(&full, &self.device)
-                .map_err(|_| self.missing(&full))?,
+            Source::Mmap(st) => st.load(&full, &self.device).map_err(|_| self.missing(&full))?,
             Source::Map(m) => m.get(&full).cloned().ok_or_else(|| self.missing(&full))?,
             Source::Random(seed) => {
                 return random_tensor(*seed, &full, &shape.into(), self.dtype, &self.device)
@@ -161,27 +149,19 @@ impl Weights {
 }
 
 fn show(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// Reads the header and checks that every tensor lies inside the file, so a truncated download
 /// becomes one clear error instead of a failed mmap slice later.
 pub fn check_safetensors(path: &Path) -> anyhow::Result<()> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot open: {e}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: cannot open: {e}", path.display()))?;
     let len = f.metadata()?.len();
     let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| {
-        anyhow::anyhow!(
-            "{}: not a safetensors file (shorter than 8 bytes)",
-            path.display()
-        )
-    })?;
+    f.read_exact(&mut n)
+        .map_err(|_| anyhow::anyhow!("{}: not a safetensors file (shorter than 8 bytes)", path.display()))?;
     let n = u64::from_le_bytes(n);
     if n > len.saturating_sub(8) || n > 100_000_000 {
         anyhow::bail!(
@@ -192,10 +172,7 @@ pub fn check_safetensors(path: &Path) -> anyhow::Result<()> {
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)?;
     let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: corrupt safetensors header ({e}) — download it again",
-            path.display()
-        )
+        anyhow::anyhow!("{}: corrupt safetensors header ({e}) — download it again", path.display())
     })?;
     let data_len = len - 8 - n;
     if let Some(obj) = header.as_object() {
@@ -216,13 +193,7 @@ pub fn check_safetensors(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Deterministic per-name random init: norms near 1, biases small, matrices ~ N(0, 1/fan_in).
-fn random_tensor(
-    seed: u64,
-    name: &str,
-    shape: &Shape,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+fn random_tensor(seed: u64, name: &str, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -20,14 +20,7 @@ pub fn var(shape: &[usize], seed: u64) -> Var {
 }
 
 pub fn dot(a: &Tensor, b: &Tensor) -> f64 {
-    (a * b)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    (a * b).unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
 /// Compares `analytic` (d loss / d x) against central differences of `loss` at `probes` entries
@@ -35,17 +28,8 @@ pub fn dot(a: &Tensor, b: &Tensor) -> f64 {
 pub fn fd_check(what: &str, x: &Var, analytic: &Tensor, loss: &dyn Fn() -> f64, probes: usize) {
     assert_eq!(x.dims(), analytic.dims(), "{what}: gradient shape");
     let orig: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
-    let a: Vec<f64> = analytic
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert!(
-        a.iter().all(|v| v.is_finite()),
-        "{what}: non-finite gradient"
-    );
+    let a: Vec<f64> = analytic.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite gradient");
     let scale = a.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
     let n = orig.len();
     let eps = 1e-5;
@@ -55,8 +39,7 @@ pub fn fd_check(what: &str, x: &Var, analytic: &Tensor, loss: &dyn Fn() -> f64, 
         let set = |v: f64| {
             let mut o = orig.clone();
             o[k] = v;
-            x.set(&Tensor::from_vec(o, x.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            x.set(&Tensor::from_vec(o, x.shape(), &Device::Cpu).unwrap()).unwrap();
         };
         set(orig[k] + eps);
         let lp = loss();
@@ -74,8 +57,5 @@ pub fn fd_check(what: &str, x: &Var, analytic: &Tensor, loss: &dyn Fn() -> f64, 
             a[k]
         );
     }
-    assert!(
-        nonzero > 0,
-        "{what}: every probed gradient is zero — the check proves nothing"
-    );
+    assert!(nonzero > 0, "{what}: every probed gradient is zero — the check proves nothing");
 }

@@ -31,9 +31,7 @@ pub struct AttentionSaved {
 /// [B, L, H·D] → [B, H, L, D]
 fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, c) = x.dims3()?;
-    x.reshape((b, l, heads, c / heads))?
-        .transpose(1, 2)?
-        .contiguous()
+    x.reshape((b, l, heads, c / heads))?.transpose(1, 2)?.contiguous()
 }
 
 /// [B, H, L, D] → [B, L, H·D]
@@ -43,9 +41,8 @@ fn merge_heads(x: &Tensor) -> Result<Tensor> {
 }
 
 fn causal_mask(l: usize, s: usize, x: &Tensor) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..l)
-        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..l).flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (l, s), x.device())?.to_dtype(x.dtype())
 }
 
@@ -55,20 +52,13 @@ impl Attention {
     }
 
     /// x [B, L, C]; context [B, S, C_ctx] for cross-attention.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        context: Option<&Tensor>,
-    ) -> Result<(Tensor, AttentionSaved)> {
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, AttentionSaved)> {
         let ctx = context.unwrap_or(x);
         let (q, sq) = self.to_q.forward(x)?;
         let (k, sk) = self.to_k.forward(ctx)?;
         let (v, sv) = self.to_v.forward(ctx)?;
-        let (q, k, v) = (
-            split_heads(&q, self.heads)?,
-            split_heads(&k, self.heads)?,
-            split_heads(&v, self.heads)?,
-        );
+        let (q, k, v) =
+            (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
         let scale = (q.dim(D::Minus1)? as f64).powf(-0.5);
         let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(acc(q.dtype()))?;
         if self.causal {
@@ -78,14 +68,7 @@ impl Attention {
         let p = softmax_last(&scores)?.to_dtype(q.dtype())?;
         let o = merge_heads(&p.matmul(&v)?)?;
         let (y, so) = self.to_out.forward(&o)?;
-        let saved = AttentionSaved {
-            lin: [sq, sk, sv, so],
-            q,
-            k,
-            v,
-            p,
-            cross: context.is_some(),
-        };
+        let saved = AttentionSaved { lin: [sq, sk, sv, so], q, k, v, p, cross: context.is_some() };
         Ok((y, saved))
     }
 

@@ -23,13 +23,7 @@ pub struct Conv2dSaved {
 
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
-        Self {
-            weight,
-            bias,
-            stride,
-            padding,
-            adapters: vec![],
-        }
+        Self { weight, bias, stride, padding, adapters: vec![] }
     }
 
     pub fn kernel_size(&self) -> usize {
@@ -37,10 +31,7 @@ impl Conv2d {
     }
 
     fn adapter_dtype(&self) -> DType {
-        self.adapters
-            .first()
-            .map(|a| a.down.dtype())
-            .unwrap_or(DType::F32)
+        self.adapters.first().map(|a| a.down.dtype()).unwrap_or(DType::F32)
     }
 
     pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
@@ -65,22 +56,10 @@ impl Conv2d {
         }
         let (_, _, h, w) = x.dims4()?;
         let x = (!self.adapters.is_empty()).then(|| x.clone());
-        Ok((
-            y,
-            Conv2dSaved {
-                x,
-                hidden,
-                in_hw: (h, w),
-            },
-        ))
+        Ok((y, Conv2dSaved { x, hidden, in_hw: (h, w) }))
     }
 
-    pub fn backward(
-        &self,
-        s: Conv2dSaved,
-        dy: &Tensor,
-        grads: &mut AdapterGrads,
-    ) -> Result<Tensor> {
+    pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
         let mut dx = conv_input_grad(dy, &self.weight, self.stride, self.padding, s.in_hw)?;
         if let Some(x) = &s.x {
             let xf = x.to_dtype(self.adapter_dtype())?;
@@ -94,8 +73,7 @@ impl Conv2d {
                 let up_t = a.up.as_tensor().transpose(0, 1)?.contiguous()?;
                 let dh = (dyf.conv2d(&up_t, 0, 1, 1, 1)? * a.scale)?;
                 let d_down = kernel_grad(&xf, &dh, a.down.dims4()?, self.stride, self.padding)?;
-                let dxa =
-                    conv_input_grad(&dh, a.down.as_tensor(), self.stride, self.padding, s.in_hw)?;
+                let dxa = conv_input_grad(&dh, a.down.as_tensor(), self.stride, self.padding, s.in_hw)?;
                 dx = (dx + dxa.to_dtype(dy.dtype())?)?;
                 grads.add(a.id, d_down, d_up)?;
             }
@@ -116,18 +94,9 @@ fn dilate(x: &Tensor, stride: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (n, c, h, w) = x.dims4()?;
-    let x = x
-        .unsqueeze(3)?
-        .pad_with_zeros(3, 0, stride - 1)?
-        .reshape((n, c, h * stride, w))?;
-    let x = x.unsqueeze(4)?.pad_with_zeros(4, 0, stride - 1)?.reshape((
-        n,
-        c,
-        h * stride,
-        w * stride,
-    ))?;
-    x.narrow(2, 0, (h - 1) * stride + 1)?
-        .narrow(3, 0, (w - 1) * stride + 1)
+    let x = x.unsqueeze(3)?.pad_with_zeros(3, 0, stride - 1)?.reshape((n, c, h * stride, w))?;
+    let x = x.unsqueeze(4)?.pad_with_zeros(4, 0, stride - 1)?.reshape((n, c, h * stride, w * stride))?;
+    x.narrow(2, 0, (h - 1) * stride + 1)?.narrow(3, 0, (w - 1) * stride + 1)
 }
 
 /// dx of y = conv(x, w, stride, padding) for an input of spatial size `in_hw`.
@@ -144,9 +113,7 @@ pub fn conv_input_grad(
     let pad_lo = kh - 1 - padding;
     let pad_hi_h = in_hw.0 + padding - (ho - 1) * stride - 1;
     let pad_hi_w = in_hw.1 + padding - (wo - 1) * stride - 1;
-    let d = d
-        .pad_with_zeros(2, pad_lo, pad_hi_h)?
-        .pad_with_zeros(3, kw - 1 - padding, pad_hi_w)?;
+    let d = d.pad_with_zeros(2, pad_lo, pad_hi_h)?.pad_with_zeros(3, kw - 1 - padding, pad_hi_w)?;
     let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
     d.conv2d(&wf.to_dtype(d.dtype())?, 0, 1, 1, 1)
 }
@@ -162,9 +129,7 @@ fn kernel_grad(
 ) -> Result<Tensor> {
     let (o, c, kh, kw) = wdims;
     let (_, _, ho, wo) = dy.dims4()?;
-    let xp = x
-        .pad_with_zeros(2, padding, padding + stride)?
-        .pad_with_zeros(3, padding, padding + stride)?;
+    let xp = x.pad_with_zeros(2, padding, padding + stride)?.pad_with_zeros(3, padding, padding + stride)?;
     let dyc = channels_by_rest(dy)?;
     let mut taps = Vec::with_capacity(kh * kw);
     for i in 0..kh {
@@ -177,21 +142,11 @@ fn kernel_grad(
 }
 
 /// xp[:, :, i + s·a, j + s·b] for a < ho, b < wo.
-fn strided_window(
-    xp: &Tensor,
-    i: usize,
-    j: usize,
-    s: usize,
-    ho: usize,
-    wo: usize,
-) -> Result<Tensor> {
+fn strided_window(xp: &Tensor, i: usize, j: usize, s: usize, ho: usize, wo: usize) -> Result<Tensor> {
     let (n, c, _, _) = xp.dims4()?;
     let t = xp.narrow(2, i, ho * s)?.narrow(3, j, wo * s)?;
     if s == 1 {
         return Ok(t);
     }
-    t.reshape((n, c, ho, s, wo, s))?
-        .narrow(3, 0, 1)?
-        .narrow(5, 0, 1)?
-        .reshape((n, c, ho, wo))
+    t.reshape((n, c, ho, s, wo, s))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((n, c, ho, wo))
 }

@@ -17,11 +17,7 @@ pub struct LinearSaved {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            weight,
-            bias,
-            adapters: vec![],
-        }
+        Self { weight, bias, adapters: vec![] }
     }
 
     pub fn in_features(&self) -> usize {
@@ -34,10 +30,7 @@ impl Linear {
 
     /// Inference forward.
     fn adapter_dtype(&self) -> DType {
-        self.adapters
-            .first()
-            .map(|a| a.down.dtype())
-            .unwrap_or(DType::F32)
+        self.adapters.first().map(|a| a.down.dtype()).unwrap_or(DType::F32)
     }
 
     pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
@@ -64,12 +57,7 @@ impl Linear {
         Ok((y, LinearSaved { x, hidden }))
     }
 
-    pub fn backward(
-        &self,
-        s: LinearSaved,
-        dy: &Tensor,
-        grads: &mut AdapterGrads,
-    ) -> Result<Tensor> {
+    pub fn backward(&self, s: LinearSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
         let mut dx = dy.matmul_any(&self.weight)?;
         if let Some(x) = &s.x {
             let xf = flatten2(&x.to_dtype(self.adapter_dtype())?)?;

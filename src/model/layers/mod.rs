@@ -108,36 +108,15 @@ pub mod load {
         Ok(Linear::new(w.get((o, i), "weight")?, b))
     }
 
-    pub fn conv(
-        w: &Weights,
-        i: usize,
-        o: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-    ) -> Result<Conv2d> {
-        Ok(Conv2d::new(
-            w.get((o, i, k, k), "weight")?,
-            Some(w.get(o, "bias")?),
-            stride,
-            pad,
-        ))
+    pub fn conv(w: &Weights, i: usize, o: usize, k: usize, stride: usize, pad: usize) -> Result<Conv2d> {
+        Ok(Conv2d::new(w.get((o, i, k, k), "weight")?, Some(w.get(o, "bias")?), stride, pad))
     }
 
     pub fn group_norm(w: &Weights, groups: usize, c: usize, eps: f64) -> Result<GroupNorm> {
-        Ok(GroupNorm {
-            num_groups: groups,
-            eps,
-            weight: w.get(c, "weight")?,
-            bias: w.get(c, "bias")?,
-        })
+        Ok(GroupNorm { num_groups: groups, eps, weight: w.get(c, "weight")?, bias: w.get(c, "bias")? })
     }
 
     pub fn layer_norm(w: &Weights, c: usize, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            eps,
-            weight: w.get(c, "weight")?,
-            bias: Some(w.get(c, "bias")?),
-        })
+        Ok(LayerNorm { eps, weight: w.get(c, "weight")?, bias: Some(w.get(c, "bias")?) })
     }
 }

@@ -63,20 +63,14 @@ impl GroupNorm {
     /// GroupNorm over x [N, C, ...]; with `silu`, returns silu(groupnorm(x)).
     pub fn forward(&self, x: &Tensor, silu: bool) -> Result<(Tensor, NormSaved)> {
         let n = x.dim(0)?;
-        let xf = x
-            .to_dtype(acc(x.dtype()))?
-            .reshape((n, self.num_groups, ()))?;
+        let xf = x.to_dtype(acc(x.dtype()))?.reshape((n, self.num_groups, ()))?;
         let (xhat, rstd) = normalize_rows(&xf, self.eps)?;
         let xhat = xhat.reshape(x.shape())?;
         let mut y = self.scale_shift(&xhat)?;
         if silu {
             y = y.silu()?;
         }
-        let saved = NormSaved {
-            xhat: xhat.to_dtype(x.dtype())?,
-            rstd,
-            silu,
-        };
+        let saved = NormSaved { xhat: xhat.to_dtype(x.dtype())?, rstd, silu };
         Ok((y.to_dtype(x.dtype())?, saved))
     }
 
@@ -91,11 +85,7 @@ impl GroupNorm {
         let dxhat = dy.broadcast_mul(&w)?;
         let n = xhat.dim(0)?;
         let g = self.num_groups;
-        let dx = normalize_rows_backward(
-            &xhat.reshape((n, g, ()))?,
-            &s.rstd,
-            &dxhat.reshape((n, g, ()))?,
-        )?;
+        let dx = normalize_rows_backward(&xhat.reshape((n, g, ()))?, &s.rstd, &dxhat.reshape((n, g, ()))?)?;
         dx.reshape(xhat.shape())?.to_dtype(s.xhat.dtype())
     }
 }
@@ -113,11 +103,7 @@ impl LayerNorm {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(f)?)?;
         }
-        let saved = NormSaved {
-            xhat: xhat.to_dtype(x.dtype())?,
-            rstd,
-            silu: false,
-        };
+        let saved = NormSaved { xhat: xhat.to_dtype(x.dtype())?, rstd, silu: false };
         Ok((y.to_dtype(x.dtype())?, saved))
     }
 

@@ -1,0 +1,102 @@
+//! Putting LoRA files onto a loaded model (for generation, parity checks and merging), without
+//! touching the base weights: each file becomes one more adapter on its layers.
+use super::adapter::Lora;
+use super::attach::AdapterInfo;
+use super::format::{read, resolve, LoraTensors, Targets};
+use crate::model::layers::{LayerMut, Visit};
+use crate::model::load::StableDiffusion;
+use anyhow::{bail, Result};
+use candle_core::Var;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Every (component, module path) of the loaded networks that can carry an adapter.
+pub fn model_targets(sd: &mut StableDiffusion) -> Targets {
+    let mut out = vec![];
+    each_component(sd, &mut |comp, m| {
+        m.visit("", &mut |p, _| out.push((comp.to_string(), p.to_string())));
+    });
+    out
+}
+
+/// Calls `f` with each loaded network and its component name.
+pub fn each_component(sd: &mut StableDiffusion, f: &mut dyn FnMut(&str, &mut dyn Visit)) {
+    if let Some(u) = &mut sd.unet {
+        f("unet", u);
+    }
+    for (i, te) in sd.text_encoders.iter_mut().enumerate() {
+        f(if i == 0 { "text_encoder" } else { "text_encoder_2" }, te);
+    }
+}
+
+/// Reads a LoRA file and adds it to the model at `multiplier`, as adapters numbered from
+/// `first_id` (so it can also be trained further). Returns the attached adapters.
+pub fn apply_file(
+    sd: &mut StableDiffusion,
+    path: &Path,
+    multiplier: f64,
+    first_id: usize,
+) -> Result<Vec<(String, AdapterInfo)>> {
+    let file = read(path)?;
+    let targets = model_targets(sd);
+    let entries = resolve(&file, &targets, sd.family, &path.display().to_string())?;
+    let mut by_comp: HashMap<String, HashMap<String, LoraTensors>> = HashMap::new();
+    for (c, p, t) in entries {
+        by_comp.entry(c).or_default().insert(p, t);
+    }
+    let mut err = None;
+    let mut out = vec![];
+    each_component(sd, &mut |comp, m| {
+        let Some(map) = by_comp.get(comp) else { return };
+        m.visit("", &mut |p, layer| {
+            if let Some(t) = map.get(p) {
+                match add(layer, t, multiplier, first_id + out.len()) {
+                    Ok((down, up)) => {
+                        let alpha = t.alpha.unwrap_or(t.rank() as f64);
+                        let info =
+                            AdapterInfo { path: p.to_string(), id: first_id + out.len(), down, up, alpha };
+                        out.push((comp.to_string(), info));
+                    }
+                    Err(e) => {
+                        err.get_or_insert(anyhow::anyhow!("{}: module `{p}`: {e}", path.display()));
+                    }
+                }
+            }
+        });
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+fn add(layer: LayerMut<'_>, t: &LoraTensors, multiplier: f64, id: usize) -> Result<(Var, Var)> {
+    let r = t.rank();
+    // adapters are f32 whatever the base dtype (f64 stays f64 for the reference checks)
+    let dtype = crate::model::layers::acc(match &layer {
+        LayerMut::Linear(l) => l.weight.dtype(),
+        LayerMut::Conv(c) => c.weight.dtype(),
+    });
+    let (down_shape, up_shape): (Vec<usize>, Vec<usize>) = match &layer {
+        LayerMut::Linear(l) => (vec![r, l.in_features()], vec![l.out_features(), r]),
+        LayerMut::Conv(c) => {
+            let (o, i, kh, kw) = c.weight.dims4()?;
+            (vec![r, i, kh, kw], vec![o, r, 1, 1])
+        }
+    };
+    // 1×1 convs and Linears are stored either 2-D or 4-D depending on the writer.
+    let fit = |x: &candle_core::Tensor, shape: &[usize], what: &str| -> Result<candle_core::Tensor> {
+        if x.elem_count() != shape.iter().product::<usize>() {
+            bail!("lora {what} has shape {:?}, expected {:?}", x.dims(), shape);
+        }
+        Ok(x.reshape(shape)?.to_dtype(dtype)?)
+    };
+    let down = Var::from_tensor(&fit(&t.down, &down_shape, "down")?)?;
+    let up = Var::from_tensor(&fit(&t.up, &up_shape, "up")?)?;
+    let lora = Lora { id, down: down.clone(), up: up.clone(), scale: t.scale() * multiplier };
+    match layer {
+        LayerMut::Linear(l) => l.adapters.push(lora),
+        LayerMut::Conv(c) => c.adapters.push(lora),
+    }
+    Ok((down, up))
+}

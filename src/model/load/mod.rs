@@ -1,0 +1,209 @@
+//! Where weights come from: a diffusers folder, a single-file checkpoint (`.safetensors` /
+//! `.ckpt` in the original LDM/SGM naming), or a Hugging Face Hub id resolved from the local
+//! cache. Everything ends as the same `StableDiffusion` bundle.
+pub mod ckpt;
+pub mod folder;
+pub mod hub;
+
+use super::clip::ClipTextModel;
+use super::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use super::unet::UNet2DConditionModel;
+use super::vae::AutoencoderKL;
+use anyhow::Result;
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+impl Family {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Family::Sd1 => "sd1",
+            Family::Sd2 => "sd2",
+            Family::Sdxl => "sdxl",
+        }
+    }
+}
+
+fn d_steps() -> usize {
+    1000
+}
+fn d_beta_start() -> f64 {
+    0.00085
+}
+fn d_beta_end() -> f64 {
+    0.012
+}
+fn d_schedule() -> String {
+    "scaled_linear".into()
+}
+fn d_pred() -> String {
+    "epsilon".into()
+}
+fn d_spacing() -> String {
+    "leading".into()
+}
+
+/// The noise schedule of the model (scheduler/scheduler_config.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    #[serde(default = "d_steps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "d_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "d_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "d_schedule")]
+    pub beta_schedule: String,
+    #[serde(default = "d_pred")]
+    pub prediction_type: String,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default = "d_spacing")]
+    pub timestep_spacing: String,
+    #[serde(default)]
+    pub set_alpha_to_one: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+/// Which parts to load, in which precision, where.
+#[derive(Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    pub unet: bool,
+    pub vae: bool,
+    pub text_encoders: bool,
+    /// Overrides the scheduler's prediction type (single files carry none): "epsilon" | "v_prediction".
+    pub prediction_type: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            unet: true,
+            vae: true,
+            text_encoders: true,
+            prediction_type: None,
+        }
+    }
+}
+
+/// A Stable Diffusion model: whichever networks were asked for, plus the noise schedule.
+pub struct StableDiffusion {
+    pub family: Family,
+    pub unet: Option<UNet2DConditionModel>,
+    pub vae: Option<AutoencoderKL>,
+    pub text_encoders: Vec<ClipTextModel>,
+    /// Folders holding vocab.json/merges.txt, one per text encoder, when the model has them.
+    pub tokenizer_dirs: Vec<Option<PathBuf>>,
+    pub scheduler: SchedulerConfig,
+    /// What the user pointed at, for messages and metadata.
+    pub source: String,
+}
+
+/// SDXL has a second text encoder; SD2 is told apart from SD1 by its 1024-wide context.
+pub fn family_of(unet: &UNetConfig, has_text_encoder_2: bool) -> Family {
+    if has_text_encoder_2 || unet.addition_embed_type.as_deref() == Some("text_time") {
+        Family::Sdxl
+    } else if unet.cross_attention_dim == 1024 || unet.use_linear_projection {
+        Family::Sd2
+    } else {
+        Family::Sd1
+    }
+}
+
+/// Loads a model from a diffusers folder, a single file, or a hub id (`org/name[@revision]`).
+pub fn load(source: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
+    let path = Path::new(source);
+    let mut sd = if path.is_dir() {
+        load_folder(path, opts)?
+    } else if path.is_file() {
+        anyhow::bail!("{source}: single-file checkpoints are not supported yet — use a diffusers folder")
+    } else if let Some(dir) = hub::resolve(source)? {
+        load_folder(&dir, opts)?
+    } else {
+        anyhow::bail!(
+            "{source}: no such file or folder, and not a model in the Hugging Face cache ({}) — give a diffusers folder, a .safetensors/.ckpt file, or download the repo first",
+            hub::cache_dir().display()
+        )
+    };
+    sd.source = source.to_string();
+    if let Some(p) = &opts.prediction_type {
+        sd.scheduler.prediction_type = p.clone();
+    }
+    Ok(sd)
+}
+
+pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDiffusion> {
+    let index = dir.join("model_index.json");
+    if !index.exists() {
+        anyhow::bail!("{}: not a diffusers model folder (no model_index.json)", dir.display());
+    }
+    let unet_cfg: UNetConfig = folder::read_json(&dir.join("unet/config.json"))?;
+    let has_te2 = dir.join("text_encoder_2").is_dir();
+    let family = family_of(&unet_cfg, has_te2);
+    let sched_path = dir.join("scheduler/scheduler_config.json");
+    let scheduler =
+        if sched_path.exists() { folder::read_json(&sched_path)? } else { SchedulerConfig::default() };
+    let (dt, dev) = (opts.dtype, &opts.device);
+    let unet = if opts.unet {
+        let w = folder::open_weights(
+            &folder::component_files(&dir.join("unet"), "diffusion_pytorch_model", false)?,
+            dt,
+            dev,
+        )?;
+        Some(UNet2DConditionModel::load(&unet_cfg, &w).map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let vae = if opts.vae {
+        let cfg: VaeConfig = folder::read_json(&dir.join("vae/config.json"))?;
+        let w = folder::open_weights(
+            &folder::component_files(&dir.join("vae"), "diffusion_pytorch_model", false)?,
+            dt,
+            dev,
+        )?;
+        Some(AutoencoderKL::load(&cfg, &w).map_err(|e| anyhow::anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let te_names: &[&str] = if has_te2 { &["text_encoder", "text_encoder_2"] } else { &["text_encoder"] };
+    let mut text_encoders = vec![];
+    if opts.text_encoders {
+        for name in te_names {
+            let d = dir.join(name);
+            let cfg: ClipTextConfig = folder::read_json(&d.join("config.json"))?;
+            let w = folder::open_weights(&folder::component_files(&d, "model", false)?, dt, dev)?;
+            text_encoders.push(ClipTextModel::load(&cfg, &w).map_err(|e| anyhow::anyhow!("{e}"))?);
+        }
+    }
+    let tokenizer_dirs = ["tokenizer", "tokenizer_2"][..te_names.len()]
+        .iter()
+        .map(|t| Some(dir.join(t)).filter(|p| p.join("vocab.json").exists()))
+        .collect();
+    Ok(StableDiffusion {
+        family,
+        unet,
+        vae,
+        text_encoders,
+        tokenizer_dirs,
+        scheduler,
+        source: dir.display().to_string(),
+    })
+}
