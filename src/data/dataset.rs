@@ -16,7 +16,9 @@ pub struct Item {
 }
 
 fn is_image(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 /// `10_mydog` → (10, "mydog")
@@ -43,10 +45,13 @@ pub fn scan(root: &Path, default_caption: Option<&str>) -> Result<Vec<Item>> {
     }
     let mut items = vec![];
     for (dir, repeats, class) in dirs {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         entries.sort();
         for p in &entries {
-            if p.extension().is_some_and(|e| e == "txt") && !entries.iter().any(|i| is_image(i) && i.with_extension("txt") == *p) {
+            if p.extension().is_some_and(|e| e == "txt")
+                && !entries.iter().any(|i| is_image(i) && i.with_extension("txt") == *p)
+            {
                 bail!(
                     "{}: caption without an image (expected {} or another of {:?}) — remove it or add the image",
                     p.display(),
@@ -70,7 +75,11 @@ pub fn scan(root: &Path, default_caption: Option<&str>) -> Result<Vec<Item>> {
         }
     }
     if items.is_empty() {
-        bail!("{}: no images found ({}) — put your training images there", root.display(), IMAGE_EXTS.join(", "));
+        bail!(
+            "{}: no images found ({}) — put your training images there",
+            root.display(),
+            IMAGE_EXTS.join(", ")
+        );
     }
     Ok(items)
 }
@@ -78,9 +87,15 @@ pub fn scan(root: &Path, default_caption: Option<&str>) -> Result<Vec<Item>> {
 /// Size after EXIF orientation, read from the header only.
 fn image_size(p: &Path) -> Result<(u32, u32)> {
     use image::ImageDecoder;
-    let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: unreadable image ({e}) — re-export it as PNG or JPEG", p.display());
-    let mut dec =
-        image::ImageReader::open(p).map_err(|e| bad(&e))?.with_guessed_format().map_err(|e| bad(&e))?.into_decoder().map_err(|e| bad(&e))?;
+    let bad = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!("{}: unreadable image ({e}) — re-export it as PNG or JPEG", p.display())
+    };
+    let mut dec = image::ImageReader::open(p)
+        .map_err(|e| bad(&e))?
+        .with_guessed_format()
+        .map_err(|e| bad(&e))?
+        .into_decoder()
+        .map_err(|e| bad(&e))?;
     let (w, h) = dec.dimensions();
     let o = dec.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     use image::metadata::Orientation::*;
@@ -94,9 +109,15 @@ fn image_size(p: &Path) -> Result<(u32, u32)> {
 /// grayscale, CMYK and 16-bit images are converted.
 pub fn load_rgb(p: &Path) -> Result<image::RgbImage> {
     use image::ImageDecoder;
-    let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: unreadable image ({e}) — re-export it as PNG or JPEG", p.display());
-    let mut dec =
-        image::ImageReader::open(p).map_err(|e| bad(&e))?.with_guessed_format().map_err(|e| bad(&e))?.into_decoder().map_err(|e| bad(&e))?;
+    let bad = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!("{}: unreadable image ({e}) — re-export it as PNG or JPEG", p.display())
+    };
+    let mut dec = image::ImageReader::open(p)
+        .map_err(|e| bad(&e))?
+        .with_guessed_format()
+        .map_err(|e| bad(&e))?
+        .into_decoder()
+        .map_err(|e| bad(&e))?;
     let o = dec.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = image::DynamicImage::from_decoder(dec).map_err(|e| bad(&e))?;
     img.apply_orientation(o);

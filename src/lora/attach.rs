@@ -21,6 +21,7 @@ impl AdapterInfo {
     }
 }
 
+#[derive(Clone, Copy, Debug)]
 pub enum Init {
     /// kohya / peft: down ~ Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)), up = 0, so training
     /// starts from the base model exactly.
@@ -29,6 +30,7 @@ pub enum Init {
     Random,
 }
 
+#[derive(Clone, Copy, Debug)]
 pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,

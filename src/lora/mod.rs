@@ -4,6 +4,7 @@ pub mod apply;
 pub mod attach;
 pub mod format;
 pub mod names;
+pub mod targets;
 
 pub use adapter::{AdapterGrads, Lora};
 pub use attach::{attach, AdapterInfo, Init, LoraSpec};

@@ -5,6 +5,7 @@ pub mod config;
 pub mod layers;
 pub mod load;
 pub mod text;
+pub mod tiny;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -193,7 +193,7 @@ pub fn check_safetensors(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Deterministic per-name random init: norms near 1, biases small, matrices ~ N(0, 1/fan_in).
-fn random_tensor(seed: u64, name: &str, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn random_tensor(seed: u64, name: &str, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

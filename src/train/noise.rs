@@ -18,7 +18,9 @@ impl NoiseSchedule {
                 let (a, b) = (cfg.beta_start.sqrt(), cfg.beta_end.sqrt());
                 (0..n).map(|i| (a + (b - a) * i as f64 / (n - 1) as f64).powi(2)).collect()
             }
-            "linear" => (0..n).map(|i| cfg.beta_start + (cfg.beta_end - cfg.beta_start) * i as f64 / (n - 1) as f64).collect(),
+            "linear" => (0..n)
+                .map(|i| cfg.beta_start + (cfg.beta_end - cfg.beta_start) * i as f64 / (n - 1) as f64)
+                .collect(),
             s => bail!("beta_schedule `{s}` is not supported (scaled_linear, linear)"),
         };
         let mut acc = 1.0;

@@ -4,7 +4,6 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 pub struct AdamW {
-    pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -15,14 +14,14 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    pub fn new(params: &[Var], lr: f64, weight_decay: f64) -> Result<Self> {
+    pub fn new(params: &[Var], weight_decay: f64) -> Result<Self> {
         let moments = params.iter().map(|p| Ok((p.zeros_like()?, p.zeros_like()?))).collect::<Result<_>>()?;
-        Ok(Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0, moments })
+        Ok(Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0, moments })
     }
 
-    /// One update with learning rate `lr` (decoupled weight decay, bias-corrected moments —
-    /// torch.optim.AdamW's arithmetic).
-    pub fn step(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update, parameter k at learning rate `lrs[k]` (decoupled weight decay,
+    /// bias-corrected moments — torch.optim.AdamW's arithmetic).
+    pub fn step(&mut self, params: &[Var], grads: &[Tensor], lrs: &[f64]) -> Result<()> {
         if params.len() != self.moments.len() || grads.len() != params.len() {
             bail!("optimizer state has {} parameters, the model {}", self.moments.len(), params.len());
         }
@@ -30,7 +29,7 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.step as i32);
         let bc2 = 1.0 - b2.powi(self.step as i32);
-        for ((p, g), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
+        for (((p, g), (m, v)), &lr) in params.iter().zip(grads).zip(self.moments.iter_mut()).zip(lrs) {
             let g = g.to_dtype(p.dtype())?;
             *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
             *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;

@@ -1,5 +1,6 @@
 //! Test helpers: seeded random tensors and a finite-difference gradient check in f64.
 #![allow(dead_code)]
+pub mod data;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 

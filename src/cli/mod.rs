@@ -1,0 +1,32 @@
+//! The command line: one module per subcommand.
+pub mod train;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune Stable Diffusion (SD 1.x, 2.x, SDXL) with LoRA, and use the result.
+///
+/// Typical use:
+///   sdlora train --model ./stable-diffusion-v1-5 --data ./my_images --output my_lora.safetensors
+///
+/// Each command has its own --help.
+#[derive(Parser)]
+#[command(name = "sdlora", version, about, long_about, verbatim_doc_comment)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train a LoRA on a folder of captioned images.
+    ///
+    /// The result is a kohya-format .safetensors that diffusers, ComfyUI and Automatic1111 load
+    /// as is. Settings can also come from --config train.toml (same names, `_` for `-`).
+    Train(crate::train::config::TrainArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(a) => train::run(&a),
+    }
+}

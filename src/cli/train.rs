@@ -1,0 +1,79 @@
+//! `sdlora train`
+use crate::train::config::{TrainArgs, TrainConfig};
+use crate::train::{setup, trainer};
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let cfg = TrainConfig::resolve(args)?;
+    check_output(&cfg.output)?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>16} [{bar:30}] {pos}/{len}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let run = setup::setup(&cfg, &mut |what, i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+        bar.set_message(what.to_string());
+    })?;
+    bar.finish_and_clear();
+    let n_params: usize = run.params.iter().map(|p| p.elem_count()).sum();
+    eprintln!(
+        "{} model, {} images at {} px, {} adapters ({} parameters), {} steps",
+        run.sd.family.name(),
+        run.items.len(),
+        run.resolution,
+        run.adapters.len(),
+        n_params,
+        cfg.steps
+    );
+    let bar = ProgressBar::new(cfg.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut smooth = None::<f64>;
+    let mut csv = String::from("step,loss\n");
+    let summary = trainer::train(run, &cfg, &mut |step, loss, ips| {
+        let s = smooth.map(|s| 0.9 * s + 0.1 * loss).unwrap_or(loss);
+        smooth = Some(s);
+        csv.push_str(&format!("{step},{loss}\n"));
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {s:.4} {ips:.2} img/s"));
+    })?;
+    bar.finish_and_clear();
+    crate::util::write_atomic(&cfg.output.with_extension("loss.csv"), csv.as_bytes())?;
+    println!(
+        "wrote {} ({} bytes): {} steps in {:.1} s, {:.2} images/s, eval loss {:.4} → {:.4}{}",
+        summary.lora_path.display(),
+        summary.lora_bytes,
+        summary.steps,
+        summary.seconds,
+        summary.images_per_second,
+        summary.eval_before,
+        summary.eval_after,
+        if summary.skipped_steps > 0 {
+            format!(", {} steps skipped (non-finite)", summary.skipped_steps)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// Fails early, before hours of training, if the output cannot be written.
+fn check_output(out: &std::path::Path) -> Result<()> {
+    if out.extension().is_none_or(|e| e != "safetensors") {
+        anyhow::bail!("{}: the output must be a .safetensors file", out.display());
+    }
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let probe = dir.join(format!(".sdlora-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| {
+        anyhow::anyhow!("{}: cannot write there ({e}) — choose another --output", out.display())
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Images and captions → cached latents and per-step batches.
+pub mod buckets;
+pub mod dataset;
+pub mod prepare;

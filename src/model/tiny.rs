@@ -1,0 +1,124 @@
+//! Random-weight models written as diffusers folders: the tiny models of the tests, the
+//! full-size ones of `sdlora bench`, and the starting point of the demo's base model.
+use super::clip::ClipTextModel;
+use super::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use super::load::SchedulerConfig;
+use super::unet::UNet2DConditionModel;
+use super::vae::AutoencoderKL;
+use super::weights::{random_tensor, Weights};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// The configs of a whole pipeline.
+pub struct PipelineConfig {
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text_encoders: Vec<ClipTextConfig>,
+    pub scheduler: SchedulerConfig,
+}
+
+/// Every (name, shape) a component's loader asks for.
+pub fn shapes(build: impl FnOnce(&Weights) -> candle_core::Result<()>) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = Weights::meta();
+    build(&w)?;
+    Ok(w.recorded())
+}
+
+pub fn unet_shapes(c: &UNetConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    shapes(|w| UNet2DConditionModel::load(c, w).map(|_| ()))
+}
+
+pub fn vae_shapes(c: &VaeConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    shapes(|w| AutoencoderKL::load(c, w).map(|_| ()))
+}
+
+pub fn clip_shapes(c: &ClipTextConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    shapes(|w| ClipTextModel::load(c, w).map(|_| ()))
+}
+
+pub fn count(shapes: &[(String, Vec<usize>)]) -> usize {
+    shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+}
+
+fn write_component(
+    dir: &Path,
+    file: &str,
+    config: &impl serde::Serialize,
+    shapes: &[(String, Vec<usize>)],
+    seed: u64,
+    dtype: DType,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tensors: Vec<(String, Tensor)> = shapes
+        .iter()
+        .map(|(n, s)| Ok((n.clone(), random_tensor(seed, n, &s.as_slice().into(), dtype, &Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    crate::lora::format::save_atomic(&dir.join(file), &tensors, &Default::default())?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config)?)?;
+    Ok(())
+}
+
+/// Writes a complete diffusers folder with seeded random weights.
+pub fn write_random_pipeline(dir: &Path, cfg: &PipelineConfig, seed: u64, dtype: DType) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_component(
+        &dir.join("unet"),
+        "diffusion_pytorch_model.safetensors",
+        &cfg.unet,
+        &unet_shapes(&cfg.unet)?,
+        seed,
+        dtype,
+    )?;
+    write_component(
+        &dir.join("vae"),
+        "diffusion_pytorch_model.safetensors",
+        &cfg.vae,
+        &vae_shapes(&cfg.vae)?,
+        seed + 1,
+        dtype,
+    )?;
+    let names = ["text_encoder", "text_encoder_2"];
+    for (i, c) in cfg.text_encoders.iter().enumerate() {
+        write_component(
+            &dir.join(names[i]),
+            "model.safetensors",
+            c,
+            &clip_shapes(c)?,
+            seed + 2 + i as u64,
+            dtype,
+        )?;
+    }
+    std::fs::create_dir_all(dir.join("scheduler"))?;
+    std::fs::write(
+        dir.join("scheduler/scheduler_config.json"),
+        serde_json::to_string_pretty(&cfg.scheduler)?,
+    )?;
+    let class =
+        if cfg.text_encoders.len() > 1 { "StableDiffusionXLPipeline" } else { "StableDiffusionPipeline" };
+    let index = serde_json::json!({"_class_name": class, "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]});
+    std::fs::write(dir.join("model_index.json"), serde_json::to_string_pretty(&index)?)?;
+    Ok(())
+}
+
+/// A small SD1-shaped pipeline with CLIP's full vocabulary, for training tests: it takes real
+/// prompts through the real tokenizer.
+pub fn tiny_sd1() -> PipelineConfig {
+    let unet = serde_json::from_str(
+        r#"{"block_out_channels":[16,32],"layers_per_block":1,"norm_num_groups":8,"cross_attention_dim":16,
+            "attention_head_dim":2,"down_block_types":["CrossAttnDownBlock2D","DownBlock2D"],
+            "up_block_types":["UpBlock2D","CrossAttnUpBlock2D"],"sample_size":8}"#,
+    )
+    .expect("valid config");
+    let vae = serde_json::from_str(
+        r#"{"block_out_channels":[8,16],"layers_per_block":1,"latent_channels":4,"norm_num_groups":4,"sample_size":32}"#,
+    )
+    .expect("valid config");
+    let te = serde_json::from_str(
+        r#"{"vocab_size":49408,"hidden_size":16,"intermediate_size":32,"num_hidden_layers":2,"num_attention_heads":2,
+            "max_position_embeddings":77,"hidden_act":"quick_gelu","eos_token_id":49407,"architectures":["CLIPTextModel"]}"#,
+    )
+    .expect("valid config");
+    PipelineConfig { unet, vae, text_encoders: vec![te], scheduler: SchedulerConfig::default() }
+}

@@ -1,0 +1,131 @@
+//! The order of training: every random choice is a pure function of (seed, step), so a resumed
+//! run draws exactly what the uninterrupted run would have.
+use crate::data::buckets::Bucket;
+use crate::data::prepare::Sample;
+use candle_core::{Device, Result, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+pub type StepRng = rand::rngs::StdRng;
+
+/// A generator seeded by (seed, purpose, index).
+pub fn rng_for(seed: u64, purpose: &str, index: u64) -> StepRng {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher is SipHash-1-3 with fixed keys: stable for a given Rust toolchain.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (seed, purpose, index).hash(&mut h);
+    StepRng::seed_from_u64(h.finish())
+}
+
+/// Standard-normal tensor from `rng` (Box–Muller, f32).
+pub fn randn(rng: &mut impl Rng, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut v = Vec::with_capacity(n + 1);
+    while v.len() < n {
+        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+        let r = (-2.0 * u1.ln()).sqrt();
+        v.push((r * (std::f64::consts::TAU * u2).cos()) as f32);
+        v.push((r * (std::f64::consts::TAU * u2).sin()) as f32);
+    }
+    v.truncate(n);
+    Tensor::from_vec(v, shape, device)
+}
+
+/// Batches of sample indices for one epoch: sample i `keys[i].1` times, shuffled, grouped by
+/// bucket `keys[i].0` (a batch never mixes buckets), batches shuffled.
+pub fn epoch_batches(keys: &[(Bucket, usize)], batch: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let mut rng = rng_for(seed, "epoch", epoch);
+    let mut order: Vec<usize> =
+        keys.iter().enumerate().flat_map(|(i, k)| std::iter::repeat_n(i, k.1)).collect();
+    order.shuffle(&mut rng);
+    let mut buckets: Vec<(Bucket, Vec<usize>)> = vec![];
+    for i in order {
+        let b = keys[i].0;
+        match buckets.iter_mut().find(|(k, _)| *k == b) {
+            Some((_, v)) => v.push(i),
+            None => buckets.push((b, vec![i])),
+        }
+    }
+    let mut out: Vec<Vec<usize>> = buckets
+        .into_iter()
+        .flat_map(|(_, v)| v.chunks(batch).map(|c| c.to_vec()).collect::<Vec<_>>())
+        .collect();
+    out.shuffle(&mut rng);
+    out
+}
+
+/// Walks epochs lazily: the `k`-th micro-batch of the run.
+pub struct BatchOrder {
+    keys: Vec<(Bucket, usize)>,
+    batch: usize,
+    seed: u64,
+    epochs: Vec<Vec<Vec<usize>>>,
+}
+
+impl BatchOrder {
+    /// `repeats[item]` of each sample's source image.
+    pub fn new(samples: &[Sample], repeats: &[usize], batch: usize, seed: u64) -> Self {
+        let keys = samples.iter().map(|s| (s.bucket, repeats[s.item])).collect();
+        Self { keys, batch, seed, epochs: vec![] }
+    }
+
+    pub fn get(&mut self, mut k: usize) -> (usize, Vec<usize>) {
+        let mut e = 0;
+        loop {
+            while self.epochs.len() <= e {
+                let ep = self.epochs.len() as u64;
+                self.epochs.push(epoch_batches(&self.keys, self.batch, self.seed, ep));
+            }
+            let n = self.epochs[e].len();
+            if k < n {
+                return (e, self.epochs[e][k].clone());
+            }
+            k -= n;
+            e += 1;
+        }
+    }
+}
+
+/// Caption augmentation: dropout to "", comma-tag shuffle keeping the first `keep` tags.
+pub fn augment_caption(
+    caption: &str,
+    rng: &mut impl Rng,
+    dropout: f64,
+    shuffle: bool,
+    keep: usize,
+) -> String {
+    if dropout > 0.0 && rng.random::<f64>() < dropout {
+        return String::new();
+    }
+    if !shuffle {
+        return caption.to_string();
+    }
+    let mut tags: Vec<&str> = caption.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
+    let k = keep.min(tags.len());
+    tags[k..].shuffle(rng);
+    tags.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_shuffle_keeps_leading_tags_and_all_tags() {
+        let mut rng = rng_for(1, "t", 0);
+        let c = "sks dog, red collar, grass, sunny, park";
+        let mut seen_change = false;
+        for _ in 0..20 {
+            let s = augment_caption(c, &mut rng, 0.0, true, 1);
+            assert!(s.starts_with("sks dog, "));
+            let mut a: Vec<&str> = s.split(", ").collect();
+            let mut b: Vec<&str> = c.split(", ").collect();
+            seen_change |= a != b;
+            a.sort();
+            b.sort();
+            assert_eq!(a, b);
+        }
+        assert!(seen_change);
+        assert_eq!(augment_caption(c, &mut rng, 1.0, true, 1), "");
+    }
+}

@@ -1,0 +1,324 @@
+//! `sdlora train` settings: command-line flags and `--config train.toml` share their names
+//! (flag `--batch-size` = key `batch_size`); flags given on the command line win.
+use super::optim::LrSchedule;
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Flags of `sdlora train`. Every one is optional here so that a config file can supply it.
+#[derive(Args, Debug, Default, Serialize)]
+pub struct TrainArgs {
+    /// Base model: a diffusers folder, a .safetensors/.ckpt single file, or a Hugging Face id
+    /// (org/name[@revision]) already in the local HF cache.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Folder of training images (jpg/png/webp) with same-named .txt captions; kohya's `N_name`
+    /// sub-folders repeat their images N times per epoch.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// Where to write the LoRA (.safetensors). A loss log (.loss.csv), the training state
+    /// (.state.safetensors, for --resume) and report.html are written beside it.
+    #[arg(long, short)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<PathBuf>,
+    /// A TOML file with any of these settings (keys = flag names with `_` for `-`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Optimizer steps [default: 1500].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Images per step [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Micro-batches accumulated per optimizer step [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_accum: Option<usize>,
+    /// LoRA rank (network dim) [default: 16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha/rank [default: the rank].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// Learning rate of the U-Net adapters [default: 1e-4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Also train LoRA on the text encoder(s), at this learning rate (kohya's usual: 5e-5).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_encoder_lr: Option<f64>,
+    /// Learning-rate schedule after warmup [default: constant].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_scheduler: Option<LrSchedule>,
+    /// Linear warmup steps [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<usize>,
+    /// Which layers get adapters: attn (to_q/k/v/out, diffusers' default), attn-mlp (every
+    /// Linear and 1×1 conv of the transformer blocks, kohya's default), full (+ ResNet 3×3
+    /// convs, "LoCon") [default: attn-mlp].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<String>,
+    /// Training resolution: buckets have area ≤ resolution² [default: 512, SDXL 1024].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<u32>,
+    /// Seed of everything random; the same seed on the same machine gives the same LoRA bytes
+    /// [default: 42].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Output format: kohya (ComfyUI, A1111, diffusers) or peft (diffusers' own) [default: kohya].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Precision of the saved LoRA: f16, bf16 or f32 [default: f16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_dtype: Option<String>,
+    /// Precision of the frozen base model: f32, f16 or bf16 (adapters and optimizer stay f32)
+    /// [default: f32 on CPU, bf16 on CUDA].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    /// Save the LoRA and training state every N steps (0: only at the end) [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_every: Option<usize>,
+    /// Continue from a training state (<output>.state.safetensors or a -stepN one) exactly
+    /// where it stopped.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<PathBuf>,
+    /// Caption for images without a .txt (e.g. your trigger word) [default: the folder's name
+    /// after `N_`, else empty].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    /// Probability of training a step on the empty caption [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_dropout: Option<f64>,
+    /// Shuffle comma-separated tags of each caption, keeping the first --keep-tokens in place.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shuffle_tags: Option<bool>,
+    /// Tags kept in front when shuffling [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_tokens: Option<usize>,
+    /// Random horizontal flips [default: false].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flip: Option<bool>,
+    /// Random instead of center crops to the bucket (disables the latent cache) [default: false].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_crop: Option<bool>,
+    /// min-SNR-γ loss weighting; 5 is the paper's value [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_snr_gamma: Option<f64>,
+    /// Noise offset (brighter/darker images); 0.05–0.1 is typical [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noise_offset: Option<f64>,
+    /// Clip the gradient's global norm to this (0: off) [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// Recompute each U-Net block in the backward instead of keeping its activations: less
+    /// memory, about a third more time [default: false].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
+    /// Prediction type when the model does not say (single files): epsilon or v_prediction.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<String>,
+    /// Where latents are cached [default: <data>/.sdlora-cache].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The resolved settings of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: String,
+    pub data: PathBuf,
+    pub output: PathBuf,
+    #[serde(default = "d_steps")]
+    pub steps: usize,
+    #[serde(default = "d_one")]
+    pub batch_size: usize,
+    #[serde(default = "d_one")]
+    pub grad_accum: usize,
+    #[serde(default = "d_rank")]
+    pub rank: usize,
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub text_encoder_lr: Option<f64>,
+    #[serde(default = "d_sched")]
+    pub lr_scheduler: LrSchedule,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default = "d_targets")]
+    pub targets: String,
+    #[serde(default)]
+    pub resolution: Option<u32>,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    #[serde(default = "d_format")]
+    pub format: String,
+    #[serde(default = "d_save_dtype")]
+    pub save_dtype: String,
+    #[serde(default)]
+    pub dtype: Option<String>,
+    #[serde(default)]
+    pub save_every: usize,
+    #[serde(default)]
+    pub resume: Option<PathBuf>,
+    #[serde(default)]
+    pub caption: Option<String>,
+    #[serde(default)]
+    pub caption_dropout: f64,
+    #[serde(default)]
+    pub shuffle_tags: bool,
+    #[serde(default)]
+    pub keep_tokens: usize,
+    #[serde(default)]
+    pub flip: bool,
+    #[serde(default)]
+    pub random_crop: bool,
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
+    #[serde(default)]
+    pub noise_offset: f64,
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn d_steps() -> usize {
+    1500
+}
+fn d_one() -> usize {
+    1
+}
+fn d_rank() -> usize {
+    16
+}
+fn d_lr() -> f64 {
+    1e-4
+}
+fn d_sched() -> LrSchedule {
+    LrSchedule::Constant
+}
+fn d_targets() -> String {
+    "attn-mlp".into()
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_format() -> String {
+    "kohya".into()
+}
+fn d_save_dtype() -> String {
+    "f16".into()
+}
+fn d_clip() -> f64 {
+    1.0
+}
+
+impl TrainConfig {
+    /// Config file (if any) overlaid with the flags given on the command line.
+    pub fn resolve(args: &TrainArgs) -> Result<Self> {
+        let mut map = match &args.config {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+                let v: toml::Value =
+                    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?;
+                serde_json::to_value(v)?
+            }
+            None => serde_json::json!({}),
+        };
+        let flags = serde_json::to_value(args)?;
+        if let (Some(m), Some(f)) = (map.as_object_mut(), flags.as_object()) {
+            for (k, v) in f {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        let origin =
+            args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "command line".into());
+        let cfg: TrainConfig = serde_json::from_value(map).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("missing field") {
+                let field = msg.split('`').nth(1).unwrap_or("?").replace('_', "-");
+                anyhow::anyhow!("{origin}: --{field} is required (see sdlora train --help)")
+            } else {
+                anyhow::anyhow!("{origin}: {msg}")
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(anyhow::anyhow!(m));
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.rank == 0 {
+            return bad("--steps, --batch-size, --grad-accum and --rank must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("--lr {} must be a positive number", self.lr));
+        }
+        if !["attn", "attn-mlp", "full"].contains(&self.targets.as_str()) {
+            return bad(format!("--targets `{}`: choose attn, attn-mlp or full", self.targets));
+        }
+        self.format
+            .parse::<crate::lora::format::LoraFormat>()
+            .map_err(|e| anyhow::anyhow!("--format: {e}"))?;
+        parse_dtype(&self.save_dtype)?;
+        if let Some(d) = &self.dtype {
+            parse_dtype(d)?;
+        }
+        if !(0.0..=1.0).contains(&self.caption_dropout) {
+            return bad("--caption-dropout is a probability between 0 and 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn alpha(&self) -> f64 {
+        self.alpha.unwrap_or(self.rank as f64)
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
+    match s {
+        "f32" | "fp32" | "float32" => Ok(candle_core::DType::F32),
+        "f16" | "fp16" | "float16" => Ok(candle_core::DType::F16),
+        "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
+        _ => anyhow::bail!("unknown dtype `{s}` (f32, f16, bf16)"),
+    }
+}

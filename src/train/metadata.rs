@@ -1,0 +1,92 @@
+//! The metadata kohya's sd-scripts writes into a LoRA (`ss_*`) and the Stability model spec
+//! (`modelspec.*`), which A1111/ComfyUI/civitai read to show what a LoRA is.
+use super::config::TrainConfig;
+use crate::model::load::Family;
+use std::collections::{BTreeMap, HashMap};
+
+pub fn kohya_metadata(
+    cfg: &TrainConfig,
+    family: Family,
+    v_prediction: bool,
+    resolution: u32,
+    num_images: usize,
+    tag_frequency: &BTreeMap<String, BTreeMap<String, usize>>,
+    steps_done: usize,
+) -> HashMap<String, String> {
+    let base = match family {
+        Family::Sd1 => "sd_v1",
+        Family::Sd2 => "sd_v2",
+        Family::Sdxl => "sdxl_base_v1-0",
+    };
+    let arch = match (family, v_prediction) {
+        (Family::Sd1, _) => "stable-diffusion-v1/lora",
+        (Family::Sd2, true) => "stable-diffusion-v2-768-v/lora",
+        (Family::Sd2, false) => "stable-diffusion-v2-512/lora",
+        (Family::Sdxl, _) => "stable-diffusion-xl-v1-base/lora",
+    };
+    let py_bool = |b: bool| if b { "True" } else { "False" }.to_string();
+    let title = cfg.output.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let mut m = HashMap::new();
+    let mut put = |k: &str, v: String| {
+        m.insert(k.to_string(), v);
+    };
+    put("ss_network_module", "networks.lora".into());
+    put("ss_network_dim", cfg.rank.to_string());
+    put("ss_network_alpha", format!("{}", cfg.alpha()));
+    if cfg.targets == "full" {
+        put("ss_network_args", format!(r#"{{"conv_dim": "{}", "conv_alpha": "{}"}}"#, cfg.rank, cfg.alpha()));
+    }
+    put("ss_base_model_version", base.into());
+    put("ss_v2", py_bool(family == Family::Sd2));
+    put("ss_sd_model_name", cfg.model.clone());
+    put("ss_steps", steps_done.to_string());
+    put("ss_max_train_steps", cfg.steps.to_string());
+    put("ss_learning_rate", format!("{}", cfg.lr));
+    put("ss_unet_lr", format!("{}", cfg.lr));
+    put("ss_text_encoder_lr", cfg.text_encoder_lr.map(|v| format!("{v}")).unwrap_or_else(|| "None".into()));
+    put("ss_network_train_unet_only", py_bool(cfg.text_encoder_lr.is_none()));
+    put("ss_lr_scheduler", format!("{:?}", cfg.lr_scheduler).to_lowercase());
+    put("ss_lr_warmup_steps", cfg.warmup_steps.to_string());
+    put("ss_batch_size_per_device", cfg.batch_size.to_string());
+    put("ss_gradient_accumulation_steps", cfg.grad_accum.to_string());
+    put("ss_resolution", format!("({resolution}, {resolution})"));
+    put("ss_num_train_images", num_images.to_string());
+    put("ss_seed", cfg.seed.to_string());
+    put("ss_min_snr_gamma", cfg.min_snr_gamma.map(|g| g.to_string()).unwrap_or_else(|| "None".into()));
+    put("ss_noise_offset", cfg.noise_offset.to_string());
+    put("ss_max_grad_norm", cfg.max_grad_norm.to_string());
+    put("ss_caption_dropout_rate", cfg.caption_dropout.to_string());
+    put("ss_flip_aug", py_bool(cfg.flip));
+    put("ss_shuffle_caption", py_bool(cfg.shuffle_tags));
+    put("ss_keep_tokens", cfg.keep_tokens.to_string());
+    put("ss_mixed_precision", cfg.dtype.clone().unwrap_or_else(|| "f32".into()));
+    put("ss_optimizer", "AdamW".into());
+    put("ss_output_name", title.clone());
+    put("ss_tag_frequency", serde_json::to_string(tag_frequency).unwrap_or_default());
+    put("ss_training_comment", "trained with sdlora".into());
+    put("modelspec.sai_model_spec", "1.0.0".into());
+    put("modelspec.architecture", arch.into());
+    put("modelspec.implementation", "https://github.com/kohya-ss/sd-scripts".into());
+    put("modelspec.title", title);
+    put("modelspec.resolution", format!("{resolution}x{resolution}"));
+    put("modelspec.prediction_type", if v_prediction { "v" } else { "epsilon" }.into());
+    m
+}
+
+/// kohya's ss_tag_frequency: per dataset folder, how often each comma-separated tag occurs.
+pub fn tag_frequency(items: &[crate::data::dataset::Item]) -> BTreeMap<String, BTreeMap<String, usize>> {
+    let mut out: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for it in items {
+        let dir = it
+            .image
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let e = out.entry(dir).or_default();
+        for tag in it.caption.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            *e.entry(tag.to_string()).or_default() += 1;
+        }
+    }
+    out
+}

@@ -1,0 +1,9 @@
+//! Training: noise schedule, optimizer, the loop, checkpoints.
+pub mod batches;
+pub mod config;
+pub mod metadata;
+pub mod noise;
+pub mod optim;
+pub mod setup;
+pub mod state;
+pub mod trainer;

@@ -1,0 +1,108 @@
+//! Everything before the first step: model, data, latents, adapters, optimizer.
+use super::config::{parse_dtype, TrainConfig};
+use super::optim::AdamW;
+use crate::data::dataset::{scan, Item};
+use crate::data::prepare::{prepare, Encoder, Sample};
+use crate::lora::targets::{text_encoder_selects, unet_selects, Preset};
+use crate::lora::{attach, AdapterInfo, Init, LoraSpec};
+use crate::model::load::{load, Family, LoadOptions, StableDiffusion};
+use crate::model::text::PromptEncoder;
+use anyhow::Result;
+use candle_core::{DType, Device, Var};
+
+pub struct Run {
+    pub sd: StableDiffusion,
+    pub prompts: PromptEncoder,
+    pub items: Vec<Item>,
+    pub samples: Vec<Sample>,
+    pub adapters: Vec<(String, AdapterInfo)>,
+    pub params: Vec<Var>,
+    /// Learning rate multiplier per parameter (text-encoder adapters train at their own rate).
+    pub lr_scale: Vec<f64>,
+    pub opt: AdamW,
+    pub resolution: u32,
+    pub device: Device,
+    pub train_text: bool,
+}
+
+pub fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    Device::Cpu
+}
+
+pub fn default_resolution(f: Family) -> u32 {
+    if f == Family::Sdxl {
+        1024
+    } else {
+        512
+    }
+}
+
+pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Run> {
+    let device = device();
+    let dtype = match &cfg.dtype {
+        Some(d) => parse_dtype(d)?,
+        None if device.is_cuda() => DType::BF16,
+        None => DType::F32,
+    };
+    let items = scan(&cfg.data, cfg.caption.as_deref())?;
+    let opts = LoadOptions {
+        dtype,
+        device: device.clone(),
+        prediction_type: cfg.prediction_type.clone(),
+        ..Default::default()
+    };
+    let mut sd = load(&cfg.model, &opts)?;
+    let resolution = cfg.resolution.unwrap_or(default_resolution(sd.family));
+    let step = if resolution >= 256 { 64 } else { 8 };
+    let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| cfg.data.join(".sdlora-cache"));
+    let vae = sd.vae.as_ref().expect("loaded with the VAE");
+    let fingerprint = format!("{}|{:?}|{dtype:?}", sd.source, vae.config);
+    let enc = Encoder { vae, fingerprint, cache_dir: Some(cache_dir) };
+    let n = items.len();
+    let samples =
+        prepare(&items, resolution, step, cfg.flip, &enc, &mut |i| progress("encoding images", i, n))?;
+    if !cfg.random_crop {
+        sd.vae = None; // latents are cached: free the VAE
+    }
+    let prompts = PromptEncoder::new(&sd, 1)?;
+
+    let preset: Preset = cfg.targets.parse().map_err(anyhow::Error::msg)?;
+    let spec = LoraSpec {
+        rank: cfg.rank,
+        alpha: cfg.alpha(),
+        multiplier: 1.0,
+        init: Init::Standard,
+        seed: cfg.seed,
+        dtype: DType::F32,
+    };
+    let mut adapters = vec![];
+    if let Some(u) = &mut sd.unet {
+        for a in attach(u, "", &|p, l| unet_selects(preset, p, l), &spec, 0, &device)? {
+            adapters.push(("unet".to_string(), a));
+        }
+    }
+    let train_text = cfg.text_encoder_lr.is_some();
+    if train_text {
+        for (i, te) in sd.text_encoders.iter_mut().enumerate() {
+            let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
+            let spec = LoraSpec { seed: cfg.seed + 1 + i as u64, ..spec };
+            for a in attach(te, "", &|p, _| text_encoder_selects(p), &spec, adapters.len(), &device)? {
+                adapters.push((comp.to_string(), a));
+            }
+        }
+    }
+    let te_scale = cfg.text_encoder_lr.map(|l| l / cfg.lr).unwrap_or(0.0);
+    let mut params = vec![];
+    let mut lr_scale = vec![];
+    for (comp, a) in &adapters {
+        let s = if comp == "unet" { 1.0 } else { te_scale };
+        params.extend([a.down.clone(), a.up.clone()]);
+        lr_scale.extend([s, s]);
+    }
+    let opt = AdamW::new(&params, 1e-2)?;
+    Ok(Run { sd, prompts, items, samples, adapters, params, lr_scale, opt, resolution, device, train_text })
+}

@@ -1,0 +1,70 @@
+//! Training state for `--resume`: the adapters in f32, AdamW's moments and the step. With the
+//! step, every random choice of the run is known again (see `batches`), so resuming continues
+//! bit for bit.
+use super::optim::AdamW;
+use crate::lora::AdapterInfo;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// `my_lora.safetensors` → `my_lora.state.safetensors`
+pub fn state_path(lora: &Path) -> PathBuf {
+    lora.with_extension("state.safetensors")
+}
+
+fn layout(adapters: &[(String, AdapterInfo)]) -> String {
+    let v: Vec<String> = adapters.iter().map(|(c, a)| format!("{c}/{}:{}", a.path, a.rank())).collect();
+    serde_json::to_string(&v).unwrap_or_default()
+}
+
+pub fn save(path: &Path, adapters: &[(String, AdapterInfo)], opt: &AdamW, step: usize) -> Result<()> {
+    let mut t: Vec<(String, Tensor)> = vec![];
+    for (i, (_, a)) in adapters.iter().enumerate() {
+        t.push((format!("adapter.{i}.down"), a.down.as_tensor().to_device(&Device::Cpu)?));
+        t.push((format!("adapter.{i}.up"), a.up.as_tensor().to_device(&Device::Cpu)?));
+    }
+    for (j, (m, v)) in opt.moments.iter().enumerate() {
+        t.push((format!("adam.{j}.m"), m.to_device(&Device::Cpu)?));
+        t.push((format!("adam.{j}.v"), v.to_device(&Device::Cpu)?));
+    }
+    let meta = HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("adam_step".to_string(), opt.step.to_string()),
+        ("layout".to_string(), layout(adapters)),
+    ]);
+    crate::lora::format::save_atomic(path, &t, &meta)
+}
+
+/// Restores adapters and optimizer; returns the step to continue from.
+pub fn load(path: &Path, adapters: &[(String, AdapterInfo)], opt: &mut AdamW) -> Result<usize> {
+    crate::model::weights::check_safetensors(path)?;
+    let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let get = |k: &str| {
+        meta.get(k).with_context(|| format!("{}: not an sdlora training state (no `{k}`)", path.display()))
+    };
+    if get("layout")? != &layout(adapters) {
+        bail!(
+            "{}: this state was saved for other LoRA layers or rank — resume with the same --model, --targets, --rank and --text-encoder-lr",
+            path.display()
+        );
+    }
+    let step: usize = get("step")?.parse()?;
+    opt.step = get("adam_step")?.parse()?;
+    let t = candle_core::safetensors::load_buffer(&data, &Device::Cpu)?;
+    let take =
+        |k: String| t.get(&k).cloned().with_context(|| format!("{}: missing tensor {k}", path.display()));
+    for (i, (_, a)) in adapters.iter().enumerate() {
+        a.down.set(&take(format!("adapter.{i}.down"))?.to_device(a.down.device())?)?;
+        a.up.set(&take(format!("adapter.{i}.up"))?.to_device(a.up.device())?)?;
+    }
+    let dev = adapters.first().map(|(_, a)| a.down.device().clone()).unwrap_or(Device::Cpu);
+    for (j, (m, v)) in opt.moments.iter_mut().enumerate() {
+        *m = take(format!("adam.{j}.m"))?.to_device(&dev)?;
+        *v = take(format!("adam.{j}.v"))?.to_device(&dev)?;
+    }
+    Ok(step)
+}

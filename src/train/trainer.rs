@@ -1,0 +1,256 @@
+//! The training loop. One step: draw a batch, noise its latents at random timesteps, predict
+//! the noise, backward through the frozen U-Net into the adapters, AdamW.
+use super::batches::{augment_caption, randn, rng_for, BatchOrder};
+use super::config::{parse_dtype, TrainConfig};
+use super::noise::NoiseSchedule;
+use super::optim::{clip_grad_norm, lr_at};
+use super::setup::Run;
+use super::{metadata, state};
+use crate::lora::format::{write, LoraFormat};
+use crate::lora::AdapterGrads;
+use crate::model::text::Conditioning;
+use crate::model::unet::UNetInput;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use rand::Rng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// What a finished run reports.
+pub struct Summary {
+    pub steps: usize,
+    pub losses: Vec<f64>,
+    /// Loss on a fixed set of (image, timestep, noise) before and after training.
+    pub eval_before: f64,
+    pub eval_after: f64,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    pub lora_path: PathBuf,
+    pub lora_bytes: u64,
+    pub skipped_steps: usize,
+}
+
+/// One micro-batch's loss and the gradients it adds to `g`.
+fn micro_step(
+    run: &Run,
+    cfg: &TrainConfig,
+    sched: &NoiseSchedule,
+    idx: &[usize],
+    k: u64,
+    text: &mut HashMap<String, Conditioning>,
+    g: &mut AdapterGrads,
+    scale: f64,
+) -> Result<f64> {
+    let mut rng = rng_for(cfg.seed, "micro", k);
+    let dev = &run.device;
+    let samples: Vec<&crate::data::prepare::Sample> = idx.iter().map(|&i| &run.samples[i]).collect();
+    let latents: Vec<Tensor> = samples
+        .iter()
+        .map(|s| match (&s.latent_flipped, cfg.flip && rng.random::<bool>()) {
+            (Some(f), true) => f.clone(),
+            _ => s.latent.clone(),
+        })
+        .collect();
+    let x0 = Tensor::stack(&latents, 0)?.to_device(dev)?;
+    let captions: Vec<String> = samples
+        .iter()
+        .map(|s| {
+            augment_caption(&s.caption, &mut rng, cfg.caption_dropout, cfg.shuffle_tags, cfg.keep_tokens)
+        })
+        .collect();
+    let mut noise = randn(&mut rng, x0.dims(), dev)?;
+    if cfg.noise_offset > 0.0 {
+        let (b, c) = (x0.dim(0)?, x0.dim(1)?);
+        noise = noise.broadcast_add(&(randn(&mut rng, &[b, c, 1, 1], dev)? * cfg.noise_offset)?)?;
+    }
+    let t: Vec<usize> = (0..idx.len()).map(|_| rng.random_range(0..sched.len())).collect();
+    let xt = sched.add_noise(&x0, &noise, &t)?;
+    let target = sched.target(&x0, &noise, &t)?;
+
+    let encoders = &run.sd.text_encoders;
+    let (cond, te_saved) = if run.train_text {
+        let (c, s) = run.prompts.encode_train(encoders, &captions)?;
+        (c, Some(s))
+    } else {
+        for c in &captions {
+            if !text.contains_key(c) {
+                text.insert(c.clone(), run.prompts.encode(encoders, std::slice::from_ref(c))?);
+            }
+        }
+        let ctx = Tensor::cat(&captions.iter().map(|c| &text[c].context).collect::<Vec<_>>(), 0)?;
+        let pooled = text[&captions[0]]
+            .pooled
+            .as_ref()
+            .map(|_| {
+                Tensor::cat(
+                    &captions.iter().map(|c| text[c].pooled.as_ref().expect("sdxl")).collect::<Vec<_>>(),
+                    0,
+                )
+            })
+            .transpose()?;
+        (Conditioning { context: ctx, pooled }, None)
+    };
+    let ids: Vec<f32> = samples
+        .iter()
+        .flat_map(|s| {
+            [s.original_hw.0, s.original_hw.1, s.crop_tl.0, s.crop_tl.1, s.bucket.1, s.bucket.0]
+                .map(|v| v as f32)
+        })
+        .collect();
+    let time_ids = Tensor::from_vec(ids, (idx.len(), 6), dev)?;
+    let timestep = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), t.len(), dev)?;
+    let unet = run.sd.unet.as_ref().expect("loaded");
+    let input = UNetInput {
+        sample: &xt,
+        timestep: &timestep,
+        encoder_hidden_states: &cond.context,
+        text_embeds: cond.pooled.as_ref(),
+        time_ids: Some(&time_ids),
+    };
+    let (pred, saved) = unet.forward_train(&input)?;
+    // per-sample MSE, min-SNR weighted, averaged over the batch
+    let diff = (pred.to_dtype(DType::F32)? - &target)?;
+    let n_el = diff.elem_count() / idx.len();
+    let w: Vec<f32> = t
+        .iter()
+        .map(|&ti| cfg.min_snr_gamma.map(|gm| sched.min_snr_weight(ti, gm)).unwrap_or(1.0) as f32)
+        .collect();
+    let w = Tensor::from_vec(w, (idx.len(), 1, 1, 1), dev)?;
+    let per = diff.sqr()?.mean((1, 2, 3))?;
+    let loss = (per * w.flatten_all()?)?.mean_all()?.to_scalar::<f32>()? as f64;
+    let dpred = (diff.broadcast_mul(&w)? * (2.0 * scale / (n_el * idx.len()) as f64))?;
+    let d = unet.backward(saved, &dpred.to_dtype(pred.dtype())?, g)?;
+    if let Some(s) = te_saved {
+        run.prompts.backward_train(encoders, s, &d.encoder_hidden_states, d.text_embeds.as_ref(), g)?;
+    }
+    Ok(loss)
+}
+
+/// Fixed-seed evaluation loss over (up to) 8 samples, 2 timesteps each.
+pub fn eval_loss(run: &Run, cfg: &TrainConfig, sched: &NoiseSchedule) -> Result<f64> {
+    let mut text = HashMap::new();
+    let n = run.samples.len().min(8);
+    let mut total = 0.0;
+    for i in 0..n {
+        for j in 0..2u64 {
+            let cfg2 = TrainConfig {
+                flip: false,
+                caption_dropout: 0.0,
+                shuffle_tags: false,
+                seed: cfg.seed ^ 0x5eed,
+                ..cfg.clone()
+            };
+            total += micro_step_eval(run, &cfg2, sched, i, 1000 + 2 * i as u64 + j, &mut text)?;
+        }
+    }
+    Ok(total / (2 * n) as f64)
+}
+
+fn micro_step_eval(
+    run: &Run,
+    cfg: &TrainConfig,
+    sched: &NoiseSchedule,
+    i: usize,
+    k: u64,
+    text: &mut HashMap<String, Conditioning>,
+) -> Result<f64> {
+    // the same computation as training, gradients discarded
+    micro_step(run, cfg, sched, &[i], k, text, &mut AdapterGrads::default(), 0.0)
+}
+
+pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64, f64)) -> Result<Summary> {
+    let sched = NoiseSchedule::new(&run.sd.scheduler)?;
+    let mut start = 0;
+    if let Some(p) = &cfg.resume {
+        start = state::load(p, &run.adapters, &mut run.opt)?;
+        if start >= cfg.steps {
+            bail!(
+                "{}: already at step {start} of --steps {} — raise --steps to train further",
+                p.display(),
+                cfg.steps
+            );
+        }
+    }
+    let eval_before = eval_loss(&run, cfg, &sched)?;
+    let repeats: Vec<usize> = run.items.iter().map(|i| i.repeats).collect();
+    let mut order = BatchOrder::new(&run.samples, &repeats, cfg.batch_size, cfg.seed);
+    let mut text = HashMap::new();
+    let mut losses = vec![];
+    let (mut skipped, mut bad_in_a_row) = (0, 0);
+    let t0 = std::time::Instant::now();
+    let mut images = 0usize;
+    for step in start..cfg.steps {
+        let mut g = AdapterGrads::new(run.adapters.len());
+        let mut loss = 0.0;
+        for micro in 0..cfg.grad_accum {
+            let k = (step * cfg.grad_accum + micro) as u64;
+            let (_, idx) = order.get(k as usize);
+            images += idx.len();
+            loss += micro_step(&run, cfg, &sched, &idx, k, &mut text, &mut g, 1.0 / cfg.grad_accum as f64)?
+                / cfg.grad_accum as f64;
+        }
+        let mut grads = vec![];
+        for (_, a) in &run.adapters {
+            match g.get(a.id) {
+                Some((d, u)) => grads.extend([d.clone(), u.clone()]),
+                None => grads.extend([a.down.zeros_like()?, a.up.zeros_like()?]),
+            }
+        }
+        let norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        if !loss.is_finite() || !norm.is_finite() {
+            skipped += 1;
+            bad_in_a_row += 1;
+            eprintln!("warning: step {}: non-finite loss or gradient — step skipped", step + 1);
+            if bad_in_a_row >= 5 {
+                bail!(
+                    "training diverged: non-finite loss for 5 steps in a row at step {} — lower --lr, or use --dtype bf16/f32 instead of f16",
+                    step + 1
+                );
+            }
+            continue;
+        }
+        bad_in_a_row = 0;
+        let lr = lr_at(cfg.lr_scheduler, cfg.lr, step, cfg.steps, cfg.warmup_steps);
+        let lrs: Vec<f64> = run.lr_scale.iter().map(|s| s * lr).collect();
+        run.opt.step(&run.params, &grads, &lrs)?;
+        losses.push(loss);
+        on_step(step + 1, loss, images as f64 / t0.elapsed().as_secs_f64());
+        let done = step + 1;
+        if cfg.save_every > 0 && done % cfg.save_every == 0 && done < cfg.steps {
+            let p = step_path(&cfg.output, done);
+            save(&run, cfg, &p, done)?;
+            state::save(&state::state_path(&p), &run.adapters, &run.opt, done)?;
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let eval_after = eval_loss(&run, cfg, &sched)?;
+    save(&run, cfg, &cfg.output, cfg.steps)?;
+    state::save(&state::state_path(&cfg.output), &run.adapters, &run.opt, cfg.steps)?;
+    let lora_bytes = std::fs::metadata(&cfg.output)?.len();
+    Ok(Summary {
+        steps: cfg.steps - start,
+        losses,
+        eval_before,
+        eval_after,
+        seconds,
+        images_per_second: images as f64 / seconds.max(1e-9),
+        lora_path: cfg.output.clone(),
+        lora_bytes,
+        skipped_steps: skipped,
+    })
+}
+
+/// `out.safetensors` → `out-step000200.safetensors`
+pub fn step_path(out: &Path, step: usize) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "lora".into());
+    out.with_file_name(format!("{stem}-step{step:06}.safetensors"))
+}
+
+fn save(run: &Run, cfg: &TrainConfig, path: &Path, steps_done: usize) -> Result<()> {
+    let format: LoraFormat = cfg.format.parse().map_err(anyhow::Error::msg)?;
+    let tags = metadata::tag_frequency(&run.items);
+    let v = run.sd.scheduler.prediction_type == "v_prediction";
+    let meta =
+        metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, run.items.len(), &tags, steps_done);
+    write(path, &run.adapters, run.sd.family, format, parse_dtype(&cfg.save_dtype)?, meta)
+}

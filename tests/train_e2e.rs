@@ -1,0 +1,58 @@
+//! `sdlora train` end to end on a tiny random model: the loss falls, resume is exact, the file
+//! reads back as the adapters that were trained.
+mod common;
+use common::data::{tiny_dataset, tiny_model};
+use sdlora::train::config::{TrainArgs, TrainConfig};
+use sdlora::train::{setup, trainer};
+use std::path::Path;
+
+fn config(model: &Path, data: &Path, out: &Path, steps: usize) -> TrainConfig {
+    let args = TrainArgs {
+        model: Some(model.display().to_string()),
+        data: Some(data.to_path_buf()),
+        output: Some(out.to_path_buf()),
+        steps: Some(steps),
+        batch_size: Some(2),
+        rank: Some(4),
+        lr: Some(3e-3),
+        resolution: Some(32),
+        ..Default::default()
+    };
+    TrainConfig::resolve(&args).unwrap()
+}
+
+fn train(cfg: &TrainConfig) -> trainer::Summary {
+    let run = setup::setup(cfg, &mut |_, _, _| {}).unwrap();
+    trainer::train(run, cfg, &mut |_, _, _| {}).unwrap()
+}
+
+#[test]
+fn loss_falls_and_resume_is_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 4);
+
+    // memorising 4 images: the fixed-seed evaluation loss falls well below its start
+    let s = train(&config(&model, &data, &tmp.path().join("long.safetensors"), 80));
+    assert!(s.eval_after < 0.8 * s.eval_before, "eval loss {} → {}", s.eval_before, s.eval_after);
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+
+    // 20 steps straight == 10 steps, then --resume for 10 more
+    // (same file name in two folders: the name is part of the metadata)
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(tmp.path().join(d)).unwrap();
+    }
+    let straight = tmp.path().join("a/lora.safetensors");
+    train(&config(&model, &data, &straight, 20));
+    let half = tmp.path().join("b/lora-half.safetensors");
+    train(&config(&model, &data, &half, 10));
+    let resumed = tmp.path().join("b/lora.safetensors");
+    let mut cfg = config(&model, &data, &resumed, 20);
+    cfg.resume = Some(sdlora::train::state::state_path(&half));
+    train(&cfg);
+    let (a, b) = (std::fs::read(&straight).unwrap(), std::fs::read(&resumed).unwrap());
+    assert!(a == b, "resumed LoRA differs from the uninterrupted one");
+    let c = std::fs::read(&half).unwrap();
+    assert!(a != c, "10 more steps changed nothing");
+}
