@@ -81,6 +81,9 @@ fn split_key(k: &str) -> Option<(String, &'static str, LoraFormat)> {
     None
 }
 
+/// (down, up, alpha) of one module while reading.
+type Parts = (Option<Tensor>, Option<Tensor>, Option<f64>);
+
 pub fn read(path: &Path) -> Result<LoraFile> {
     crate::model::weights::check_safetensors(path)?;
     let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -90,7 +93,7 @@ pub fn read(path: &Path) -> Result<LoraFile> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(&data, &Device::Cpu)?;
-    let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<f64>)> = BTreeMap::new();
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut format = None;
     let mut unknown = vec![];
     for name in st.names() {

@@ -1,5 +1,6 @@
 //! Everything before the first step: model, data, latents, adapters, optimizer.
 use super::config::{parse_dtype, TrainConfig};
+use super::noise::NoiseSchedule;
 use super::optim::AdamW;
 use crate::data::dataset::{scan, Item};
 use crate::data::prepare::{prepare, Encoder, Sample};
@@ -23,6 +24,7 @@ pub struct Run {
     pub resolution: u32,
     pub device: Device,
     pub train_text: bool,
+    pub sched: NoiseSchedule,
 }
 
 pub fn device() -> Device {
@@ -104,5 +106,19 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         lr_scale.extend([s, s]);
     }
     let opt = AdamW::new(&params, 1e-2)?;
-    Ok(Run { sd, prompts, items, samples, adapters, params, lr_scale, opt, resolution, device, train_text })
+    let sched = NoiseSchedule::new(&sd.scheduler)?;
+    Ok(Run {
+        sd,
+        prompts,
+        items,
+        samples,
+        adapters,
+        params,
+        lr_scale,
+        opt,
+        resolution,
+        device,
+        train_text,
+        sched,
+    })
 }

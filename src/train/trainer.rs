@@ -2,7 +2,6 @@
 //! the noise, backward through the frozen U-Net into the adapters, AdamW.
 use super::batches::{augment_caption, randn, rng_for, BatchOrder};
 use super::config::{parse_dtype, TrainConfig};
-use super::noise::NoiseSchedule;
 use super::optim::{clip_grad_norm, lr_at};
 use super::setup::Run;
 use super::{metadata, state};
@@ -34,13 +33,13 @@ pub struct Summary {
 fn micro_step(
     run: &Run,
     cfg: &TrainConfig,
-    sched: &NoiseSchedule,
     idx: &[usize],
     k: u64,
     text: &mut HashMap<String, Conditioning>,
     g: &mut AdapterGrads,
     scale: f64,
 ) -> Result<f64> {
+    let sched = &run.sched;
     let mut rng = rng_for(cfg.seed, "micro", k);
     let dev = &run.device;
     let samples: Vec<&crate::data::prepare::Sample> = idx.iter().map(|&i| &run.samples[i]).collect();
@@ -127,7 +126,7 @@ fn micro_step(
 }
 
 /// Fixed-seed evaluation loss over (up to) 8 samples, 2 timesteps each.
-pub fn eval_loss(run: &Run, cfg: &TrainConfig, sched: &NoiseSchedule) -> Result<f64> {
+pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
     let mut text = HashMap::new();
     let n = run.samples.len().min(8);
     let mut total = 0.0;
@@ -140,7 +139,7 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig, sched: &NoiseSchedule) -> Result<
                 seed: cfg.seed ^ 0x5eed,
                 ..cfg.clone()
             };
-            total += micro_step_eval(run, &cfg2, sched, i, 1000 + 2 * i as u64 + j, &mut text)?;
+            total += micro_step_eval(run, &cfg2, i, 1000 + 2 * i as u64 + j, &mut text)?;
         }
     }
     Ok(total / (2 * n) as f64)
@@ -149,17 +148,15 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig, sched: &NoiseSchedule) -> Result<
 fn micro_step_eval(
     run: &Run,
     cfg: &TrainConfig,
-    sched: &NoiseSchedule,
     i: usize,
     k: u64,
     text: &mut HashMap<String, Conditioning>,
 ) -> Result<f64> {
     // the same computation as training, gradients discarded
-    micro_step(run, cfg, sched, &[i], k, text, &mut AdapterGrads::default(), 0.0)
+    micro_step(run, cfg, &[i], k, text, &mut AdapterGrads::default(), 0.0)
 }
 
 pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64, f64)) -> Result<Summary> {
-    let sched = NoiseSchedule::new(&run.sd.scheduler)?;
     let mut start = 0;
     if let Some(p) = &cfg.resume {
         start = state::load(p, &run.adapters, &mut run.opt)?;
@@ -171,7 +168,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
             );
         }
     }
-    let eval_before = eval_loss(&run, cfg, &sched)?;
+    let eval_before = eval_loss(&run, cfg)?;
     let repeats: Vec<usize> = run.items.iter().map(|i| i.repeats).collect();
     let mut order = BatchOrder::new(&run.samples, &repeats, cfg.batch_size, cfg.seed);
     let mut text = HashMap::new();
@@ -186,7 +183,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
             let k = (step * cfg.grad_accum + micro) as u64;
             let (_, idx) = order.get(k as usize);
             images += idx.len();
-            loss += micro_step(&run, cfg, &sched, &idx, k, &mut text, &mut g, 1.0 / cfg.grad_accum as f64)?
+            loss += micro_step(&run, cfg, &idx, k, &mut text, &mut g, 1.0 / cfg.grad_accum as f64)?
                 / cfg.grad_accum as f64;
         }
         let mut grads = vec![];
@@ -223,7 +220,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let eval_after = eval_loss(&run, cfg, &sched)?;
+    let eval_after = eval_loss(&run, cfg)?;
     save(&run, cfg, &cfg.output, cfg.steps)?;
     state::save(&state::state_path(&cfg.output), &run.adapters, &run.opt, cfg.steps)?;
     let lora_bytes = std::fs::metadata(&cfg.output)?.len();
