@@ -182,3 +182,53 @@ fn lora_sdxl_peft_and_kohya() {
     lora_parity("sdxl", "lora_peft.safetensors", DType::F32, "", 1e-4);
     lora_parity("sdxl", "lora_kohya.safetensors", DType::F32, "", 1e-4);
 }
+
+/// LoRAs we wrote (examples/lora_fixture.rs), loaded by diffusers' `load_lora_weights`
+/// (tools/fixtures/check_our_lora.py: every module consumed): diffusers' outputs equal ours.
+#[test]
+fn our_loras_load_in_diffusers_with_equal_outputs() {
+    for name in ["sd1", "sdxl"] {
+        let want = io(&format!("{name}/lora/ours_io.safetensors"));
+        let mut tensors_by_format = vec![];
+        for stem in ["ours_kohya", "ours_peft"] {
+            let mut sd = model(name, DType::F32, true, false, true);
+            let path = fixture(&format!("{name}/lora/{stem}.safetensors"));
+            let adapters = sdlora::lora::apply::apply_file(&mut sd, &path, 1.0, 0).unwrap();
+            let t = io(&format!("{name}/unet_io.safetensors"));
+            let input = UNetInput {
+                sample: &t["sample"],
+                timestep: &t["timestep"],
+                encoder_hidden_states: &t["encoder_hidden_states"],
+                text_embeds: t.get("text_embeds"),
+                time_ids: t.get("time_ids"),
+            };
+            let out = sd.unet.as_ref().unwrap().forward(&input).unwrap();
+            close(&format!("{name} {stem} unet"), &out, &want[&format!("{stem}.unet_out")], 1e-4);
+            for (i, te) in sd.text_encoders.iter().enumerate() {
+                let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
+                let ids = &io(&format!("{name}/{comp}_io.safetensors"))["input_ids"];
+                let o = te.forward(ids).unwrap();
+                close(
+                    &format!("{name} {stem} {comp}"),
+                    &o.last_hidden_state,
+                    &want[&format!("{stem}.{comp}_last")],
+                    1e-4,
+                );
+            }
+            let mut v: Vec<(String, Vec<f32>)> = adapters
+                .iter()
+                .map(|(c, a)| {
+                    let mut x: Vec<f32> = a.down.flatten_all().unwrap().to_vec1().unwrap();
+                    x.extend(a.up.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    (format!("{c}/{}", a.path), x)
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            tensors_by_format.push(v);
+        }
+        assert!(
+            tensors_by_format[0] == tensors_by_format[1],
+            "{name}: kohya and PEFT files read back differently"
+        );
+    }
+}

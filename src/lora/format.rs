@@ -163,6 +163,10 @@ pub fn resolve(
     for (comp, path) in targets {
         by_name.insert(kohya_name(family, comp, path), (comp.clone(), path.clone()));
         by_name.insert(format!("{comp}.{path}"), (comp.clone(), path.clone()));
+        if let Some(p) = path.strip_prefix("text_model.") {
+            // transformers 5 dropped the `text_model.` level from CLIPTextModel
+            by_name.insert(format!("{comp}.{p}"), (comp.clone(), path.clone()));
+        }
         if comp == "unet" {
             by_name.insert(path.clone(), (comp.clone(), path.clone())); // legacy keys without prefix
         }
@@ -210,8 +214,11 @@ pub fn write(
                 ));
             }
             _ => {
-                tensors.push((format!("{comp}.{}.lora_A.weight", a.path), down));
-                tensors.push((format!("{comp}.{}.lora_B.weight", a.path), up));
+                // PEFT names follow the module tree of the library that loads them; transformers 5
+                // (what a current diffusers install brings) has no `text_model.` level.
+                let path = a.path.strip_prefix("text_model.").unwrap_or(&a.path);
+                tensors.push((format!("{comp}.{path}.lora_A.weight"), down));
+                tensors.push((format!("{comp}.{path}.lora_B.weight"), up));
             }
         }
     }
@@ -228,7 +235,8 @@ fn peft_metadata(adapters: &[(String, AdapterInfo)]) -> String {
     comps.dedup();
     for comp in comps {
         let mine: Vec<&AdapterInfo> = adapters.iter().filter(|(c, _)| c == comp).map(|(_, a)| a).collect();
-        let mut targets: Vec<String> = mine.iter().map(|a| a.path.clone()).collect();
+        let mut targets: Vec<String> =
+            mine.iter().map(|a| a.path.strip_prefix("text_model.").unwrap_or(&a.path).to_string()).collect();
         targets.sort();
         let (r, alpha) = (mine[0].rank(), mine[0].alpha);
         j.insert(format!("{comp}.r"), r.into());

@@ -117,6 +117,9 @@ fn micro_step(
     let w = Tensor::from_vec(w, (idx.len(), 1, 1, 1), dev)?;
     let per = diff.sqr()?.mean((1, 2, 3))?;
     let loss = (per * w.flatten_all()?)?.mean_all()?.to_scalar::<f32>()? as f64;
+    if scale == 0.0 {
+        return Ok(loss); // evaluation: no backward
+    }
     let dpred = (diff.broadcast_mul(&w)? * (2.0 * scale / (n_el * idx.len()) as f64))?;
     let d = unet.backward(saved, &dpred.to_dtype(pred.dtype())?, g)?;
     if let Some(s) = te_saved {
