@@ -36,7 +36,8 @@ fn main() -> anyhow::Result<()> {
             [(LoraFormat::Kohya, "ours_kohya.safetensors"), (LoraFormat::Peft, "ours_peft.safetensors")]
         {
             let path = root.join(name).join("lora").join(file);
-            write(&path, &adapters, sd.family, fmt, DType::F32, Default::default())?;
+            let layout = sdlora::lora::format::unet_layout(&sd);
+            write(&path, &adapters, sd.family, &layout, fmt, DType::F32, Default::default())?;
             println!("wrote {}", path.display());
         }
     }

@@ -35,15 +35,10 @@ fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("sd15_r8.safetensors");
     let named: Vec<(String, _)> = adapters.into_iter().map(|a| ("unet".to_string(), a)).collect();
-    format::write(
-        &path,
-        &named,
-        sdlora::model::load::Family::Sd1,
-        format::LoraFormat::Kohya,
-        DType::F16,
-        Default::default(),
-    )
-    .unwrap();
+    let family = sdlora::model::load::Family::Sd1;
+    let layout = sdlora::model::load::ldm_keys::UnetLayout::standard(family);
+    format::write(&path, &named, family, &layout, format::LoraFormat::Kohya, DType::F16, Default::default())
+        .unwrap();
     let bytes = std::fs::metadata(&path).unwrap().len();
     assert!((6_000_000..7_000_000).contains(&bytes), "{bytes} bytes");
 }

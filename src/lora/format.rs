@@ -2,8 +2,10 @@
 //! diffusers' legacy names on reading. Keys are resolved against the model's own module paths,
 //! so every tensor either lands on a layer or is reported.
 use super::attach::AdapterInfo;
-use super::names::kohya_name;
+use super::names::KohyaNames;
+use crate::model::load::ldm_keys::UnetLayout;
 use crate::model::load::Family;
+use crate::model::load::StableDiffusion;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -157,11 +159,12 @@ pub fn resolve(
     file: &LoraFile,
     targets: &Targets,
     family: Family,
+    layout: &UnetLayout,
     origin: &str,
 ) -> Result<Vec<(String, String, LoraTensors)>> {
-    let mut by_name: HashMap<String, (String, String)> = HashMap::new();
+    // kohya names (and their accepted aliases) of every target.
+    let mut by_name = KohyaNames::new(family, layout).index(targets);
     for (comp, path) in targets {
-        by_name.insert(kohya_name(family, comp, path), (comp.clone(), path.clone()));
         by_name.insert(format!("{comp}.{path}"), (comp.clone(), path.clone()));
         if let Some(p) = path.strip_prefix("text_model.") {
             // transformers 5 dropped the `text_model.` level from CLIPTextModel
@@ -196,16 +199,20 @@ pub fn write(
     path: &Path,
     adapters: &[(String, AdapterInfo)],
     family: Family,
+    layout: &UnetLayout,
     format: LoraFormat,
     dtype: DType,
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let kohya = KohyaNames::new(family, layout);
     let mut tensors: Vec<(String, Tensor)> = vec![];
     for (comp, a) in adapters {
         let (down, up) = (a.down.as_tensor().to_dtype(dtype)?, a.up.as_tensor().to_dtype(dtype)?);
         match format {
             LoraFormat::Kohya => {
-                let n = kohya_name(family, comp, &a.path);
+                let n = kohya
+                    .name(comp, &a.path)
+                    .with_context(|| format!("{comp} `{}` has no kohya name", a.path))?;
                 tensors.push((format!("{n}.lora_down.weight"), down));
                 tensors.push((format!("{n}.lora_up.weight"), up));
                 tensors.push((
@@ -276,4 +283,13 @@ pub fn save_atomic(
     out.extend_from_slice(&h);
     out.extend_from_slice(&bytes[8 + n..]);
     crate::util::write_atomic(path, &out)
+}
+
+/// The U-Net layout kohya names need (SDXL's SGM block indices); the family's standard one when no
+/// U-Net is loaded.
+pub fn unet_layout(sd: &StableDiffusion) -> UnetLayout {
+    match &sd.unet {
+        Some(u) => UnetLayout::from_block_types(u.config.layers_per_block, &u.config.up_block_types),
+        None => UnetLayout::standard(sd.family),
+    }
 }

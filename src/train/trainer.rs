@@ -5,7 +5,7 @@ use super::config::{parse_dtype, TrainConfig};
 use super::optim::{clip_grad_norm, lr_at};
 use super::setup::Run;
 use super::{metadata, state};
-use crate::lora::format::{write, LoraFormat};
+use crate::lora::format::{unet_layout, write, LoraFormat};
 use crate::lora::AdapterGrads;
 use crate::model::text::Conditioning;
 use crate::model::unet::UNetInput;
@@ -252,5 +252,13 @@ fn save(run: &Run, cfg: &TrainConfig, path: &Path, steps_done: usize) -> Result<
     let v = run.sd.scheduler.prediction_type == "v_prediction";
     let meta =
         metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, run.items.len(), &tags, steps_done);
-    write(path, &run.adapters, run.sd.family, format, parse_dtype(&cfg.save_dtype)?, meta)
+    write(
+        path,
+        &run.adapters,
+        run.sd.family,
+        &unet_layout(&run.sd),
+        format,
+        parse_dtype(&cfg.save_dtype)?,
+        meta,
+    )
 }
