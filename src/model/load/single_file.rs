@@ -147,6 +147,11 @@ fn infer_clip(m: &HashMap<String, Tensor>, quick_gelu: bool, projection: bool) -
     c
 }
 
+/// A single file's tensors, renamed into diffusers' layout, by component.
+pub fn read_components(path: &Path) -> Result<(Family, Components)> {
+    split(path, read_all(path)?)
+}
+
 /// The configs this loader would infer for a single file (no config folder).
 pub fn infer_configs(path: &Path) -> Result<(Family, UNetConfig, VaeConfig, Vec<ClipTextConfig>)> {
     let (family, comps) = split(path, read_all(path)?)?;
