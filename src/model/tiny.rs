@@ -165,3 +165,24 @@ pub fn sdxl() -> PipelineConfig {
         scheduler: cfg.scheduler,
     }
 }
+
+/// A small SDXL-shaped pipeline (two text encoders, text_time embedding) with CLIP's vocabulary.
+pub fn tiny_sdxl() -> PipelineConfig {
+    let mut c = tiny_sd1();
+    c.unet = serde_json::from_str(
+        r#"{"block_out_channels":[16,32],"layers_per_block":1,"norm_num_groups":8,"cross_attention_dim":32,
+            "attention_head_dim":[1,2],"transformer_layers_per_block":[1,2],"use_linear_projection":true,
+            "down_block_types":["DownBlock2D","CrossAttnDownBlock2D"],"up_block_types":["CrossAttnUpBlock2D","UpBlock2D"],
+            "addition_embed_type":"text_time","addition_time_embed_dim":8,"projection_class_embeddings_input_dim":64,
+            "sample_size":8}"#,
+    )
+    .expect("valid config");
+    let te2 = serde_json::from_str(
+        r#"{"vocab_size":49408,"hidden_size":16,"intermediate_size":32,"num_hidden_layers":2,"num_attention_heads":2,
+            "max_position_embeddings":77,"hidden_act":"gelu","eos_token_id":49407,"projection_dim":16,
+            "architectures":["CLIPTextModelWithProjection"]}"#,
+    )
+    .expect("valid config");
+    c.text_encoders.push(te2);
+    c
+}

@@ -25,6 +25,8 @@ pub struct Run {
     pub device: Device,
     pub train_text: bool,
     pub sched: NoiseSchedule,
+    /// Latents found in the cache and latents the VAE computed in this run.
+    pub latents_cached: (usize, usize),
 }
 
 pub fn device() -> Device {
@@ -63,10 +65,11 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| cfg.data.join(".sdlora-cache"));
     let vae = sd.vae.as_ref().expect("loaded with the VAE");
     let fingerprint = format!("{}|{:?}|{dtype:?}", sd.source, vae.config);
-    let enc = Encoder { vae, fingerprint, cache_dir: Some(cache_dir) };
+    let enc = Encoder { vae, fingerprint, cache_dir: Some(cache_dir), counts: Default::default() };
     let n = items.len();
     let samples =
         prepare(&items, resolution, step, cfg.flip, &enc, &mut |i| progress("encoding images", i, n))?;
+    let latents_cached = enc.counts.get();
     if !cfg.random_crop {
         sd.vae = None; // latents are cached: free the VAE
     }
@@ -120,5 +123,6 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         device,
         train_text,
         sched,
+        latents_cached,
     })
 }

@@ -43,13 +43,17 @@ fn micro_step(
     let mut rng = rng_for(cfg.seed, "micro", k);
     let dev = &run.device;
     let samples: Vec<&crate::data::prepare::Sample> = idx.iter().map(|&i| &run.samples[i]).collect();
-    let latents: Vec<Tensor> = samples
-        .iter()
-        .map(|s| match (&s.latent_flipped, cfg.flip && rng.random::<bool>()) {
-            (Some(f), true) => f.clone(),
-            _ => s.latent.clone(),
-        })
-        .collect();
+    let latents: Vec<Tensor> = if cfg.random_crop {
+        samples.iter().map(|s| random_crop_latent(run, s, cfg.flip, &mut rng)).collect::<Result<_>>()?
+    } else {
+        samples
+            .iter()
+            .map(|s| match (&s.latent_flipped, cfg.flip && rng.random::<bool>()) {
+                (Some(f), true) => f.clone(),
+                _ => s.latent.clone(),
+            })
+            .collect()
+    };
     let x0 = Tensor::stack(&latents, 0)?.to_device(dev)?;
     let captions: Vec<String> = samples
         .iter()
@@ -126,6 +130,25 @@ fn micro_step(
         run.prompts.backward_train(encoders, s, &d.encoder_hidden_states, d.text_embeds.as_ref(), g)?;
     }
     Ok(loss)
+}
+
+/// A fresh random crop of the sample's image (and maybe a flip), through the VAE: the price of
+/// random crops is one VAE encode per image per step.
+fn random_crop_latent(
+    run: &Run,
+    s: &crate::data::prepare::Sample,
+    flip: bool,
+    rng: &mut impl Rng,
+) -> Result<Tensor> {
+    use crate::data::prepare::{fit_to_bucket, to_tensor};
+    let vae = run.sd.vae.as_ref().expect("kept for random crops");
+    let img = crate::data::dataset::load_rgb(&run.items[s.item].image)?;
+    let (mut crop, _) = fit_to_bucket(&img, s.bucket, (rng.random(), rng.random()));
+    if flip && rng.random::<bool>() {
+        crop = image::imageops::flip_horizontal(&crop);
+    }
+    let z = vae.encode_mean(&to_tensor(&crop, &run.device)?)?;
+    Ok((z.to_dtype(DType::F32)? * vae.config.scaling_factor)?.squeeze(0)?)
 }
 
 /// Fixed-seed evaluation loss over (up to) 8 samples, 2 timesteps each.
