@@ -1,4 +1,5 @@
 //! The command line: one module per subcommand.
+pub mod bench;
 pub mod tools;
 pub mod train;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Resize(tools::ResizeArgs),
     /// Extract a LoRA from the difference of a fine-tuned model and its base (SVD).
     Extract(tools::ExtractArgs),
+    /// Benchmark inputs: random-weight models of the real architectures, a procedural dataset.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -44,5 +47,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => tools::inspect(&a),
         Command::Resize(a) => tools::resize_cmd(&a),
         Command::Extract(a) => tools::extract_cmd(&a),
+        Command::Bench(a) => bench::run(&a),
     }
 }
