@@ -313,3 +313,24 @@ fn base_weight_gradients_when_weights_are_variables() {
     check("layer_norm weight", &w, &g, &loss);
     check("layer_norm bias", &b, &g, &loss);
 }
+
+#[test]
+fn vae_encoder_and_decoder_backward() {
+    use sdlora::model::config::VaeConfig;
+    use sdlora::model::vae::AutoencoderKL;
+    let cfg: VaeConfig = serde_json::from_str(
+        r#"{"block_out_channels":[4,8],"layers_per_block":1,"latent_channels":2,"norm_num_groups":2}"#,
+    )
+    .unwrap();
+    let vae = AutoencoderKL::load(&cfg, &weights(70)).unwrap();
+    let x = var(&[1, 3, 8, 8], 71);
+    let (m, s) = vae.encode_train(&x).unwrap();
+    let r = randn(m.dims(), 72);
+    let dx = vae.encode_backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    fd_check("vae encoder", &x, &dx, &|| dot(&vae.encode_moments(&x).unwrap(), &r), 20);
+    let z = var(&[1, 2, 4, 4], 73);
+    let (y, s) = vae.decode_train(&z).unwrap();
+    let r = randn(y.dims(), 74);
+    let dz = vae.decode_backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    fd_check("vae decoder", &z, &dz, &|| dot(&vae.decode(&z).unwrap(), &r), 20);
+}
