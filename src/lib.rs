@@ -4,6 +4,7 @@
 //! `lora` (adapters and their file formats).
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod lora;
 pub mod model;
 pub mod train;
