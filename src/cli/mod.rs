@@ -1,5 +1,6 @@
 //! The command line: one module per subcommand.
 pub mod bench;
+pub mod demo;
 pub mod tools;
 pub mod train;
 
@@ -35,6 +36,9 @@ pub enum Command {
     Resize(tools::ResizeArgs),
     /// Extract a LoRA from the difference of a fine-tuned model and its base (SVD).
     Extract(tools::ExtractArgs),
+    /// The whole product on an embedded tiny world: learn a new concept, measure what was
+    /// learned and what was forgotten, write report.html.
+    Demo(demo::DemoArgs),
     /// Benchmark inputs: random-weight models of the real architectures, a procedural dataset.
     Bench(bench::BenchArgs),
 }
@@ -48,5 +52,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resize(a) => tools::resize_cmd(&a),
         Command::Extract(a) => tools::extract_cmd(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Demo(a) => demo::run(&a),
     }
 }

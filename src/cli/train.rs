@@ -46,6 +46,24 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     crate::util::write_atomic(&cfg.output.with_extension("loss.csv"), csv.as_bytes())?;
+    let mut report = crate::report::html::Report::from_summary(
+        format!(
+            "sdlora train: {}",
+            cfg.output.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
+        ),
+        &summary,
+    );
+    let settings = serde_json::to_value(&cfg)?;
+    if let Some(m) = settings.as_object() {
+        report.settings = m
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.to_string().trim_matches('"').to_string()))
+            .collect();
+    }
+    let report_path = cfg.output.with_extension("report.html");
+    report.write(&report_path)?;
+    eprintln!("report: {}", report_path.display());
     println!(
         "wrote {} ({} bytes): {} steps in {:.1} s, {:.2} images/s, eval loss {:.4} → {:.4}{}",
         summary.lora_path.display(),

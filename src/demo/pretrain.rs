@@ -73,19 +73,26 @@ fn weights(m: &BTreeMap<String, Var>) -> Weights {
 
 /// One AdamW step over the variables that received a gradient.
 fn step(vars: &[Var], opt: &mut AdamW, g: &AdapterGrads, lr: f64) -> Result<f64> {
-    let mut grads: Vec<Tensor> =
-        vars.iter().map(|v| g.weights.get(&v.as_tensor().id()).cloned().map_or_else(|| v.zeros_like(), Ok)).collect::<candle_core::Result<_>>()?;
+    let mut grads: Vec<Tensor> = vars
+        .iter()
+        .map(|v| g.weights.get(&v.as_tensor().id()).cloned().map_or_else(|| v.zeros_like(), Ok))
+        .collect::<candle_core::Result<_>>()?;
     let norm = clip_grad_norm(&mut grads, 1.0)?;
     opt.step(vars, &grads, &vec![lr; vars.len()])?;
     Ok(norm)
 }
 
-pub fn pretrain(cfg: &PretrainConfig, out: &Path, progress: &mut dyn FnMut(&str, usize, usize, f64)) -> Result<()> {
+pub fn pretrain(
+    cfg: &PretrainConfig,
+    out: &Path,
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<()> {
     let pc = demo_config();
     let shapes: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != cfg.exclude).collect();
     let world = scenes(cfg.seed, cfg.images, &shapes);
     let dev = Device::Cpu;
-    let images: Vec<Tensor> = world.iter().map(|s| to_tensor(&s.render(SIDE), &dev)).collect::<Result<_>>()?;
+    let images: Vec<Tensor> =
+        world.iter().map(|s| to_tensor(&s.render(SIDE), &dev)).collect::<Result<_>>()?;
     let images = Tensor::cat(&images, 0)?;
 
     // 1. VAE: an autoencoder on the means, with a small pull of the latents towards 0
@@ -155,14 +162,21 @@ pub fn pretrain(cfg: &PretrainConfig, out: &Path, progress: &mut dyn FnMut(&str,
         let it = Tensor::new(idx.as_slice(), &dev)?;
         let x0 = latents.index_select(&it, 0)?;
         let mut c = ctx.index_select(&it, 0)?;
-        let drop: Vec<f32> = (0..cfg.batch).map(|_| if rng.random::<f64>() < 0.1 { 1.0 } else { 0.0 }).collect();
+        let drop: Vec<f32> =
+            (0..cfg.batch).map(|_| if rng.random::<f64>() < 0.1 { 1.0 } else { 0.0 }).collect();
         let drop = Tensor::from_vec(drop, (cfg.batch, 1, 1), &dev)?;
         c = (c.broadcast_mul(&drop.affine(-1.0, 1.0)?)? + uncond.broadcast_mul(&drop)?)?;
         let noise = randn(&mut rng, x0.dims(), &dev)?;
         let t: Vec<usize> = (0..cfg.batch).map(|_| rng.random_range(0..sched.len())).collect();
         let xt = sched.add_noise(&x0, &noise, &t)?;
         let ts = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), cfg.batch, &dev)?;
-        let input = UNetInput { sample: &xt, timestep: &ts, encoder_hidden_states: &c, text_embeds: None, time_ids: None };
+        let input = UNetInput {
+            sample: &xt,
+            timestep: &ts,
+            encoder_hidden_states: &c,
+            text_embeds: None,
+            time_ids: None,
+        };
         let (pred, saved) = unet.forward_train(&input)?;
         let diff = (pred - &noise)?;
         let loss = diff.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
@@ -185,19 +199,28 @@ fn save(out: &Path, pc: &PipelineConfig, comps: &[(&str, &BTreeMap<String, Var>)
     for (name, vars) in comps {
         let d = out.join(name);
         std::fs::create_dir_all(&d)?;
-        let file = if name.starts_with("text_encoder") { "model.safetensors" } else { "diffusion_pytorch_model.safetensors" };
-        let tensors: Vec<(String, Tensor)> =
-            vars.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?))).collect::<Result<_>>()?;
+        let file = if name.starts_with("text_encoder") {
+            "model.safetensors"
+        } else {
+            "diffusion_pytorch_model.safetensors"
+        };
+        let tensors: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
+            .collect::<Result<_>>()?;
         crate::lora::format::save_atomic(&d.join(file), &tensors, &Default::default())?;
         let cfg = match *name {
             "unet" => serde_json::to_string_pretty(&pc.unet)?,
-            "vae" => serde_json::to_string_pretty(&pc.vae)?,
+            "vae" => serde_json::to_string_pretty(&pc.vae.clone().with_block_types())?,
             _ => serde_json::to_string_pretty(&pc.text_encoders[0])?,
         };
         std::fs::write(d.join("config.json"), cfg)?;
     }
     std::fs::create_dir_all(out.join("scheduler"))?;
-    std::fs::write(out.join("scheduler/scheduler_config.json"), serde_json::to_string_pretty(&pc.scheduler)?)?;
+    std::fs::write(
+        out.join("scheduler/scheduler_config.json"),
+        serde_json::to_string_pretty(&pc.scheduler)?,
+    )?;
     std::fs::write(out.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#)?;
     Ok(())
 }

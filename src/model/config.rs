@@ -157,6 +157,12 @@ fn d_3() -> usize {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct VaeConfig {
+    /// One DownEncoderBlock2D / UpDecoderBlock2D per entry of `block_out_channels`; written out
+    /// so diffusers builds the same model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down_block_types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub up_block_types: Vec<String>,
     #[serde(default = "d_3")]
     pub in_channels: usize,
     #[serde(default = "d_3")]
@@ -236,5 +242,15 @@ pub struct ClipTextConfig {
 impl ClipTextConfig {
     pub fn with_projection(&self) -> bool {
         self.architectures.as_ref().is_some_and(|a| a.iter().any(|s| s == "CLIPTextModelWithProjection"))
+    }
+}
+
+impl VaeConfig {
+    /// Fills the block-type lists diffusers needs from the number of blocks.
+    pub fn with_block_types(mut self) -> Self {
+        let n = self.block_out_channels.len();
+        self.down_block_types = vec!["DownEncoderBlock2D".into(); n];
+        self.up_block_types = vec!["UpDecoderBlock2D".into(); n];
+        self
     }
 }

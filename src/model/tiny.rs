@@ -73,7 +73,7 @@ pub fn write_random_pipeline(dir: &Path, cfg: &PipelineConfig, seed: u64, dtype:
     write_component(
         &dir.join("vae"),
         "diffusion_pytorch_model.safetensors",
-        &cfg.vae,
+        &cfg.vae.clone().with_block_types(),
         &vae_shapes(&cfg.vae)?,
         seed + 1,
         dtype,

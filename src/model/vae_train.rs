@@ -44,7 +44,12 @@ fn resnets_forward(rs: &[ResnetBlock2D], mut h: Tensor) -> Result<(Tensor, Vec<R
     Ok((h, saved))
 }
 
-fn resnets_backward(rs: &[ResnetBlock2D], saved: Vec<ResnetSaved>, mut d: Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
+fn resnets_backward(
+    rs: &[ResnetBlock2D],
+    saved: Vec<ResnetSaved>,
+    mut d: Tensor,
+    g: &mut AdapterGrads,
+) -> Result<Tensor> {
     for (r, s) in rs.iter().zip(saved).rev() {
         d = r.backward(s, &d, g)?.0;
     }
@@ -57,7 +62,8 @@ impl VaeMid {
         let shape = h.dims4()?;
         let (b, c, hh, ww) = shape;
         let (t, norm) = self.attn_norm.forward(&h, false)?;
-        let (t, attn) = self.attn.forward(&t.reshape((b, c, hh * ww))?.transpose(1, 2)?.contiguous()?, None)?;
+        let (t, attn) =
+            self.attn.forward(&t.reshape((b, c, hh * ww))?.transpose(1, 2)?.contiguous()?, None)?;
         let t = t.transpose(1, 2)?.reshape((b, c, hh, ww))?;
         let (y, r1) = self.resnets[1].forward(&(t + h)?, None)?;
         Ok((y, MidSaved { r0, norm, attn, r1, shape }))

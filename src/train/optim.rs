@@ -30,13 +30,14 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.step as i32);
         let bc2 = 1.0 - b2.powi(self.step as i32);
         for (((p, g), (m, v)), &lr) in params.iter().zip(grads).zip(self.moments.iter_mut()).zip(lrs) {
-            let g = g.to_dtype(p.dtype())?;
-            *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
-            *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            // detached throughout: a recorded op graph would chain every step to the last
+            let g = g.detach().to_dtype(p.dtype())?;
+            *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?.detach();
+            *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
             let denom = ((&*v / bc2)?.sqrt()? + self.eps)?;
             let update = ((&*m / bc1)? / denom)?;
-            let decayed = (p.as_tensor() * (1.0 - lr * self.weight_decay))?;
-            p.set(&(decayed - (update * lr)?)?)?;
+            let decayed = (p.as_tensor().detach() * (1.0 - lr * self.weight_decay))?;
+            p.set(&(decayed - (update * lr)?)?.detach())?;
         }
         Ok(())
     }

@@ -39,16 +39,17 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Conv2dSaved)> {
-        let mut y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        // detached: candle would otherwise record a graph for variable (trainable) tensors
+        let mut y = x.conv2d(&self.weight.detach(), self.padding, self.stride, 1, 1)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+            y = y.broadcast_add(&b.detach().reshape((1, (), 1, 1))?)?;
         }
         let mut hidden = vec![];
         if !self.adapters.is_empty() {
             let xf = x.to_dtype(self.adapter_dtype())?;
             for a in &self.adapters {
-                let h = xf.conv2d(a.down.as_tensor(), self.padding, self.stride, 1, 1)?;
-                let delta = (h.conv2d(a.up.as_tensor(), 0, 1, 1, 1)? * a.scale)?;
+                let h = xf.conv2d(&a.down.as_tensor().detach(), self.padding, self.stride, 1, 1)?;
+                let delta = (h.conv2d(&a.up.as_tensor().detach(), 0, 1, 1, 1)? * a.scale)?;
                 let dt = y.dtype();
                 y = (y + delta.to_dtype(dt)?)?;
                 hidden.push(h);
@@ -60,7 +61,7 @@ impl Conv2d {
     }
 
     pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
-        let mut dx = conv_input_grad(dy, &self.weight, self.stride, self.padding, s.in_hw)?;
+        let mut dx = conv_input_grad(dy, &self.weight.detach(), self.stride, self.padding, s.in_hw)?;
         if let (true, Some(x)) = (self.weight.is_variable(), &s.x) {
             // full training: the base kernel and bias are variables
             let dw = kernel_grad(x, dy, self.weight.dims4()?, self.stride, self.padding)?;
@@ -78,10 +79,11 @@ impl Conv2d {
                 // delta = s · up ⋆ h (1×1): dU = s · Σ dy hᵀ, dh = s · Uᵀ dy
                 let d_up = (channels_by_rest(&dyf)?.matmul(&channels_by_rest(h)?.t()?)? * a.scale)?
                     .reshape((out, rank, 1, 1))?;
-                let up_t = a.up.as_tensor().transpose(0, 1)?.contiguous()?;
+                let up_t = &a.up.as_tensor().detach().transpose(0, 1)?.contiguous()?;
                 let dh = (dyf.conv2d(&up_t, 0, 1, 1, 1)? * a.scale)?;
                 let d_down = kernel_grad(&xf, &dh, a.down.dims4()?, self.stride, self.padding)?;
-                let dxa = conv_input_grad(&dh, a.down.as_tensor(), self.stride, self.padding, s.in_hw)?;
+                let dxa =
+                    conv_input_grad(&dh, &a.down.as_tensor().detach(), self.stride, self.padding, s.in_hw)?;
                 dx = (dx + dxa.to_dtype(dy.dtype())?)?;
                 grads.add(a.id, d_down, d_up)?;
             }

@@ -38,16 +38,17 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
-        let mut y = matmul_wt(x, &self.weight)?;
+        // detached: candle would otherwise record a graph for variable (trainable) tensors
+        let mut y = matmul_wt(x, &self.weight.detach())?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = y.broadcast_add(&b.detach())?;
         }
         let mut hidden = Vec::with_capacity(self.adapters.len());
         if !self.adapters.is_empty() {
             let xf = x.to_dtype(self.adapter_dtype())?;
             for a in &self.adapters {
-                let h = matmul_wt(&xf, a.down.as_tensor())?;
-                let delta = (matmul_wt(&h, a.up.as_tensor())? * a.scale)?;
+                let h = matmul_wt(&xf, &a.down.as_tensor().detach())?;
+                let delta = (matmul_wt(&h, &a.up.as_tensor().detach())? * a.scale)?;
                 let dt = y.dtype();
                 y = (y + delta.to_dtype(dt)?)?;
                 hidden.push(h);
@@ -63,7 +64,7 @@ impl Linear {
     }
 
     pub fn backward(&self, s: LinearSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
-        let mut dx = dy.matmul_any(&self.weight)?;
+        let mut dx = dy.matmul_any(&self.weight.detach())?;
         if let (true, Some(x)) = (self.trains_base(), &s.x) {
             let (x2, dy2) = (flatten2(x)?, flatten2(dy)?);
             grads.add_weight(&self.weight, dy2.t()?.matmul(&x2)?)?;
@@ -78,9 +79,9 @@ impl Linear {
                 let h = flatten2(h)?;
                 // y = s·h Uᵀ, h = x Dᵀ  ⇒  dU = s·dyᵀ h, dh = s·dy U, dD = dhᵀ x, dx += dh D
                 let d_up = (dyf.t()?.matmul(&h)? * a.scale)?;
-                let dh = (dyf.matmul(a.up.as_tensor())? * a.scale)?;
+                let dh = (dyf.matmul(&a.up.as_tensor().detach())? * a.scale)?;
                 let d_down = dh.t()?.matmul(&xf)?;
-                let dxa = dh.matmul(a.down.as_tensor())?.reshape(dx.shape())?;
+                let dxa = dh.matmul(&a.down.as_tensor().detach())?.reshape(dx.shape())?;
                 dx = (dx + dxa.to_dtype(dy.dtype())?)?;
                 grads.add(a.id, d_down, d_up)?;
             }

@@ -52,8 +52,8 @@ impl GroupNorm {
 
     fn scale_shift(&self, xhat: &Tensor) -> Result<Tensor> {
         let s = self.affine_shape(xhat);
-        let w = self.weight.to_dtype(xhat.dtype())?.reshape(s.clone())?;
-        let b = self.bias.to_dtype(xhat.dtype())?.reshape(s)?;
+        let w = self.weight.detach().to_dtype(xhat.dtype())?.reshape(s.clone())?;
+        let b = self.bias.detach().to_dtype(xhat.dtype())?.reshape(s)?;
         xhat.broadcast_mul(&w)?.broadcast_add(&b)
     }
 
@@ -87,7 +87,7 @@ impl GroupNorm {
             g.add_weight(&self.weight, (&dy * &xhat)?.sum(dims.as_slice())?)?;
             g.add_weight(&self.bias, dy.sum(dims.as_slice())?)?;
         }
-        let w = self.weight.to_dtype(f)?.reshape(self.affine_shape(&xhat))?;
+        let w = self.weight.detach().to_dtype(f)?.reshape(self.affine_shape(&xhat))?;
         let dxhat = dy.broadcast_mul(&w)?;
         let n = xhat.dim(0)?;
         let g = self.num_groups;
@@ -105,9 +105,9 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, NormSaved)> {
         let f = acc(x.dtype());
         let (xhat, rstd) = normalize_rows(&x.to_dtype(f)?, self.eps)?;
-        let mut y = xhat.broadcast_mul(&self.weight.to_dtype(f)?)?;
+        let mut y = xhat.broadcast_mul(&self.weight.detach().to_dtype(f)?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(f)?)?;
+            y = y.broadcast_add(&b.detach().to_dtype(f)?)?;
         }
         let saved = NormSaved { xhat: xhat.to_dtype(x.dtype())?, rstd, silu: false };
         Ok((y.to_dtype(x.dtype())?, saved))
@@ -124,7 +124,7 @@ impl LayerNorm {
                 g.add_weight(b, rows(&d)?.sum(0)?)?;
             }
         }
-        let dxhat = dy.to_dtype(f)?.broadcast_mul(&self.weight.to_dtype(f)?)?;
+        let dxhat = dy.to_dtype(f)?.broadcast_mul(&self.weight.detach().to_dtype(f)?)?;
         normalize_rows_backward(&xhat, &s.rstd, &dxhat)?.to_dtype(s.xhat.dtype())
     }
 }

@@ -55,7 +55,7 @@ fn d_spacing() -> String {
 /// The noise schedule of the model (scheduler/scheduler_config.json).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SchedulerConfig {
-    #[serde(rename = "_class_name", default)]
+    #[serde(rename = "_class_name", default, skip_serializing_if = "Option::is_none")]
     pub class_name: Option<String>,
     #[serde(default = "d_steps")]
     pub num_train_timesteps: usize,

@@ -1,0 +1,81 @@
+//! `sdlora demo`: the whole product on the embedded tiny world (see src/demo/).
+use crate::demo::pretrain::{pretrain, PretrainConfig};
+use crate::demo::world::Shape;
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the demo writes its dataset, LoRA and report.html.
+    #[arg(long, default_value = "sdlora-demo")]
+    pub out: PathBuf,
+    /// Instead of the demo: train the demo's base model from scratch into this folder (what
+    /// assets/demo_model was made with).
+    #[arg(long)]
+    pub pretrain: Option<PathBuf>,
+    /// Pretraining: images of the tiny world.
+    #[arg(long, default_value_t = 4000)]
+    pub images: usize,
+    /// Pretraining: VAE steps.
+    #[arg(long, default_value_t = 1500)]
+    pub vae_steps: usize,
+    /// Pretraining: U-Net steps.
+    #[arg(long, default_value_t = 4000)]
+    pub unet_steps: usize,
+    /// Pretraining: batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// The shape the base model never sees (the LoRA's concept).
+    #[arg(long, default_value = "star")]
+    pub concept: String,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+pub fn run(a: &DemoArgs) -> Result<()> {
+    let concept = Shape::from_name(&a.concept).ok_or_else(|| {
+        anyhow::anyhow!("--concept `{}`: one of circle, square, triangle, star, cross, ring", a.concept)
+    })?;
+    if let Some(out) = &a.pretrain {
+        let cfg = PretrainConfig {
+            seed: a.seed,
+            images: a.images,
+            exclude: concept,
+            vae_steps: a.vae_steps,
+            unet_steps: a.unet_steps,
+            batch: a.batch,
+            lr: 1e-3,
+        };
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>5} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .expect("valid")
+                .progress_chars("=> "),
+        );
+        let t0 = std::time::Instant::now();
+        let mut ema = None::<f64>;
+        let mut last = String::new();
+        pretrain(&cfg, out, &mut |what, i, n, loss| {
+            if what != last {
+                last = what.to_string();
+                ema = None;
+                bar.set_prefix(what.to_string());
+                bar.set_length(n as u64);
+                bar.reset_eta();
+            }
+            let e = ema.map(|e| 0.98 * e + 0.02 * loss).unwrap_or(loss);
+            ema = Some(e);
+            bar.set_position(i as u64);
+            bar.set_message(format!("loss {e:.4}"));
+            if i == n || i % 250 == 0 {
+                eprintln!("{what} step {i}/{n}: loss {e:.5} ({:.0} s)", t0.elapsed().as_secs_f64());
+            }
+        })?;
+        bar.finish_and_clear();
+        println!("wrote {} in {:.0} s", out.display(), t0.elapsed().as_secs_f64());
+        return Ok(());
+    }
+    anyhow::bail!("the demo's base model is not trained yet — `sdlora demo --pretrain DIR` trains one (see issue notes)")
+}
