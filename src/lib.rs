@@ -6,6 +6,7 @@ pub mod cli;
 pub mod data;
 pub mod lora;
 pub mod model;
+pub mod sample;
 pub mod train;
 pub mod util;
 

@@ -1,4 +1,5 @@
 //! The command line: one module per subcommand.
+pub mod generate;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -23,10 +24,16 @@ pub enum Command {
     /// The result is a kohya-format .safetensors that diffusers, ComfyUI and Automatic1111 load
     /// as is. Settings can also come from --config train.toml (same names, `_` for `-`).
     Train(crate::train::config::TrainArgs),
+    /// Generate images from a prompt, optionally with LoRAs.
+    ///
+    /// Writes PNGs carrying Automatic1111's generation parameters (prompt, sampler, seed, model
+    /// and LoRA hashes), which A1111's PNG Info, ComfyUI and Civitai read.
+    Generate(generate::GenerateArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(&a),
+        Command::Generate(a) => generate::run(&a),
     }
 }
