@@ -152,8 +152,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let (images, sampler) = pipeline::generate(&sd, &opts, &mut |i, _| bar.set_position(i as u64))?;
     bar.finish_and_clear();
 
-    let mut index = infopng::next_index(&args.out);
-    for img in images {
+    for (index, img) in (infopng::next_index(&args.out)..).zip(images) {
         let info = Infotext {
             prompt: opts.prompt.clone(),
             negative: opts.negative.clone(),
@@ -172,7 +171,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         let path = args.out.join(format!("{index:05}-{}.png", img.seed));
         crate::util::write_atomic(&path, &bytes)?;
         println!("wrote {}", path.display());
-        index += 1;
     }
     Ok(())
 }

@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn chunks_of_75_with_comma_backtrack() {
         let ids: Vec<u32> = (0..160).collect();
-        let c = a1111_chunks(&[ids.clone()], None);
+        let c = a1111_chunks(std::slice::from_ref(&ids), None);
         assert_eq!(c.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![75, 75, 10]);
         assert_eq!(c.concat(), ids);
         // a comma (id 7) at position 60: the chunk breaks after it

@@ -183,10 +183,10 @@ pub fn read_parameters(png_bytes: &[u8]) -> Result<Option<String>> {
     if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
         return Ok(Some(t.text.clone()));
     }
-    for t in info.utf8_text.iter().filter(|t| t.keyword == "parameters") {
-        return Ok(Some(t.get_text()?));
+    match info.utf8_text.iter().find(|t| t.keyword == "parameters") {
+        Some(t) => Ok(Some(t.get_text()?)),
+        None => Ok(None),
     }
-    Ok(None)
 }
 
 /// The next free `NNNNN-<seed>.png` name in `dir`, numbered after the files already there (as
