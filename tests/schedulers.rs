@@ -153,11 +153,11 @@ fn torch_cpu_randn() {
 
 #[test]
 fn unknown_scheduler_lists_the_valid_names() {
-    let err = build("plms", &SchedulerConfig::default(), 10).err().expect("an error").to_string();
+    let err = build("heun", &SchedulerConfig::default(), 10).err().expect("an error").to_string();
     for n in SCHEDULER_NAMES {
         assert!(err.contains(n), "{err}");
     }
-    assert!(err.contains("plms"));
+    assert!(err.contains("heun"));
 }
 
 #[test]
@@ -168,11 +168,16 @@ fn default_follows_the_config_class() {
         ("EulerDiscreteScheduler", "Euler"),
         ("EulerAncestralDiscreteScheduler", "Euler a"),
         ("DPMSolverMultistepScheduler", "DPM++ 2M"),
-        ("PNDMScheduler", "DPM++ 2M Karras"),
+        ("PNDMScheduler", "DPM++ 2M Karras"), // without skip_prk_steps: not implemented
+        ("LMSDiscreteScheduler", "DPM++ 2M Karras"),
     ] {
         cfg.class_name = Some(class.into());
         assert_eq!(build("default", &cfg, 20).unwrap().a1111_name(), sampler, "{class}");
     }
+    cfg.class_name = Some("PNDMScheduler".into());
+    cfg.extra.insert("skip_prk_steps".into(), true.into());
+    assert_eq!(build("default", &cfg, 20).unwrap().a1111_name(), "PLMS");
+    assert_eq!(build("default", &cfg, 20).unwrap().timesteps().len(), 21, "PLMS repeats one timestep");
     cfg.class_name = Some("EulerDiscreteScheduler".into());
     cfg.extra.insert("use_karras_sigmas".into(), true.into());
     assert_eq!(build("default", &cfg, 20).unwrap().a1111_name(), "Euler Karras");

@@ -46,8 +46,9 @@ pub struct GenerateArgs {
     /// Images to generate (denoised together).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Sampler: default (the class of the model's scheduler_config.json), ddim, euler, euler-a
-    /// (Euler ancestral), dpm++2m, dpm++2m-karras.
+    /// Sampler: default (the class of the model's scheduler_config.json — DDIM, Euler, Euler a,
+    /// DPM++ 2M or PLMS; others fall back to dpm++2m-karras), ddim, euler, euler-a (Euler
+    /// ancestral), dpm++2m, dpm++2m-karras.
     #[arg(long, default_value = "default")]
     pub scheduler: String,
     /// Text-encoder layer counted from the end: 1 = last, 2 = penultimate (A1111's "Clip skip";
@@ -149,7 +150,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let (images, sampler) = pipeline::generate(&sd, &opts, &mut |i, _| bar.set_position(i as u64))?;
+    let (images, sampler) = pipeline::generate(&sd, &opts, &mut |i, n| {
+        bar.set_length(n as u64); // PLMS makes one model call more than --steps
+        bar.set_position(i as u64)
+    })?;
     bar.finish_and_clear();
 
     for (index, img) in (infopng::next_index(&args.out)..).zip(images) {

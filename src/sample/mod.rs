@@ -6,6 +6,7 @@ pub mod euler;
 pub mod euler_ancestral;
 pub mod noise;
 pub mod pipeline;
+pub mod pndm;
 pub mod png;
 pub mod schedule;
 
@@ -53,6 +54,8 @@ pub enum Kind {
     DpmSolver {
         karras: bool,
     },
+    /// PLMS, reachable through `default` only (Stable Diffusion 1.x's own scheduler).
+    Pndm,
 }
 
 /// Maps a `--scheduler` name to a sampler. `default` is the class of the model's
@@ -80,6 +83,7 @@ pub fn resolve(name: &str, cfg: &SchedulerConfig) -> Result<(Kind, Option<String
                     });
                     (Kind::DpmSolver { karras }, note)
                 }
+                "PNDMScheduler" if schedule::extra_bool(cfg, "skip_prk_steps", false) => (Kind::Pndm, None),
                 other => (
                     Kind::DpmSolver { karras: true },
                     Some(format!(
@@ -99,6 +103,7 @@ pub fn build_kind(kind: Kind, cfg: &SchedulerConfig, steps: usize) -> Result<Box
         Kind::Euler { karras } => Box::new(euler::EulerScheduler::new(cfg, steps, karras)?),
         Kind::EulerAncestral => Box::new(euler_ancestral::EulerAncestralScheduler::new(cfg, steps)?),
         Kind::DpmSolver { karras } => Box::new(dpm_solver::DpmSolverScheduler::new(cfg, steps, karras)?),
+        Kind::Pndm => Box::new(pndm::PndmScheduler::new(cfg, steps)?),
     })
 }
 
