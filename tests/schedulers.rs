@@ -85,7 +85,9 @@ fn run_case(name: &str) -> f64 {
 fn cases() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir())
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().trim_end_matches(".safetensors").to_string())
+        .filter_map(|e| {
+            e.unwrap().file_name().to_string_lossy().strip_suffix(".safetensors").map(String::from)
+        })
         .filter(|n| !n.starts_with("pipe_") && n != "torch_randn" && n != "alphas_cumprod")
         .collect();
     v.sort();
