@@ -84,7 +84,7 @@ fn group_norm_and_fused_silu() {
         let x = var(&[2, 6, 3, 3], 12);
         let r = randn(&[2, 6, 3, 3], 13);
         let (_, s) = n.forward(&x, silu).unwrap();
-        let dx = n.backward(s, &r).unwrap();
+        let dx = n.backward(s, &r, &mut AdapterGrads::default()).unwrap();
         fd_check(
             &format!("group_norm silu={silu}"),
             &x,
@@ -101,7 +101,7 @@ fn layer_norm_backward() {
     let x = var(&[2, 3, 7], 15);
     let r = randn(&[2, 3, 7], 16);
     let (_, s) = n.forward(&x).unwrap();
-    let dx = n.backward(s, &r).unwrap();
+    let dx = n.backward(s, &r, &mut AdapterGrads::default()).unwrap();
     fd_check("layer_norm", &x, &dx, &|| dot(&n.fwd(&x).unwrap(), &r), 30);
 }
 
@@ -253,4 +253,84 @@ fn clip_text_encoder_backward() {
         fd_check(&format!("clip {act} d token embeds"), &x, &dx, &loss, 30);
         check_adapters(&infos[..4], &g, &loss);
     }
+}
+
+/// Full training (the demo's base model): base weights that are variables get their
+/// gradients, checked by finite differences like the adapters'.
+#[test]
+fn base_weight_gradients_when_weights_are_variables() {
+    use candle_core::Var;
+    let vars = |t: &mut Tensor| -> Var {
+        let v = Var::from_tensor(t).unwrap();
+        *t = v.as_tensor().clone();
+        v
+    };
+    let check = |what: &str, v: &Var, g: &AdapterGrads, loss: &dyn Fn() -> f64| {
+        let grad = g.weights.get(&v.as_tensor().id()).unwrap_or_else(|| panic!("{what}: no gradient"));
+        fd_check(what, v, grad, loss, 10);
+    };
+    // Linear
+    let mut l = linear(&weights(50).pp("l"), 5, 4, true).unwrap();
+    let (w, b) = (vars(&mut l.weight), vars(l.bias.as_mut().unwrap()));
+    let x = var(&[2, 3, 5], 51);
+    let r = randn(&[2, 3, 4], 52);
+    let mut g = AdapterGrads::default();
+    let (_, s) = l.forward(&x).unwrap();
+    l.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&l.fwd(&x).unwrap(), &r);
+    check("linear weight", &w, &g, &loss);
+    check("linear bias", &b, &g, &loss);
+    // Conv2d, stride 2
+    let mut c = conv(&weights(53).pp("c"), 3, 4, 3, 2, 1).unwrap();
+    let (w, b) = (vars(&mut c.weight), vars(c.bias.as_mut().unwrap()));
+    let x = var(&[2, 3, 6, 6], 54);
+    let (y, s) = c.forward(&x).unwrap();
+    let r = randn(y.dims(), 55);
+    let mut g = AdapterGrads::default();
+    c.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&c.fwd(&x).unwrap(), &r);
+    check("conv weight", &w, &g, &loss);
+    check("conv bias", &b, &g, &loss);
+    // GroupNorm (+SiLU) and LayerNorm affine parameters
+    let mut n = group_norm(&weights(56).pp("n"), 2, 6, 1e-5).unwrap();
+    let (w, b) = (vars(&mut n.weight), vars(&mut n.bias));
+    let x = var(&[2, 6, 3, 3], 57);
+    let r = randn(&[2, 6, 3, 3], 58);
+    let mut g = AdapterGrads::default();
+    let (_, s) = n.forward(&x, true).unwrap();
+    n.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&n.forward(&x, true).unwrap().0, &r);
+    check("group_norm weight", &w, &g, &loss);
+    check("group_norm bias", &b, &g, &loss);
+    let mut n = layer_norm(&weights(59).pp("n"), 7, 1e-5).unwrap();
+    let (w, b) = (vars(&mut n.weight), vars(n.bias.as_mut().unwrap()));
+    let x = var(&[2, 3, 7], 60);
+    let r = randn(&[2, 3, 7], 61);
+    let mut g = AdapterGrads::default();
+    let (_, s) = n.forward(&x).unwrap();
+    n.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&n.fwd(&x).unwrap(), &r);
+    check("layer_norm weight", &w, &g, &loss);
+    check("layer_norm bias", &b, &g, &loss);
+}
+
+#[test]
+fn vae_encoder_and_decoder_backward() {
+    use sdlora::model::config::VaeConfig;
+    use sdlora::model::vae::AutoencoderKL;
+    let cfg: VaeConfig = serde_json::from_str(
+        r#"{"block_out_channels":[4,8],"layers_per_block":1,"latent_channels":2,"norm_num_groups":2}"#,
+    )
+    .unwrap();
+    let vae = AutoencoderKL::load(&cfg, &weights(70)).unwrap();
+    let x = var(&[1, 3, 8, 8], 71);
+    let (m, s) = vae.encode_train(&x).unwrap();
+    let r = randn(m.dims(), 72);
+    let dx = vae.encode_backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    fd_check("vae encoder", &x, &dx, &|| dot(&vae.encode_moments(&x).unwrap(), &r), 20);
+    let z = var(&[1, 2, 4, 4], 73);
+    let (y, s) = vae.decode_train(&z).unwrap();
+    let r = randn(y.dims(), 74);
+    let dz = vae.decode_backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    fd_check("vae decoder", &z, &dz, &|| dot(&vae.decode(&z).unwrap(), &r), 20);
 }

@@ -2,7 +2,7 @@
 //! tools/fixtures/schedulers.py), determinism, the PNG infotext, LoRAs, CLI errors.
 mod common;
 use candle_core::{DType, Device, Tensor};
-use sdlora::lora::format::{write, LoraFormat};
+use sdlora::lora::format::{unet_layout, write, LoraFormat};
 use sdlora::lora::{attach, Init, LoraSpec};
 use sdlora::model::load::{load_folder, Family, LoadOptions, StableDiffusion};
 use sdlora::model::text::PromptEncoder;
@@ -169,7 +169,8 @@ fn write_lora(dir: &Path, out: &Path) {
         a.up.set(&(a.up.as_tensor() * 3.0).unwrap()).unwrap();
     }
     let adapters: Vec<_> = infos.into_iter().map(|a| ("unet".to_string(), a)).collect();
-    write(out, &adapters, sd.family, LoraFormat::Kohya, DType::F32, HashMap::new()).unwrap();
+    let layout = unet_layout(&sd);
+    write(out, &adapters, sd.family, &layout, LoraFormat::Kohya, DType::F32, HashMap::new()).unwrap();
 }
 
 #[test]

@@ -181,4 +181,154 @@ fn lora_sd1_peft_and_kohya() {
 fn lora_sdxl_peft_and_kohya() {
     lora_parity("sdxl", "lora_peft.safetensors", DType::F32, "", 1e-4);
     lora_parity("sdxl", "lora_kohya.safetensors", DType::F32, "", 1e-4);
+    lora_parity("sdxl", "lora_kohya_sgm.safetensors", DType::F32, "", 1e-4);
+}
+
+/// LoRAs we wrote (examples/lora_fixture.rs), loaded by diffusers' `load_lora_weights`
+/// (tools/fixtures/check_our_lora.py: every module consumed): diffusers' outputs equal ours.
+#[test]
+fn our_loras_load_in_diffusers_with_equal_outputs() {
+    for name in ["sd1", "sdxl"] {
+        let want = io(&format!("{name}/lora/ours_io.safetensors"));
+        let mut tensors_by_format = vec![];
+        for stem in ["ours_kohya", "ours_peft"] {
+            let mut sd = model(name, DType::F32, true, false, true);
+            let path = fixture(&format!("{name}/lora/{stem}.safetensors"));
+            let adapters = sdlora::lora::apply::apply_file(&mut sd, &path, 1.0, 0).unwrap();
+            let t = io(&format!("{name}/unet_io.safetensors"));
+            let input = UNetInput {
+                sample: &t["sample"],
+                timestep: &t["timestep"],
+                encoder_hidden_states: &t["encoder_hidden_states"],
+                text_embeds: t.get("text_embeds"),
+                time_ids: t.get("time_ids"),
+            };
+            let out = sd.unet.as_ref().unwrap().forward(&input).unwrap();
+            close(&format!("{name} {stem} unet"), &out, &want[&format!("{stem}.unet_out")], 1e-4);
+            for (i, te) in sd.text_encoders.iter().enumerate() {
+                let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
+                let ids = &io(&format!("{name}/{comp}_io.safetensors"))["input_ids"];
+                let o = te.forward(ids).unwrap();
+                close(
+                    &format!("{name} {stem} {comp}"),
+                    &o.last_hidden_state,
+                    &want[&format!("{stem}.{comp}_last")],
+                    1e-4,
+                );
+            }
+            let mut v: Vec<(String, Vec<f32>)> = adapters
+                .iter()
+                .map(|(c, a)| {
+                    let mut x: Vec<f32> = a.down.flatten_all().unwrap().to_vec1().unwrap();
+                    x.extend(a.up.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    (format!("{c}/{}", a.path), x)
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            tensors_by_format.push(v);
+        }
+        assert!(
+            tensors_by_format[0] == tensors_by_format[1],
+            "{name}: kohya and PEFT files read back differently"
+        );
+    }
+}
+
+/// Single-file checkpoints (original LDM/SGM names) load to exactly the folder's tensors: with
+/// the folder's configs, and with configs inferred from the weights.
+#[test]
+fn single_file_equals_folder() {
+    for name in ["sd1", "sd2", "sdxl"] {
+        let folder = model(name, DType::F32, true, true, true);
+        let file = fixture(&format!("{name}/single.safetensors"));
+        let opts = LoadOptions { config: Some(fixture(&format!("{name}/pipe"))), ..Default::default() };
+        let single = sdlora::model::load::load(file.to_str().unwrap(), &opts).unwrap();
+        assert_eq!(single.family, folder.family, "{name}");
+        let t = io(&format!("{name}/unet_io.safetensors"));
+        let input = UNetInput {
+            sample: &t["sample"],
+            timestep: &t["timestep"],
+            encoder_hidden_states: &t["encoder_hidden_states"],
+            text_embeds: t.get("text_embeds"),
+            time_ids: t.get("time_ids"),
+        };
+        let a = single.unet.as_ref().unwrap().forward(&input).unwrap();
+        assert_eq!(
+            rel_err(&a, &t["out"]).min(1.0),
+            rel_err(&folder.unet.as_ref().unwrap().forward(&input).unwrap(), &t["out"]).min(1.0)
+        );
+        close(&format!("{name} single-file unet"), &a, &t["out"], 1e-4);
+        let v = io(&format!("{name}/vae_io.safetensors"));
+        close(
+            &format!("{name} single-file vae"),
+            &single.vae.as_ref().unwrap().decode(&v["latents"]).unwrap(),
+            &v["decoded"],
+            1e-4,
+        );
+        for (i, te) in single.text_encoders.iter().enumerate() {
+            let file = if i == 0 { "text_encoder_io" } else { "text_encoder_2_io" };
+            let x = io(&format!("{name}/{file}.safetensors"));
+            let o = te.forward(&x["input_ids"]).unwrap();
+            close(&format!("{name} single-file {file}"), &o.last_hidden_state, &x["last_hidden_state"], 1e-4);
+            close(&format!("{name} single-file {file} pooled"), &o.pooled, &x["pooled"], 1e-4);
+        }
+        // without configs, every size is read off the tensors (heads and norm groups follow the
+        // family's convention, so only the U-Net's block structure is compared here)
+        let (_, u, v, tes) = sdlora::model::load::single_file::infer_configs(&file).unwrap();
+        let (fu, fv) = (&folder.unet.as_ref().unwrap().config, &folder.vae.as_ref().unwrap().config);
+        assert_eq!(u.block_out_channels, fu.block_out_channels, "{name}");
+        assert_eq!(u.layers_per_block, fu.layers_per_block, "{name}");
+        assert_eq!(
+            (&u.down_block_types, &u.up_block_types),
+            (&fu.down_block_types, &fu.up_block_types),
+            "{name}"
+        );
+        assert_eq!(
+            (u.cross_attention_dim, u.use_linear_projection),
+            (fu.cross_attention_dim, fu.use_linear_projection)
+        );
+        assert_eq!(
+            u.transformer_layers_per_block.expand(2),
+            fu.transformer_layers_per_block.expand(2),
+            "{name}"
+        );
+        assert_eq!(
+            u.projection_class_embeddings_input_dim, fu.projection_class_embeddings_input_dim,
+            "{name}"
+        );
+        assert_eq!(
+            (&v.block_out_channels, v.layers_per_block, v.latent_channels),
+            (&fv.block_out_channels, fv.layers_per_block, fv.latent_channels)
+        );
+        for (i, (a, b)) in tes.iter().zip(&folder.text_encoders).enumerate() {
+            let b = &b.config;
+            // real SDXL's first encoder (CLIP-L) uses quick_gelu; the tiny test model uses gelu
+            let act = if name == "sdxl" && i == 0 { &b.hidden_act } else { &a.hidden_act };
+            assert_eq!(
+                (a.hidden_size, a.num_hidden_layers, a.intermediate_size, a.vocab_size),
+                (b.hidden_size, b.num_hidden_layers, b.intermediate_size, b.vocab_size)
+            );
+            assert_eq!((act, a.projection_dim.is_some()), (&b.hidden_act, b.with_projection()), "{name}");
+        }
+    }
+}
+
+/// A Lightning-style .ckpt loads like the .safetensors; a pickle that would run code is refused.
+#[test]
+fn ckpt_loads_and_code_is_refused() {
+    let opts = LoadOptions {
+        config: Some(fixture("sd1/pipe")),
+        vae: false,
+        text_encoders: false,
+        ..Default::default()
+    };
+    let ckpt = sdlora::model::load::load(fixture("sd1/single.ckpt").to_str().unwrap(), &opts).unwrap();
+    let st = sdlora::model::load::load(fixture("sd1/single.safetensors").to_str().unwrap(), &opts).unwrap();
+    let (a, b) = (&ckpt.unet.as_ref().unwrap().conv_out.weight, &st.unet.as_ref().unwrap().conv_out.weight);
+    assert_eq!(rel_err(a, b), 0.0);
+    let _ = std::fs::remove_file("/tmp/sdlora-pwned");
+    let err =
+        sdlora::model::load::load(fixture("evil.ckpt").to_str().unwrap(), &opts).err().unwrap().to_string();
+    assert!(err.contains("evil.ckpt") && err.contains("system") && err.contains("would run code"), "{err}");
+    assert!(!std::path::Path::new("/tmp/sdlora-pwned").exists());
 }

@@ -1,5 +1,7 @@
 //! The command line: one module per subcommand.
+pub mod bench;
 pub mod generate;
+pub mod tools;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -18,13 +20,24 @@ pub struct Cli {
 }
 
 #[derive(Subcommand)]
-#[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
 pub enum Command {
     /// Train a LoRA on a folder of captioned images.
     ///
     /// The result is a kohya-format .safetensors that diffusers, ComfyUI and Automatic1111 load
     /// as is. Settings can also come from --config train.toml (same names, `_` for `-`).
-    Train(crate::train::config::TrainArgs),
+    Train(Box<crate::train::config::TrainArgs>),
+    /// Bake LoRAs (with scales) into a model: a diffusers folder or a single .safetensors.
+    Merge(tools::MergeArgs),
+    /// Convert a LoRA between kohya and PEFT/diffusers naming (lossless).
+    Convert(tools::ConvertArgs),
+    /// Describe a LoRA: format, base family, layers, rank/alpha, size, training metadata.
+    Inspect(tools::InspectArgs),
+    /// Reduce a LoRA's rank by SVD, reporting the energy kept per layer.
+    Resize(tools::ResizeArgs),
+    /// Extract a LoRA from the difference of a fine-tuned model and its base (SVD).
+    Extract(tools::ExtractArgs),
+    /// Benchmark inputs: random-weight models of the real architectures, a procedural dataset.
+    Bench(bench::BenchArgs),
     /// Generate images from a prompt, optionally with LoRAs.
     ///
     /// Writes PNGs carrying Automatic1111's generation parameters (prompt, sampler, seed, model
@@ -35,6 +48,12 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(&a),
+        Command::Merge(a) => tools::merge(&a),
+        Command::Convert(a) => tools::convert(&a),
+        Command::Inspect(a) => tools::inspect(&a),
+        Command::Resize(a) => tools::resize_cmd(&a),
+        Command::Extract(a) => tools::extract_cmd(&a),
+        Command::Bench(a) => bench::run(&a),
         Command::Generate(a) => generate::run(&a),
     }
 }

@@ -48,6 +48,8 @@ pub struct Encoder<'a> {
     /// Identifies the VAE in cache keys.
     pub fingerprint: String,
     pub cache_dir: Option<PathBuf>,
+    /// (latents read from the cache, latents computed by the VAE)
+    pub counts: std::cell::Cell<(usize, usize)>,
 }
 
 impl Encoder<'_> {
@@ -61,10 +63,14 @@ impl Encoder<'_> {
         if let Some(p) = &path {
             if let Ok(mut m) = candle_core::safetensors::load(p, &Device::Cpu) {
                 if let Some(t) = m.remove("latent") {
+                    let (h, e) = self.counts.get();
+                    self.counts.set((h + 1, e));
                     return Ok(t);
                 }
             }
         }
+        let (h, e) = self.counts.get();
+        self.counts.set((h, e + 1));
         let dev = self.vae.decoder.conv_in.weight.device().clone();
         let z = self.vae.encode_mean(&to_tensor(img, &dev)?)?;
         let z = (z.to_dtype(DType::F32)? * self.vae.config.scaling_factor)?

@@ -21,15 +21,31 @@ impl Lora {
     }
 }
 
-/// Gradients of adapter parameters, indexed by adapter id: (d down, d up).
+/// Gradients of adapter parameters, indexed by adapter id: (d down, d up). In full training
+/// (the demo's base model) base weights that are variables get theirs in `weights`.
 #[derive(Default)]
 pub struct AdapterGrads {
     pub grads: Vec<Option<(Tensor, Tensor)>>,
+    pub weights: std::collections::HashMap<candle_core::TensorId, Tensor>,
 }
 
 impl AdapterGrads {
     pub fn new(n: usize) -> Self {
-        Self { grads: (0..n).map(|_| None).collect() }
+        Self { grads: (0..n).map(|_| None).collect(), weights: Default::default() }
+    }
+
+    /// Accumulates the gradient of a trainable base weight (a `Var`'s tensor).
+    pub fn add_weight(&mut self, w: &Tensor, g: Tensor) -> Result<()> {
+        let g = g.to_dtype(w.dtype())?;
+        let e = self.weights.remove(&w.id());
+        self.weights.insert(
+            w.id(),
+            match e {
+                None => g,
+                Some(a) => (a + g)?,
+            },
+        );
+        Ok(())
     }
 
     pub fn add(&mut self, id: usize, d_down: Tensor, d_up: Tensor) -> Result<()> {
@@ -49,5 +65,6 @@ impl AdapterGrads {
 
     pub fn clear(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
+        self.weights.clear();
     }
 }

@@ -2,7 +2,7 @@
 //! touching the base weights: each file becomes one more adapter on its layers.
 use super::adapter::Lora;
 use super::attach::AdapterInfo;
-use super::format::{read, resolve, LoraTensors, Targets};
+use super::format::{read, resolve, unet_layout, LoraTensors, Targets};
 use crate::model::layers::{LayerMut, Visit};
 use crate::model::load::StableDiffusion;
 use anyhow::{bail, Result};
@@ -39,7 +39,7 @@ pub fn apply_file(
 ) -> Result<Vec<(String, AdapterInfo)>> {
     let file = read(path)?;
     let targets = model_targets(sd);
-    let entries = resolve(&file, &targets, sd.family, &path.display().to_string())?;
+    let entries = resolve(&file, &targets, sd.family, &unet_layout(sd), &path.display().to_string())?;
     let mut by_comp: HashMap<String, HashMap<String, LoraTensors>> = HashMap::new();
     for (c, p, t) in entries {
         by_comp.entry(c).or_default().insert(p, t);

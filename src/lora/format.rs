@@ -2,8 +2,10 @@
 //! diffusers' legacy names on reading. Keys are resolved against the model's own module paths,
 //! so every tensor either lands on a layer or is reported.
 use super::attach::AdapterInfo;
-use super::names::kohya_name;
+use super::names::KohyaNames;
+use crate::model::load::ldm_keys::UnetLayout;
 use crate::model::load::Family;
+use crate::model::load::StableDiffusion;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -52,6 +54,17 @@ pub struct LoraFile {
     pub metadata: HashMap<String, String>,
 }
 
+impl LoraFile {
+    /// The format to write a transformed copy in: the same, with legacy names written as PEFT.
+    pub fn format_for_write(&self) -> LoraFormat {
+        if self.format == LoraFormat::DiffusersLegacy {
+            LoraFormat::Peft
+        } else {
+            self.format
+        }
+    }
+}
+
 /// Splits a tensor name into (module stem, role) for every naming we read.
 fn split_key(k: &str) -> Option<(String, &'static str, LoraFormat)> {
     const SUFFIXES: &[(&str, &str, LoraFormat)] = &[
@@ -81,6 +94,9 @@ fn split_key(k: &str) -> Option<(String, &'static str, LoraFormat)> {
     None
 }
 
+/// (down, up, alpha) of one module while reading.
+type Parts = (Option<Tensor>, Option<Tensor>, Option<f64>);
+
 pub fn read(path: &Path) -> Result<LoraFile> {
     crate::model::weights::check_safetensors(path)?;
     let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -90,7 +106,7 @@ pub fn read(path: &Path) -> Result<LoraFile> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let tensors = candle_core::safetensors::load_buffer(&data, &Device::Cpu)?;
-    let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<f64>)> = BTreeMap::new();
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut format = None;
     let mut unknown = vec![];
     for name in st.names() {
@@ -135,8 +151,12 @@ pub fn read(path: &Path) -> Result<LoraFile> {
         if let Some(m) = metadata.get("lora_adapter_metadata") {
             let j: serde_json::Value = serde_json::from_str(m).unwrap_or_default();
             for (stem, t) in modules.iter_mut() {
-                let comp = stem.split('.').next().unwrap_or("unet");
-                if let Some(a) = j.get(format!("{comp}.lora_alpha")).and_then(|v| v.as_f64()) {
+                let (comp, module) = stem.split_once('.').unwrap_or(("unet", stem));
+                let pattern = j
+                    .get(format!("{comp}.alpha_pattern"))
+                    .and_then(|p| p.get(module))
+                    .and_then(|v| v.as_f64());
+                if let Some(a) = pattern.or(j.get(format!("{comp}.lora_alpha")).and_then(|v| v.as_f64())) {
                     t.alpha = Some(a);
                 }
             }
@@ -154,12 +174,17 @@ pub fn resolve(
     file: &LoraFile,
     targets: &Targets,
     family: Family,
+    layout: &UnetLayout,
     origin: &str,
 ) -> Result<Vec<(String, String, LoraTensors)>> {
-    let mut by_name: HashMap<String, (String, String)> = HashMap::new();
+    // kohya names (and their accepted aliases) of every target.
+    let mut by_name = KohyaNames::new(family, layout).index(targets);
     for (comp, path) in targets {
-        by_name.insert(kohya_name(family, comp, path), (comp.clone(), path.clone()));
         by_name.insert(format!("{comp}.{path}"), (comp.clone(), path.clone()));
+        if let Some(p) = path.strip_prefix("text_model.") {
+            // transformers 5 dropped the `text_model.` level from CLIPTextModel
+            by_name.insert(format!("{comp}.{p}"), (comp.clone(), path.clone()));
+        }
         if comp == "unet" {
             by_name.insert(path.clone(), (comp.clone(), path.clone())); // legacy keys without prefix
         }
@@ -173,8 +198,19 @@ pub fn resolve(
         }
     }
     if !missing.is_empty() {
+        let theirs = super::ops::detect_family(file);
+        if theirs != family
+            && !(theirs == Family::Sd2 && family == Family::Sd1)
+            && !(theirs == Family::Sd1 && family == Family::Sd2)
+        {
+            bail!(
+                "{origin}: this LoRA is for {} but the model is {} — use a LoRA trained on the same base family",
+                theirs.name(),
+                family.name()
+            );
+        }
         bail!(
-            "{origin}: {} of {} LoRA modules match no layer of this {} model (first: `{}`) — was the LoRA trained for another base model family?",
+            "{origin}: {} of {} LoRA modules match no layer of this {} model (first: `{}`) — was the LoRA trained for another base model?",
             missing.len(),
             file.modules.len(),
             family.name(),
@@ -184,59 +220,118 @@ pub fn resolve(
     Ok(out)
 }
 
+/// One module's adapter on its way to a file: (component, module path, tensors).
+pub type Entry = (String, String, LoraTensors);
+
+/// Trained adapters as file entries.
+pub fn entries(adapters: &[(String, AdapterInfo)]) -> Vec<Entry> {
+    adapters
+        .iter()
+        .map(|(c, a)| {
+            let t = LoraTensors {
+                down: a.down.as_tensor().clone(),
+                up: a.up.as_tensor().clone(),
+                alpha: Some(a.alpha),
+            };
+            (c.clone(), a.path.clone(), t)
+        })
+        .collect()
+}
+
 /// Writes adapters (component, info) to `path` atomically (temp file, then rename).
 pub fn write(
     path: &Path,
     adapters: &[(String, AdapterInfo)],
     family: Family,
+    layout: &UnetLayout,
+    format: LoraFormat,
+    dtype: DType,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    write_entries(path, &entries(adapters), family, layout, format, dtype, metadata)
+}
+
+pub fn write_entries(
+    path: &Path,
+    entries: &[Entry],
+    family: Family,
+    layout: &UnetLayout,
     format: LoraFormat,
     dtype: DType,
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let kohya = KohyaNames::new(family, layout);
     let mut tensors: Vec<(String, Tensor)> = vec![];
-    for (comp, a) in adapters {
-        let (down, up) = (a.down.as_tensor().to_dtype(dtype)?, a.up.as_tensor().to_dtype(dtype)?);
+    for (comp, mpath, t) in entries {
+        let (down, up) = (t.down.to_dtype(dtype)?, t.up.to_dtype(dtype)?);
         match format {
             LoraFormat::Kohya => {
-                let n = kohya_name(family, comp, &a.path);
+                let n =
+                    kohya.name(comp, mpath).with_context(|| format!("{comp} `{mpath}` has no kohya name"))?;
+                let alpha = t.alpha.unwrap_or(t.rank() as f64);
                 tensors.push((format!("{n}.lora_down.weight"), down));
                 tensors.push((format!("{n}.lora_up.weight"), up));
-                tensors.push((
-                    format!("{n}.alpha"),
-                    Tensor::new(a.alpha as f32, &Device::Cpu)?.to_dtype(dtype)?,
-                ));
+                tensors
+                    .push((format!("{n}.alpha"), Tensor::new(alpha as f32, &Device::Cpu)?.to_dtype(dtype)?));
             }
             _ => {
-                tensors.push((format!("{comp}.{}.lora_A.weight", a.path), down));
-                tensors.push((format!("{comp}.{}.lora_B.weight", a.path), up));
+                // PEFT names follow the module tree of the library that loads them; transformers 5
+                // (what a current diffusers install brings) has no `text_model.` level.
+                let p = peft_path(mpath);
+                tensors.push((format!("{comp}.{p}.lora_A.weight"), down));
+                tensors.push((format!("{comp}.{p}.lora_B.weight"), up));
             }
         }
     }
+    metadata.remove("lora_adapter_metadata");
     if format != LoraFormat::Kohya {
-        metadata.insert("lora_adapter_metadata".into(), peft_metadata(adapters));
+        metadata.insert("lora_adapter_metadata".into(), peft_metadata(entries));
     }
     metadata.entry("format".into()).or_insert_with(|| "pt".into());
     save_atomic(path, &tensors, &metadata)
 }
 
-fn peft_metadata(adapters: &[(String, AdapterInfo)]) -> String {
+fn peft_path(p: &str) -> &str {
+    p.strip_prefix("text_model.").unwrap_or(p)
+}
+
+/// PEFT's adapter config per component: the common rank and alpha, with `rank_pattern` /
+/// `alpha_pattern` for modules that differ (e.g. after `resize`).
+fn peft_metadata(entries: &[Entry]) -> String {
     let mut j = serde_json::Map::new();
-    let mut comps: Vec<&String> = adapters.iter().map(|(c, _)| c).collect();
+    let mut comps: Vec<&String> = entries.iter().map(|(c, _, _)| c).collect();
+    comps.sort();
     comps.dedup();
     for comp in comps {
-        let mine: Vec<&AdapterInfo> = adapters.iter().filter(|(c, _)| c == comp).map(|(_, a)| a).collect();
-        let mut targets: Vec<String> = mine.iter().map(|a| a.path.clone()).collect();
+        let mine: Vec<&Entry> = entries.iter().filter(|(c, _, _)| c == comp).collect();
+        let mut targets: Vec<String> = mine.iter().map(|(_, p, _)| peft_path(p).to_string()).collect();
         targets.sort();
-        let (r, alpha) = (mine[0].rank(), mine[0].alpha);
-        j.insert(format!("{comp}.r"), r.into());
+        let most = |f: &dyn Fn(&LoraTensors) -> f64| -> f64 {
+            let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+            mine.iter().for_each(|(_, _, t)| *counts.entry(f(t).to_bits()).or_default() += 1);
+            f64::from_bits(*counts.iter().max_by_key(|(_, n)| **n).expect("non-empty").0)
+        };
+        let rank_of = |t: &LoraTensors| t.rank() as f64;
+        let alpha_of = |t: &LoraTensors| t.alpha.unwrap_or(t.rank() as f64);
+        let (r, alpha) = (most(&rank_of), most(&alpha_of));
+        let (mut rp, mut ap) = (serde_json::Map::new(), serde_json::Map::new());
+        for (_, p, t) in &mine {
+            if rank_of(t) != r {
+                rp.insert(peft_path(p).to_string(), (t.rank()).into());
+            }
+            if alpha_of(t) != alpha {
+                ap.insert(peft_path(p).to_string(), alpha_of(t).into());
+            }
+        }
+        j.insert(format!("{comp}.r"), (r as usize).into());
         j.insert(format!("{comp}.lora_alpha"), alpha.into());
         j.insert(format!("{comp}.target_modules"), targets.into());
         j.insert(format!("{comp}.peft_type"), "LORA".into());
         j.insert(format!("{comp}.bias"), "none".into());
         j.insert(format!("{comp}.use_dora"), false.into());
         j.insert(format!("{comp}.init_lora_weights"), true.into());
-        j.insert(format!("{comp}.rank_pattern"), serde_json::json!({}));
-        j.insert(format!("{comp}.alpha_pattern"), serde_json::json!({}));
+        j.insert(format!("{comp}.rank_pattern"), rp.into());
+        j.insert(format!("{comp}.alpha_pattern"), ap.into());
     }
     serde_json::Value::Object(j).to_string()
 }
@@ -265,4 +360,13 @@ pub fn save_atomic(
     out.extend_from_slice(&h);
     out.extend_from_slice(&bytes[8 + n..]);
     crate::util::write_atomic(path, &out)
+}
+
+/// The U-Net layout kohya names need (SDXL's SGM block indices); the family's standard one when no
+/// U-Net is loaded.
+pub fn unet_layout(sd: &StableDiffusion) -> UnetLayout {
+    match &sd.unet {
+        Some(u) => UnetLayout::from_block_types(u.config.layers_per_block, &u.config.up_block_types),
+        None => UnetLayout::standard(sd.family),
+    }
 }

@@ -3,7 +3,10 @@ pub mod adapter;
 pub mod apply;
 pub mod attach;
 pub mod format;
+pub mod merge;
 pub mod names;
+pub mod ops;
+pub mod svd;
 pub mod targets;
 
 pub use adapter::{AdapterGrads, Lora};

@@ -86,13 +86,13 @@ impl ResnetBlock2D {
             _ => dy.clone(),
         };
         let dh = self.conv2.backward(s.conv2, dy, g)?;
-        let dh = self.norm2.backward(s.norm2, &dh)?;
+        let dh = self.norm2.backward(s.norm2, &dh, g)?;
         let mut dtemb = None;
         if let (Some(proj), Some(ts)) = (&self.time_emb_proj, s.temb) {
             dtemb = Some(proj.backward(ts, &dh.sum((2, 3))?, g)?);
         }
         let dh = self.conv1.backward(s.conv1, &dh, g)?;
-        let dx = self.norm1.backward(s.norm1, &dh)?;
+        let dx = self.norm1.backward(s.norm1, &dh, g)?;
         Ok(((dx + dsc)?, dtemb))
     }
 }
@@ -187,11 +187,11 @@ impl BasicTransformerBlock {
         let d_hidden = (&dh * s.gate.gelu_erf()?)?;
         let d_gate = gelu_backward(&s.gate, &(&dh * &s.hidden)?)?;
         let dh = self.ff_proj.backward(s.proj, &Tensor::cat(&[d_hidden, d_gate], D::Minus1)?, g)?;
-        let dx = (dy + self.norm3.backward(s.n3, &dh)?)?;
+        let dx = (dy + self.norm3.backward(s.n3, &dh, g)?)?;
         let (dh, dctx) = self.attn2.backward(s.a2, &dx, g)?;
-        let dx = (&dx + self.norm2.backward(s.n2, &dh)?)?;
+        let dx = (&dx + self.norm2.backward(s.n2, &dh, g)?)?;
         let (dh, _) = self.attn1.backward(s.a1, &dx, g)?;
-        let dx = (&dx + self.norm1.backward(s.n1, &dh)?)?;
+        let dx = (&dx + self.norm1.backward(s.n1, &dh, g)?)?;
         Ok((dx, dctx.expect("cross-attention returns a context gradient")))
     }
 }
@@ -339,7 +339,7 @@ impl Transformer2D {
             (Proj::Linear(l), ProjSaved::Linear(ls)) => to_image(&l.backward(ls, &dh, g)?, hh, ww)?,
             _ => unreachable!("saved projection kind matches the layer"),
         };
-        let dx = (self.norm.backward(s.norm, &dh)? + dy)?;
+        let dx = (self.norm.backward(s.norm, &dh, g)? + dy)?;
         Ok((dx, dctx.expect("a Transformer2D has at least one block")))
     }
 }

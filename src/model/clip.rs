@@ -78,9 +78,9 @@ impl ClipLayer {
         let dh = self.fc2.backward(s.fc2, dy, g)?;
         let dh = if self.quick { quick_gelu_backward(&s.pre, &dh)? } else { gelu_backward(&s.pre, &dh)? };
         let dh = self.fc1.backward(s.fc1, &dh, g)?;
-        let dx = (dy + self.layer_norm2.backward(s.n2, &dh)?)?;
+        let dx = (dy + self.layer_norm2.backward(s.n2, &dh, g)?)?;
         let (dh, _) = self.self_attn.backward(s.attn, &dx, g)?;
-        &dx + self.layer_norm1.backward(s.n1, &dh)?
+        &dx + self.layer_norm1.backward(s.n1, &dh, g)?
     }
 }
 
@@ -226,7 +226,7 @@ impl ClipTextModel {
         }
         let n = self.layers.len();
         let mut dh = match d_last {
-            Some(x) => self.final_layer_norm.backward(s.final_ln, &x)?,
+            Some(x) => self.final_layer_norm.backward(s.final_ln, &x, g)?,
             None => Tensor::zeros(
                 (shape[0], shape[1], self.config.hidden_size),
                 s.pool_mask.dtype(),

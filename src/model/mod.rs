@@ -9,4 +9,5 @@ pub mod tiny;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_train;
 pub mod weights;

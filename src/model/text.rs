@@ -196,7 +196,7 @@ impl PromptEncoder {
             let pen = s.penultimate().clone();
             let (_, ln) = e.final_layer_norm.forward(&pen)?;
             ClipOutputGrads {
-                penultimate: Some(e.final_layer_norm.backward(ln, d_context)?),
+                penultimate: Some(e.final_layer_norm.backward(ln, d_context, g)?),
                 ..Default::default()
             }
         } else {

@@ -122,3 +122,67 @@ pub fn tiny_sd1() -> PipelineConfig {
     .expect("valid config");
     PipelineConfig { unet, vae, text_encoders: vec![te], scheduler: SchedulerConfig::default() }
 }
+
+/// Stable Diffusion 1.5's configs (stable-diffusion-v1-5/stable-diffusion-v1-5).
+pub fn sd15() -> PipelineConfig {
+    let unet = serde_json::from_str(r#"{"cross_attention_dim":768,"sample_size":64}"#).expect("valid config");
+    let vae = serde_json::from_str(
+        r#"{"block_out_channels":[128,256,512,512],"layers_per_block":2,"latent_channels":4,"norm_num_groups":32,"sample_size":512}"#,
+    )
+    .expect("valid config");
+    let te = serde_json::from_str(
+        r#"{"vocab_size":49408,"hidden_size":768,"intermediate_size":3072,"num_hidden_layers":12,"num_attention_heads":12,
+            "max_position_embeddings":77,"hidden_act":"quick_gelu","eos_token_id":2,"architectures":["CLIPTextModel"]}"#,
+    )
+    .expect("valid config");
+    PipelineConfig { unet, vae, text_encoders: vec![te], scheduler: SchedulerConfig::default() }
+}
+
+/// Stable Diffusion XL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0).
+pub fn sdxl() -> PipelineConfig {
+    let unet = serde_json::from_str(
+        r#"{"block_out_channels":[320,640,1280],"down_block_types":["DownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"],
+            "up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],"attention_head_dim":[5,10,20],
+            "transformer_layers_per_block":[1,2,10],"cross_attention_dim":2048,"use_linear_projection":true,
+            "addition_embed_type":"text_time","addition_time_embed_dim":256,"projection_class_embeddings_input_dim":2816,
+            "sample_size":128}"#,
+    )
+    .expect("valid config");
+    let mut cfg = sd15();
+    cfg.vae.scaling_factor = 0.13025;
+    cfg.vae.sample_size = Some(1024);
+    let te2 = serde_json::from_str(
+        r#"{"vocab_size":49408,"hidden_size":1280,"intermediate_size":5120,"num_hidden_layers":32,"num_attention_heads":20,
+            "max_position_embeddings":77,"hidden_act":"gelu","eos_token_id":2,"projection_dim":1280,
+            "architectures":["CLIPTextModelWithProjection"]}"#,
+    )
+    .expect("valid config");
+    cfg.text_encoders[0].hidden_act = "quick_gelu".into();
+    PipelineConfig {
+        unet,
+        vae: cfg.vae,
+        text_encoders: vec![cfg.text_encoders[0].clone(), te2],
+        scheduler: cfg.scheduler,
+    }
+}
+
+/// A small SDXL-shaped pipeline (two text encoders, text_time embedding) with CLIP's vocabulary.
+pub fn tiny_sdxl() -> PipelineConfig {
+    let mut c = tiny_sd1();
+    c.unet = serde_json::from_str(
+        r#"{"block_out_channels":[16,32],"layers_per_block":1,"norm_num_groups":8,"cross_attention_dim":32,
+            "attention_head_dim":[1,2],"transformer_layers_per_block":[1,2],"use_linear_projection":true,
+            "down_block_types":["DownBlock2D","CrossAttnDownBlock2D"],"up_block_types":["CrossAttnUpBlock2D","UpBlock2D"],
+            "addition_embed_type":"text_time","addition_time_embed_dim":8,"projection_class_embeddings_input_dim":64,
+            "sample_size":8}"#,
+    )
+    .expect("valid config");
+    let te2 = serde_json::from_str(
+        r#"{"vocab_size":49408,"hidden_size":16,"intermediate_size":32,"num_hidden_layers":2,"num_attention_heads":2,
+            "max_position_embeddings":77,"hidden_act":"gelu","eos_token_id":49407,"projection_dim":16,
+            "architectures":["CLIPTextModelWithProjection"]}"#,
+    )
+    .expect("valid config");
+    c.text_encoders.push(te2);
+    c
+}

@@ -483,7 +483,7 @@ impl UNet2DConditionModel {
         let (temb, ctx) = (&s.temb, &s.ctx);
         let (mut dtemb, mut dctx) = (None, None);
         let d = self.conv_out.backward(s.conv_out, &dout.to_dtype(temb.dtype())?, g)?;
-        let mut d = self.conv_norm_out.backward(s.norm_out, &d)?;
+        let mut d = self.conv_norm_out.backward(s.norm_out, &d, g)?;
         let total_skips = s.up.first().map(|(_, p)| *p).unwrap_or(1);
         let mut dskips: Vec<Option<Tensor>> = vec![None; total_skips];
         for (b, (kept, pos)) in self.up_blocks.iter().zip(s.up).rev() {

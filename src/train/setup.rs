@@ -1,5 +1,6 @@
 //! Everything before the first step: model, data, latents, adapters, optimizer.
 use super::config::{parse_dtype, TrainConfig};
+use super::noise::NoiseSchedule;
 use super::optim::AdamW;
 use crate::data::dataset::{scan, Item};
 use crate::data::prepare::{prepare, Encoder, Sample};
@@ -23,6 +24,9 @@ pub struct Run {
     pub resolution: u32,
     pub device: Device,
     pub train_text: bool,
+    pub sched: NoiseSchedule,
+    /// Latents found in the cache and latents the VAE computed in this run.
+    pub latents_cached: (usize, usize),
 }
 
 pub fn device() -> Device {
@@ -61,10 +65,11 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| cfg.data.join(".sdlora-cache"));
     let vae = sd.vae.as_ref().expect("loaded with the VAE");
     let fingerprint = format!("{}|{:?}|{dtype:?}", sd.source, vae.config);
-    let enc = Encoder { vae, fingerprint, cache_dir: Some(cache_dir) };
+    let enc = Encoder { vae, fingerprint, cache_dir: Some(cache_dir), counts: Default::default() };
     let n = items.len();
     let samples =
         prepare(&items, resolution, step, cfg.flip, &enc, &mut |i| progress("encoding images", i, n))?;
+    let latents_cached = enc.counts.get();
     if !cfg.random_crop {
         sd.vae = None; // latents are cached: free the VAE
     }
@@ -104,5 +109,20 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         lr_scale.extend([s, s]);
     }
     let opt = AdamW::new(&params, 1e-2)?;
-    Ok(Run { sd, prompts, items, samples, adapters, params, lr_scale, opt, resolution, device, train_text })
+    let sched = NoiseSchedule::new(&sd.scheduler)?;
+    Ok(Run {
+        sd,
+        prompts,
+        items,
+        samples,
+        adapters,
+        params,
+        lr_scale,
+        opt,
+        resolution,
+        device,
+        train_text,
+        sched,
+        latents_cached,
+    })
 }

@@ -2,11 +2,10 @@
 //! the noise, backward through the frozen U-Net into the adapters, AdamW.
 use super::batches::{augment_caption, randn, rng_for, BatchOrder};
 use super::config::{parse_dtype, TrainConfig};
-use super::noise::NoiseSchedule;
 use super::optim::{clip_grad_norm, lr_at};
 use super::setup::Run;
 use super::{metadata, state};
-use crate::lora::format::{write, LoraFormat};
+use crate::lora::format::{unet_layout, write, LoraFormat};
 use crate::lora::AdapterGrads;
 use crate::model::text::Conditioning;
 use crate::model::unet::UNetInput;
@@ -34,23 +33,27 @@ pub struct Summary {
 fn micro_step(
     run: &Run,
     cfg: &TrainConfig,
-    sched: &NoiseSchedule,
     idx: &[usize],
     k: u64,
     text: &mut HashMap<String, Conditioning>,
     g: &mut AdapterGrads,
     scale: f64,
 ) -> Result<f64> {
+    let sched = &run.sched;
     let mut rng = rng_for(cfg.seed, "micro", k);
     let dev = &run.device;
     let samples: Vec<&crate::data::prepare::Sample> = idx.iter().map(|&i| &run.samples[i]).collect();
-    let latents: Vec<Tensor> = samples
-        .iter()
-        .map(|s| match (&s.latent_flipped, cfg.flip && rng.random::<bool>()) {
-            (Some(f), true) => f.clone(),
-            _ => s.latent.clone(),
-        })
-        .collect();
+    let latents: Vec<Tensor> = if cfg.random_crop {
+        samples.iter().map(|s| random_crop_latent(run, s, cfg.flip, &mut rng)).collect::<Result<_>>()?
+    } else {
+        samples
+            .iter()
+            .map(|s| match (&s.latent_flipped, cfg.flip && rng.random::<bool>()) {
+                (Some(f), true) => f.clone(),
+                _ => s.latent.clone(),
+            })
+            .collect()
+    };
     let x0 = Tensor::stack(&latents, 0)?.to_device(dev)?;
     let captions: Vec<String> = samples
         .iter()
@@ -118,6 +121,9 @@ fn micro_step(
     let w = Tensor::from_vec(w, (idx.len(), 1, 1, 1), dev)?;
     let per = diff.sqr()?.mean((1, 2, 3))?;
     let loss = (per * w.flatten_all()?)?.mean_all()?.to_scalar::<f32>()? as f64;
+    if scale == 0.0 {
+        return Ok(loss); // evaluation: no backward
+    }
     let dpred = (diff.broadcast_mul(&w)? * (2.0 * scale / (n_el * idx.len()) as f64))?;
     let d = unet.backward(saved, &dpred.to_dtype(pred.dtype())?, g)?;
     if let Some(s) = te_saved {
@@ -126,8 +132,27 @@ fn micro_step(
     Ok(loss)
 }
 
+/// A fresh random crop of the sample's image (and maybe a flip), through the VAE: the price of
+/// random crops is one VAE encode per image per step.
+fn random_crop_latent(
+    run: &Run,
+    s: &crate::data::prepare::Sample,
+    flip: bool,
+    rng: &mut impl Rng,
+) -> Result<Tensor> {
+    use crate::data::prepare::{fit_to_bucket, to_tensor};
+    let vae = run.sd.vae.as_ref().expect("kept for random crops");
+    let img = crate::data::dataset::load_rgb(&run.items[s.item].image)?;
+    let (mut crop, _) = fit_to_bucket(&img, s.bucket, (rng.random(), rng.random()));
+    if flip && rng.random::<bool>() {
+        crop = image::imageops::flip_horizontal(&crop);
+    }
+    let z = vae.encode_mean(&to_tensor(&crop, &run.device)?)?;
+    Ok((z.to_dtype(DType::F32)? * vae.config.scaling_factor)?.squeeze(0)?)
+}
+
 /// Fixed-seed evaluation loss over (up to) 8 samples, 2 timesteps each.
-pub fn eval_loss(run: &Run, cfg: &TrainConfig, sched: &NoiseSchedule) -> Result<f64> {
+pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
     let mut text = HashMap::new();
     let n = run.samples.len().min(8);
     let mut total = 0.0;
@@ -140,7 +165,7 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig, sched: &NoiseSchedule) -> Result<
                 seed: cfg.seed ^ 0x5eed,
                 ..cfg.clone()
             };
-            total += micro_step_eval(run, &cfg2, sched, i, 1000 + 2 * i as u64 + j, &mut text)?;
+            total += micro_step_eval(run, &cfg2, i, 1000 + 2 * i as u64 + j, &mut text)?;
         }
     }
     Ok(total / (2 * n) as f64)
@@ -149,17 +174,15 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig, sched: &NoiseSchedule) -> Result<
 fn micro_step_eval(
     run: &Run,
     cfg: &TrainConfig,
-    sched: &NoiseSchedule,
     i: usize,
     k: u64,
     text: &mut HashMap<String, Conditioning>,
 ) -> Result<f64> {
     // the same computation as training, gradients discarded
-    micro_step(run, cfg, sched, &[i], k, text, &mut AdapterGrads::default(), 0.0)
+    micro_step(run, cfg, &[i], k, text, &mut AdapterGrads::default(), 0.0)
 }
 
 pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64, f64)) -> Result<Summary> {
-    let sched = NoiseSchedule::new(&run.sd.scheduler)?;
     let mut start = 0;
     if let Some(p) = &cfg.resume {
         start = state::load(p, &run.adapters, &mut run.opt)?;
@@ -171,7 +194,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
             );
         }
     }
-    let eval_before = eval_loss(&run, cfg, &sched)?;
+    let eval_before = eval_loss(&run, cfg)?;
     let repeats: Vec<usize> = run.items.iter().map(|i| i.repeats).collect();
     let mut order = BatchOrder::new(&run.samples, &repeats, cfg.batch_size, cfg.seed);
     let mut text = HashMap::new();
@@ -186,7 +209,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
             let k = (step * cfg.grad_accum + micro) as u64;
             let (_, idx) = order.get(k as usize);
             images += idx.len();
-            loss += micro_step(&run, cfg, &sched, &idx, k, &mut text, &mut g, 1.0 / cfg.grad_accum as f64)?
+            loss += micro_step(&run, cfg, &idx, k, &mut text, &mut g, 1.0 / cfg.grad_accum as f64)?
                 / cfg.grad_accum as f64;
         }
         let mut grads = vec![];
@@ -223,7 +246,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let eval_after = eval_loss(&run, cfg, &sched)?;
+    let eval_after = eval_loss(&run, cfg)?;
     save(&run, cfg, &cfg.output, cfg.steps)?;
     state::save(&state::state_path(&cfg.output), &run.adapters, &run.opt, cfg.steps)?;
     let lora_bytes = std::fs::metadata(&cfg.output)?.len();
@@ -252,5 +275,13 @@ fn save(run: &Run, cfg: &TrainConfig, path: &Path, steps_done: usize) -> Result<
     let v = run.sd.scheduler.prediction_type == "v_prediction";
     let meta =
         metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, run.items.len(), &tags, steps_done);
-    write(path, &run.adapters, run.sd.family, format, parse_dtype(&cfg.save_dtype)?, meta)
+    write(
+        path,
+        &run.adapters,
+        run.sd.family,
+        &unet_layout(&run.sd),
+        format,
+        parse_dtype(&cfg.save_dtype)?,
+        meta,
+    )
 }

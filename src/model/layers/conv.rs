@@ -55,13 +55,21 @@ impl Conv2d {
             }
         }
         let (_, _, h, w) = x.dims4()?;
-        let x = (!self.adapters.is_empty()).then(|| x.clone());
+        let x = (!self.adapters.is_empty() || self.weight.is_variable()).then(|| x.clone());
         Ok((y, Conv2dSaved { x, hidden, in_hw: (h, w) }))
     }
 
     pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
         let mut dx = conv_input_grad(dy, &self.weight, self.stride, self.padding, s.in_hw)?;
-        if let Some(x) = &s.x {
+        if let (true, Some(x)) = (self.weight.is_variable(), &s.x) {
+            // full training: the base kernel and bias are variables
+            let dw = kernel_grad(x, dy, self.weight.dims4()?, self.stride, self.padding)?;
+            grads.add_weight(&self.weight, dw)?;
+            if let Some(b) = &self.bias {
+                grads.add_weight(b, dy.sum((0, 2, 3))?)?;
+            }
+        }
+        if let (false, Some(x)) = (self.adapters.is_empty(), &s.x) {
             let xf = x.to_dtype(self.adapter_dtype())?;
             let dyf = dy.to_dtype(self.adapter_dtype())?;
             for (a, h) in self.adapters.iter().zip(&s.hidden) {

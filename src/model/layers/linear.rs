@@ -53,13 +53,25 @@ impl Linear {
                 hidden.push(h);
             }
         }
-        let x = (!self.adapters.is_empty()).then(|| x.clone());
+        let x = (!self.adapters.is_empty() || self.trains_base()).then(|| x.clone());
         Ok((y, LinearSaved { x, hidden }))
+    }
+
+    /// Full training: the base weights are variables and get gradients too.
+    fn trains_base(&self) -> bool {
+        self.weight.is_variable()
     }
 
     pub fn backward(&self, s: LinearSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
         let mut dx = dy.matmul_any(&self.weight)?;
-        if let Some(x) = &s.x {
+        if let (true, Some(x)) = (self.trains_base(), &s.x) {
+            let (x2, dy2) = (flatten2(x)?, flatten2(dy)?);
+            grads.add_weight(&self.weight, dy2.t()?.matmul(&x2)?)?;
+            if let Some(b) = &self.bias {
+                grads.add_weight(b, dy2.sum(0)?)?;
+            }
+        }
+        if let (false, Some(x)) = (self.adapters.is_empty(), &s.x) {
             let xf = flatten2(&x.to_dtype(self.adapter_dtype())?)?;
             let dyf = flatten2(&dy.to_dtype(self.adapter_dtype())?)?;
             for (a, h) in self.adapters.iter().zip(&s.hidden) {

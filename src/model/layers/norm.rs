@@ -3,6 +3,7 @@
 //! keeps one tensor instead of two.
 use super::acc;
 use super::activation::silu_backward;
+use crate::lora::AdapterGrads;
 use candle_core::{Result, Tensor, D};
 
 pub struct GroupNorm {
@@ -74,12 +75,17 @@ impl GroupNorm {
         Ok((y.to_dtype(x.dtype())?, saved))
     }
 
-    pub fn backward(&self, s: NormSaved, dy: &Tensor) -> Result<Tensor> {
+    pub fn backward(&self, s: NormSaved, dy: &Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
         let f = acc(s.xhat.dtype());
         let xhat = s.xhat.to_dtype(f)?;
         let mut dy = dy.to_dtype(f)?;
         if s.silu {
             dy = silu_backward(&self.scale_shift(&xhat)?, &dy)?;
+        }
+        if self.weight.is_variable() {
+            let dims: Vec<usize> = (0..xhat.rank()).filter(|&d| d != 1).collect();
+            g.add_weight(&self.weight, (&dy * &xhat)?.sum(dims.as_slice())?)?;
+            g.add_weight(&self.bias, dy.sum(dims.as_slice())?)?;
         }
         let w = self.weight.to_dtype(f)?.reshape(self.affine_shape(&xhat))?;
         let dxhat = dy.broadcast_mul(&w)?;
@@ -107,9 +113,17 @@ impl LayerNorm {
         Ok((y.to_dtype(x.dtype())?, saved))
     }
 
-    pub fn backward(&self, s: NormSaved, dy: &Tensor) -> Result<Tensor> {
+    pub fn backward(&self, s: NormSaved, dy: &Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
         let f = acc(s.xhat.dtype());
         let xhat = s.xhat.to_dtype(f)?;
+        if self.weight.is_variable() {
+            let d = dy.to_dtype(f)?;
+            let rows = |t: &Tensor| t.reshape(((), xhat.dim(candle_core::D::Minus1)?));
+            g.add_weight(&self.weight, (rows(&d)? * rows(&xhat)?)?.sum(0)?)?;
+            if let Some(b) = &self.bias {
+                g.add_weight(b, rows(&d)?.sum(0)?)?;
+            }
+        }
         let dxhat = dy.to_dtype(f)?.broadcast_mul(&self.weight.to_dtype(f)?)?;
         normalize_rows_backward(&xhat, &s.rstd, &dxhat)?.to_dtype(s.xhat.dtype())
     }

@@ -4,6 +4,8 @@
 pub mod ckpt;
 pub mod folder;
 pub mod hub;
+pub mod ldm_keys;
+pub mod single_file;
 
 use super::clip::ClipTextModel;
 use super::config::{ClipTextConfig, UNetConfig, VaeConfig};
@@ -93,6 +95,8 @@ pub struct LoadOptions {
     pub text_encoders: bool,
     /// Overrides the scheduler's prediction type (single files carry none): "epsilon" | "v_prediction".
     pub prediction_type: Option<String>,
+    /// For single files: a diffusers folder whose configs to use instead of inferring them.
+    pub config: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -104,6 +108,7 @@ impl Default for LoadOptions {
             vae: true,
             text_encoders: true,
             prediction_type: None,
+            config: None,
         }
     }
 }
@@ -138,7 +143,7 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
     let mut sd = if path.is_dir() {
         load_folder(path, opts)?
     } else if path.is_file() {
-        anyhow::bail!("{source}: single-file checkpoints are not supported yet — use a diffusers folder")
+        single_file::load_single_file(path, opts)?
     } else if let Some(dir) = hub::resolve(source)? {
         load_folder(&dir, opts)?
     } else {

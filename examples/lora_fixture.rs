@@ -1,0 +1,45 @@
+//! Writes LoRAs in our own formats onto the tiny fixture pipelines, for
+//! tools/fixtures/check_our_lora.py to load with diffusers' `load_lora_weights`:
+//! `cargo run --example lora_fixture` then `python tools/fixtures/check_our_lora.py`.
+use candle_core::{DType, Device};
+use sdlora::lora::format::{write, LoraFormat};
+use sdlora::lora::targets::{text_encoder_selects, unet_selects, Preset};
+use sdlora::lora::{attach, Init, LoraSpec};
+use sdlora::model::load::{load_folder, LoadOptions};
+
+fn main() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for name in ["sd1", "sdxl"] {
+        let mut sd =
+            load_folder(&root.join(name).join("pipe"), &LoadOptions { vae: false, ..Default::default() })?;
+        let spec = LoraSpec {
+            rank: 4,
+            alpha: 2.0,
+            multiplier: 1.0,
+            init: Init::Random,
+            seed: 11,
+            dtype: DType::F32,
+        };
+        let mut adapters = vec![];
+        let unet = sd.unet.as_mut().expect("unet");
+        for a in attach(unet, "", &|p, l| unet_selects(Preset::AttnMlp, p, l), &spec, 0, &Device::Cpu)? {
+            adapters.push(("unet".to_string(), a));
+        }
+        for (i, te) in sd.text_encoders.iter_mut().enumerate() {
+            let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
+            let spec = LoraSpec { seed: 12 + i as u64, ..spec };
+            for a in attach(te, "", &|p, _| text_encoder_selects(p), &spec, adapters.len(), &Device::Cpu)? {
+                adapters.push((comp.to_string(), a));
+            }
+        }
+        for (fmt, file) in
+            [(LoraFormat::Kohya, "ours_kohya.safetensors"), (LoraFormat::Peft, "ours_peft.safetensors")]
+        {
+            let path = root.join(name).join("lora").join(file);
+            let layout = sdlora::lora::format::unet_layout(&sd);
+            write(&path, &adapters, sd.family, &layout, fmt, DType::F32, Default::default())?;
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! The LoRA toolbox: `convert`, `inspect`, `resize`, `extract`, `merge`.
+use crate::lora::format::{read, write_entries, Entry, LoraFormat};
+use crate::lora::merge::{merge_loras, read_model, write_folder, write_single_file};
+use crate::lora::ops::{extract, resize, standard_entries, standard_layout};
+use crate::train::config::parse_dtype;
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// LoRA to convert (kohya, PEFT/diffusers or legacy diffusers names).
+    pub input: PathBuf,
+    /// Where to write the converted LoRA.
+    pub output: PathBuf,
+    /// Target format: kohya (A1111, ComfyUI, diffusers) or peft (diffusers' own).
+    #[arg(long, default_value = "kohya")]
+    pub to: String,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// LoRA file to describe.
+    pub input: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ResizeArgs {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    /// New rank (modules already at or below it keep theirs).
+    #[arg(long)]
+    pub rank: usize,
+    /// Precision of the written LoRA: f16, bf16, f32.
+    #[arg(long, default_value = "f16")]
+    pub save_dtype: String,
+}
+
+#[derive(Args)]
+pub struct ExtractArgs {
+    /// The model before fine-tuning (folder, single file or cached hub id).
+    #[arg(long)]
+    pub base: String,
+    /// The fine-tuned model.
+    #[arg(long)]
+    pub tuned: String,
+    /// Where to write the LoRA.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Rank of the extracted LoRA.
+    #[arg(long, default_value_t = 32)]
+    pub rank: usize,
+    /// Skip layers whose difference is below this (relative Frobenius norm).
+    #[arg(long, default_value_t = 1e-6)]
+    pub min_diff: f64,
+    #[arg(long, default_value = "f16")]
+    pub save_dtype: String,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Base model (folder, single file or cached hub id).
+    #[arg(long)]
+    pub model: String,
+    /// LoRA to bake in, as path[:scale] (scale 1 if omitted); repeat for several.
+    #[arg(long = "lora", required = true)]
+    pub loras: Vec<String>,
+    /// Output: a folder (diffusers layout) or a .safetensors single file (original layout).
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// For a single-file --model: a diffusers folder whose configs to use.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// `path.safetensors:0.8` → (path, 0.8)
+pub fn parse_lora_arg(s: &str) -> Result<(PathBuf, f64)> {
+    if let Some((p, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            return Ok((PathBuf::from(p), w));
+        }
+    }
+    Ok((PathBuf::from(s), 1.0))
+}
+
+fn check_out(input: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    if input == output {
+        bail!("{}: output would overwrite the input — choose another file name", output.display());
+    }
+    Ok(())
+}
+
+pub fn convert(a: &ConvertArgs) -> Result<()> {
+    check_out(&a.input, &a.output)?;
+    let to: LoraFormat = a.to.parse().map_err(anyhow::Error::msg)?;
+    let file = read(&a.input)?;
+    let (family, entries) = standard_entries(&file, &a.input.display().to_string())?;
+    let dtype = file.modules.values().next().map(|t| t.down.dtype()).unwrap_or(candle_core::DType::F32);
+    let dtype = if dtype == candle_core::DType::F64 { stored_dtype(&a.input)? } else { dtype };
+    write_entries(&a.output, &entries, family, &standard_layout(family), to, dtype, file.metadata.clone())?;
+    println!("wrote {} ({} modules, {} format, {})", a.output.display(), entries.len(), a.to, family.name());
+    Ok(())
+}
+
+/// The dtype the file stores its LoRA weights in (we read them as f64).
+fn stored_dtype(path: &std::path::Path) -> Result<candle_core::DType> {
+    let data = std::fs::read(path)?;
+    let st = safetensors::SafeTensors::deserialize(&data)?;
+    let d = st.tensors().into_iter().find(|(k, _)| !k.ends_with(".alpha")).map(|(_, v)| v.dtype());
+    Ok(match d {
+        Some(safetensors::Dtype::F16) => candle_core::DType::F16,
+        Some(safetensors::Dtype::BF16) => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
+    })
+}
+
+pub fn inspect(a: &InspectArgs) -> Result<()> {
+    let file = read(&a.input)?;
+    let (family, entries) = standard_entries(&file, &a.input.display().to_string())?;
+    let dtype = stored_dtype(&a.input)?;
+    let bytes = std::fs::metadata(&a.input)?.len();
+    let params: usize = entries.iter().map(|(_, _, t)| t.down.elem_count() + t.up.elem_count()).sum();
+    let mut per_comp: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (c, _, _) in &entries {
+        *per_comp.entry(c.as_str()).or_default() += 1;
+    }
+    let layers: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(c, p, t)| serde_json::json!({"component": c, "module": p, "rank": t.rank(), "alpha": t.alpha.unwrap_or(t.rank() as f64), "conv": t.down.rank() == 4}))
+        .collect();
+    let meta: std::collections::BTreeMap<&String, &String> = file.metadata.iter().collect();
+    let j = serde_json::json!({
+        "file": a.input.display().to_string(), "format": format!("{:?}", file.format).to_lowercase(),
+        "base_family": family.name(), "modules": per_comp, "parameters": params, "dtype": format!("{dtype:?}").to_lowercase(),
+        "bytes": bytes, "layers": layers, "metadata": meta,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!("{}", a.input.display());
+    println!("  format       {:?}", file.format);
+    println!("  base model   {}", family.name());
+    println!(
+        "  modules      {}",
+        per_comp.iter().map(|(c, n)| format!("{c}: {n}")).collect::<Vec<_>>().join(", ")
+    );
+    println!("  parameters   {params}");
+    println!("  dtype        {dtype:?}, {bytes} bytes");
+    let mut ranks: std::collections::BTreeMap<(usize, String), usize> = Default::default();
+    for (_, _, t) in &entries {
+        *ranks.entry((t.rank(), format!("{}", t.alpha.unwrap_or(t.rank() as f64)))).or_default() += 1;
+    }
+    for ((r, al), n) in ranks {
+        println!("  rank {r:<4} alpha {al:<6} {n} modules");
+    }
+    let convs =
+        entries.iter().filter(|(_, _, t)| t.down.rank() == 4 && t.down.dim(2).unwrap_or(1) > 1).count();
+    if convs > 0 {
+        println!("  3×3 conv modules (LoCon): {convs}");
+    }
+    for (k, v) in meta.iter().filter(|(k, _)| k.starts_with("ss_") || k.starts_with("modelspec.")) {
+        let v: String = v.chars().take(100).collect();
+        println!("  {k} = {v}");
+    }
+    Ok(())
+}
+
+pub fn resize_cmd(a: &ResizeArgs) -> Result<()> {
+    check_out(&a.input, &a.output)?;
+    let file = read(&a.input)?;
+    let (family, entries) = standard_entries(&file, &a.input.display().to_string())?;
+    let mut out: Vec<Entry> = vec![];
+    let mut energies = vec![];
+    for (c, p, t) in &entries {
+        let (t2, kept) = resize(t, a.rank)?;
+        energies.push(kept);
+        println!("{c}/{p}: rank {} → {}, energy kept {:.2} %", t.rank(), t2.rank(), 100.0 * kept);
+        out.push((c.clone(), p.clone(), t2));
+    }
+    let mut meta = file.metadata.clone();
+    meta.insert("ss_network_dim".into(), a.rank.to_string());
+    meta.insert("ss_network_alpha".into(), a.rank.to_string());
+    write_entries(
+        &a.output,
+        &out,
+        family,
+        &standard_layout(family),
+        file.format_for_write(),
+        parse_dtype(&a.save_dtype)?,
+        meta,
+    )?;
+    let mean = energies.iter().sum::<f64>() / energies.len().max(1) as f64;
+    let min = energies.iter().cloned().fold(1.0, f64::min);
+    println!(
+        "wrote {}: mean energy kept {:.2} %, worst layer {:.2} %",
+        a.output.display(),
+        100.0 * mean,
+        100.0 * min
+    );
+    Ok(())
+}
+
+pub fn extract_cmd(a: &ExtractArgs) -> Result<()> {
+    let base = read_model(&a.base, None)?;
+    let tuned = read_model(&a.tuned, None)?;
+    if base.family != tuned.family {
+        bail!(
+            "{}: is {} but {} is {} — extract needs two models of one family",
+            a.tuned,
+            tuned.family.name(),
+            a.base,
+            base.family.name()
+        );
+    }
+    let mut entries: Vec<Entry> = vec![];
+    for (c, m) in &base.comps {
+        if c == "vae" {
+            continue;
+        }
+        let Some(tm) = tuned.comps.get(c) else { continue };
+        let mut keys: Vec<&String> =
+            m.keys().filter(|k| k.ends_with(".weight") && matches!(m[*k].rank(), 2 | 4)).collect();
+        keys.sort();
+        for k in keys {
+            let (w0, w1) = (&m[k], tm.get(k).ok_or_else(|| anyhow::anyhow!("{}: no tensor {k}", a.tuned))?);
+            if k.contains("embedding") || w0.dims() != w1.dims() {
+                continue;
+            }
+            let rel = ((w1.to_dtype(candle_core::DType::F64)? - w0.to_dtype(candle_core::DType::F64)?)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?
+                / w0.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.max(1e-30))
+            .sqrt();
+            if rel < a.min_diff {
+                continue;
+            }
+            let (t, kept) = extract(w0, w1, a.rank)?;
+            println!("{c}/{k}: difference {rel:.2e}, captured {:.2} %", 100.0 * kept);
+            entries.push((c.clone(), k.trim_end_matches(".weight").to_string(), t));
+        }
+    }
+    if entries.is_empty() {
+        bail!(
+            "{} and {} do not differ (above --min-diff {}) — nothing to extract",
+            a.base,
+            a.tuned,
+            a.min_diff
+        );
+    }
+    let layout = base.layout();
+    write_entries(
+        &a.output,
+        &entries,
+        base.family,
+        &layout,
+        LoraFormat::Kohya,
+        parse_dtype(&a.save_dtype)?,
+        Default::default(),
+    )?;
+    println!("wrote {} ({} modules)", a.output.display(), entries.len());
+    Ok(())
+}
+
+pub fn merge(a: &MergeArgs) -> Result<()> {
+    let loras = a.loras.iter().map(|s| parse_lora_arg(s)).collect::<Result<Vec<_>>>()?;
+    let mut model = read_model(&a.model, a.config.as_deref())?;
+    let n = merge_loras(&mut model, &loras)?;
+    if a.output.extension().is_some_and(|e| e == "safetensors") {
+        write_single_file(&model, &a.output)?;
+    } else {
+        write_folder(&model, &a.output)?;
+    }
+    println!("wrote {} ({} modules merged from {} LoRA files)", a.output.display(), n, loras.len());
+    Ok(())
+}

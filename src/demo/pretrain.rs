@@ -1,0 +1,203 @@
+//! The demo's base model, trained from scratch by this project on the tiny world without one
+//! shape: first the VAE (an autoencoder on the images), then the U-Net (ε-prediction) on its
+//! latents, every weight trainable (the layers' full-training path). The text encoder stays at
+//! its seeded random init: its outputs still tell every caption apart.
+use super::world::{scenes, Shape};
+use crate::data::prepare::to_tensor;
+use crate::lora::AdapterGrads;
+use crate::model::clip::ClipTextModel;
+use crate::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::load::{Family, SchedulerConfig, StableDiffusion};
+use crate::model::text::PromptEncoder;
+use crate::model::tiny::{clip_shapes, unet_shapes, vae_shapes, PipelineConfig};
+use crate::model::unet::{UNet2DConditionModel, UNetInput};
+use crate::model::vae::AutoencoderKL;
+use crate::model::weights::{random_tensor, Weights};
+use crate::train::batches::{randn, rng_for};
+use crate::train::noise::NoiseSchedule;
+use crate::train::optim::{clip_grad_norm, lr_at, AdamW, LrSchedule};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::Rng;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Image side of the demo world.
+pub const SIDE: u32 = 64;
+
+pub fn demo_config() -> PipelineConfig {
+    let unet: UNetConfig = serde_json::from_str(
+        r#"{"block_out_channels":[32,64],"layers_per_block":1,"norm_num_groups":8,"cross_attention_dim":32,
+            "attention_head_dim":4,"down_block_types":["DownBlock2D","CrossAttnDownBlock2D"],
+            "up_block_types":["CrossAttnUpBlock2D","UpBlock2D"],"sample_size":16}"#,
+    )
+    .expect("valid config");
+    let vae: VaeConfig = serde_json::from_str(
+        r#"{"block_out_channels":[16,32,32],"layers_per_block":1,"latent_channels":4,"norm_num_groups":8,"sample_size":64}"#,
+    )
+    .expect("valid config");
+    let te: ClipTextConfig = serde_json::from_str(
+        r#"{"vocab_size":49408,"hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,
+            "max_position_embeddings":77,"hidden_act":"quick_gelu","eos_token_id":49407,"architectures":["CLIPTextModel"]}"#,
+    )
+    .expect("valid config");
+    PipelineConfig { unet, vae, text_encoders: vec![te], scheduler: SchedulerConfig::default() }
+}
+
+pub struct PretrainConfig {
+    pub seed: u64,
+    pub images: usize,
+    pub exclude: Shape,
+    pub vae_steps: usize,
+    pub unet_steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+}
+
+/// Seeded weights as variables, by name: the layers share their storage, so optimizer updates
+/// are what the model computes with, and saving writes the trained values.
+fn var_map(shapes: &[(String, Vec<usize>)], seed: u64) -> Result<BTreeMap<String, Var>> {
+    shapes
+        .iter()
+        .map(|(n, s)| {
+            let t = random_tensor(seed, n, &s.as_slice().into(), DType::F32, &Device::Cpu)?;
+            Ok((n.clone(), Var::from_tensor(&t)?))
+        })
+        .collect()
+}
+
+fn weights(m: &BTreeMap<String, Var>) -> Weights {
+    let map = m.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    Weights::from_map(map, "demo model", DType::F32, &Device::Cpu)
+}
+
+/// One AdamW step over the variables that received a gradient.
+fn step(vars: &[Var], opt: &mut AdamW, g: &AdapterGrads, lr: f64) -> Result<f64> {
+    let mut grads: Vec<Tensor> =
+        vars.iter().map(|v| g.weights.get(&v.as_tensor().id()).cloned().map_or_else(|| v.zeros_like(), Ok)).collect::<candle_core::Result<_>>()?;
+    let norm = clip_grad_norm(&mut grads, 1.0)?;
+    opt.step(vars, &grads, &vec![lr; vars.len()])?;
+    Ok(norm)
+}
+
+pub fn pretrain(cfg: &PretrainConfig, out: &Path, progress: &mut dyn FnMut(&str, usize, usize, f64)) -> Result<()> {
+    let pc = demo_config();
+    let shapes: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != cfg.exclude).collect();
+    let world = scenes(cfg.seed, cfg.images, &shapes);
+    let dev = Device::Cpu;
+    let images: Vec<Tensor> = world.iter().map(|s| to_tensor(&s.render(SIDE), &dev)).collect::<Result<_>>()?;
+    let images = Tensor::cat(&images, 0)?;
+
+    // 1. VAE: an autoencoder on the means, with a small pull of the latents towards 0
+    let vae_vars = var_map(&vae_shapes(&pc.vae)?, cfg.seed + 1)?;
+    let mut vae = AutoencoderKL::load(&pc.vae, &weights(&vae_vars))?;
+    let trainable: Vec<Var> = vae_vars.values().cloned().collect();
+    let mut opt = AdamW::new(&trainable, 0.0)?;
+    let lat = pc.vae.latent_channels;
+    for i in 0..cfg.vae_steps {
+        let mut rng = rng_for(cfg.seed, "vae", i as u64);
+        let idx: Vec<u32> = (0..cfg.batch).map(|_| rng.random_range(0..cfg.images as u32)).collect();
+        let x = images.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
+        let (moments, es) = vae.encode_train(&x)?;
+        let z = moments.narrow(1, 0, lat)?;
+        let (y, ds) = vae.decode_train(&z)?;
+        let diff = (&y - &x)?;
+        let loss = diff.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        let mut g = AdapterGrads::default();
+        let dz = vae.decode_backward(ds, &(diff * (2.0 / y.elem_count() as f64))?, &mut g)?;
+        let dz = (dz + (&z * (2e-4 / z.elem_count() as f64))?)?;
+        let dm = Tensor::cat(&[&dz, &moments.narrow(1, lat, lat)?.zeros_like()?], 1)?;
+        vae.encode_backward(es, &dm, &mut g)?;
+        step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, cfg.vae_steps, 50))?;
+        progress("vae", i + 1, cfg.vae_steps, loss);
+    }
+    // latents, scaled to unit variance as SD's scaling_factor does
+    let mut zs = vec![];
+    for c in 0..cfg.images.div_ceil(64) {
+        let n = 64.min(cfg.images - c * 64);
+        zs.push(vae.encode_mean(&images.narrow(0, c * 64, n)?)?);
+    }
+    let z = Tensor::cat(&zs, 0)?;
+    let std = z.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()? as f64;
+    vae.config.scaling_factor = 1.0 / std;
+    let latents = (z * vae.config.scaling_factor)?;
+
+    // 2. text: the frozen random CLIP encodes every caption once
+    let te_vars = var_map(&clip_shapes(&pc.text_encoders[0])?, cfg.seed + 2)?;
+    let te = ClipTextModel::load(&pc.text_encoders[0], &weights(&te_vars))?;
+    let sd = StableDiffusion {
+        family: Family::Sd1,
+        unet: None,
+        vae: None,
+        text_encoders: vec![],
+        tokenizer_dirs: vec![None],
+        scheduler: SchedulerConfig::default(),
+        source: "demo".into(),
+    };
+    let prompts = PromptEncoder::new(&sd, 1)?;
+    let captions: Vec<String> = world.iter().map(|s| s.caption()).collect();
+    let mut ctx = vec![];
+    for chunk in captions.chunks(64) {
+        ctx.push(prompts.encode(std::slice::from_ref(&te), chunk)?.context);
+    }
+    let ctx = Tensor::cat(&ctx, 0)?;
+    let uncond = prompts.encode(std::slice::from_ref(&te), &[String::new()])?.context;
+
+    // 3. U-Net: ε-prediction, 10 % empty captions so classifier-free guidance works
+    let unet_vars = var_map(&unet_shapes(&pc.unet)?, cfg.seed + 3)?;
+    let unet = UNet2DConditionModel::load(&pc.unet, &weights(&unet_vars))?;
+    let trainable: Vec<Var> = unet_vars.values().cloned().collect();
+    let mut opt = AdamW::new(&trainable, 0.0)?;
+    let sched = NoiseSchedule::new(&pc.scheduler)?;
+    for i in 0..cfg.unet_steps {
+        let mut rng = rng_for(cfg.seed, "unet", i as u64);
+        let idx: Vec<u32> = (0..cfg.batch).map(|_| rng.random_range(0..cfg.images as u32)).collect();
+        let it = Tensor::new(idx.as_slice(), &dev)?;
+        let x0 = latents.index_select(&it, 0)?;
+        let mut c = ctx.index_select(&it, 0)?;
+        let drop: Vec<f32> = (0..cfg.batch).map(|_| if rng.random::<f64>() < 0.1 { 1.0 } else { 0.0 }).collect();
+        let drop = Tensor::from_vec(drop, (cfg.batch, 1, 1), &dev)?;
+        c = (c.broadcast_mul(&drop.affine(-1.0, 1.0)?)? + uncond.broadcast_mul(&drop)?)?;
+        let noise = randn(&mut rng, x0.dims(), &dev)?;
+        let t: Vec<usize> = (0..cfg.batch).map(|_| rng.random_range(0..sched.len())).collect();
+        let xt = sched.add_noise(&x0, &noise, &t)?;
+        let ts = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), cfg.batch, &dev)?;
+        let input = UNetInput { sample: &xt, timestep: &ts, encoder_hidden_states: &c, text_embeds: None, time_ids: None };
+        let (pred, saved) = unet.forward_train(&input)?;
+        let diff = (pred - &noise)?;
+        let loss = diff.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        let mut g = AdapterGrads::default();
+        unet.backward(saved, &(&diff * (2.0 / diff.elem_count() as f64))?, &mut g)?;
+        step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, cfg.unet_steps, 100))?;
+        progress("unet", i + 1, cfg.unet_steps, loss);
+    }
+
+    // 4. save as a diffusers folder in f16
+    let mut cfg_out = pc;
+    cfg_out.vae = vae.config.clone();
+    save(out, &cfg_out, &[("unet", &unet_vars), ("vae", &vae_vars), ("text_encoder", &te_vars)])?;
+    let _ = D::Minus1;
+    Ok(())
+}
+
+fn save(out: &Path, pc: &PipelineConfig, comps: &[(&str, &BTreeMap<String, Var>)]) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    for (name, vars) in comps {
+        let d = out.join(name);
+        std::fs::create_dir_all(&d)?;
+        let file = if name.starts_with("text_encoder") { "model.safetensors" } else { "diffusion_pytorch_model.safetensors" };
+        let tensors: Vec<(String, Tensor)> =
+            vars.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?))).collect::<Result<_>>()?;
+        crate::lora::format::save_atomic(&d.join(file), &tensors, &Default::default())?;
+        let cfg = match *name {
+            "unet" => serde_json::to_string_pretty(&pc.unet)?,
+            "vae" => serde_json::to_string_pretty(&pc.vae)?,
+            _ => serde_json::to_string_pretty(&pc.text_encoders[0])?,
+        };
+        std::fs::write(d.join("config.json"), cfg)?;
+    }
+    std::fs::create_dir_all(out.join("scheduler"))?;
+    std::fs::write(out.join("scheduler/scheduler_config.json"), serde_json::to_string_pretty(&pc.scheduler)?)?;
+    std::fs::write(out.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#)?;
+    Ok(())
+}

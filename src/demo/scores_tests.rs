@@ -1,0 +1,146 @@
+//! Tests of the procedural scorer: accuracy on clean and degraded renders of the world, and the
+//! two demo scores.
+use super::*;
+use crate::demo::world::{scenes, Scene, Texture};
+use rand::SeedableRng;
+
+/// Share of scenes whose shape / colour / background are recognised, printing the confusions.
+fn accuracy(scs: &[Scene], degrade: impl Fn(usize, RgbImage) -> RgbImage) -> (f64, f64, f64) {
+    let (mut shape, mut colour, mut bg) = (0, 0, 0);
+    for (i, s) in scs.iter().enumerate() {
+        let img = degrade(i, s.render(64));
+        let d = classify(&img);
+        shape += (d.shape == Some(s.shape)) as usize;
+        colour += (d.colour == Some(s.colour)) as usize;
+        bg += (d.background == Some(s.background)) as usize;
+        if d.shape != Some(s.shape) || d.colour != Some(s.colour) {
+            eprintln!("{:?} {:?} -> {:?} {:?}", s, measure(&img).and_then(|m| m.features), d.shape, d.colour);
+        }
+    }
+    let n = scs.len() as f64;
+    (shape as f64 / n, colour as f64 / n, bg as f64 / n)
+}
+
+#[test]
+fn features_of_renders() {
+    // Per shape: mean and range of (solidity, fill, hole) over random scenes; PROTOTYPES come from
+    // here.
+    let all = scenes(11, 600, &[]);
+    for (shape, degraded) in Shape::ALL.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let fs: Vec<Features> = all
+            .iter()
+            .filter(|s| s.shape == shape)
+            .map(|s| if degraded { add_noise(&blur3(&s.render(64)), 15.0, &mut rng) } else { s.render(64) })
+            .filter_map(|img| measure(&img).and_then(|m| m.features))
+            .collect();
+        let stat = |f: &dyn Fn(&Features) -> f64| {
+            let v: Vec<f64> = fs.iter().map(f).collect();
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+            format!("{mean:.3} [{lo:.3}, {hi:.3}]")
+        };
+        eprintln!(
+            "{:9} {} n={:3} solidity {} fill {} hole {} points {}",
+            shape.name(),
+            if degraded { "blur+noise" } else { "clean     " },
+            fs.len(),
+            stat(&|f| f.solidity),
+            stat(&|f| f.fill),
+            stat(&|f| f.hole),
+            stat(&|f| f.points as f64)
+        );
+    }
+}
+
+#[test]
+fn clean_renders_are_recognised() {
+    let scs = scenes(2024, 300, &[]);
+    let (shape, colour, bg) = accuracy(&scs, |_, img| img);
+    eprintln!("clean: shape {shape:.3} colour {colour:.3} background {bg:.3}");
+    assert!(shape >= 0.97 && colour >= 0.97 && bg >= 0.97, "shape {shape} colour {colour} bg {bg}");
+}
+
+#[test]
+fn blurred_noisy_renders_are_recognised() {
+    let scs = scenes(2025, 300, &[]);
+    let (shape, colour, bg) = accuracy(&scs, |i, img| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+        add_noise(&blur3(&img), 15.0, &mut rng)
+    });
+    eprintln!("blur+noise: shape {shape:.3} colour {colour:.3} background {bg:.3}");
+    assert!(shape >= 0.90 && colour >= 0.90 && bg >= 0.90, "shape {shape} colour {colour} bg {bg}");
+}
+
+#[test]
+fn plain_and_noise_images_show_no_shape() {
+    let plain = RgbImage::from_pixel(64, 64, Rgb(Colour::Blue.rgb()));
+    assert_eq!(classify(&plain), Detected { shape: None, colour: None, background: Some(Colour::Blue) });
+    // Loud noise on grey: no plain border, no shape.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let noise = add_noise(&RgbImage::from_pixel(64, 64, Rgb([128, 128, 128])), 80.0, &mut rng);
+    let d = classify(&noise);
+    assert_eq!((d.shape, d.background), (None, None), "{d:?}");
+    // Too small to be more than a speck.
+    assert_eq!(classify(&RgbImage::new(4, 4)), Detected::default());
+}
+
+#[test]
+fn learned_is_the_share_of_target_shapes() {
+    let stars: Vec<RgbImage> = scenes(3, 6, &[Shape::Star]).iter().map(|s| s.render(64)).collect();
+    let circles: Vec<RgbImage> = scenes(4, 2, &[Shape::Circle]).iter().map(|s| s.render(64)).collect();
+    assert_eq!(learned(&stars, Shape::Star), 1.0);
+    assert_eq!(learned(&circles, Shape::Star), 0.0);
+    let mixed: Vec<RgbImage> = stars[..2].iter().chain(&circles).cloned().collect();
+    assert_eq!(learned(&mixed, Shape::Star), 0.5);
+    assert_eq!(learned(&[], Shape::Star), 0.0);
+}
+
+#[test]
+fn forgotten_compares_paired_images() {
+    let control = scenes(5, 8, &[Shape::Circle, Shape::Square]);
+    let expected: Vec<(Shape, Colour)> = control.iter().map(|s| (s.shape, s.colour)).collect();
+    let base: Vec<RgbImage> = control.iter().map(|s| s.render(64)).collect();
+
+    let same = forgotten(&base, &base, &expected);
+    assert_eq!((same.accuracy_base, same.accuracy_lora, same.drop_points), (1.0, 1.0, 0.0));
+    assert_eq!(same.mean_pixel_distance, 0.0);
+
+    // The LoRA turned half the control shapes into stars: 50 points forgotten.
+    let lora: Vec<RgbImage> = control
+        .iter()
+        .enumerate()
+        .map(|(i, s)| if i % 2 == 0 { Scene { shape: Shape::Star, ..*s }.render(64) } else { s.render(64) })
+        .collect();
+    let half = forgotten(&base, &lora, &expected);
+    assert_eq!((half.accuracy_lora, half.drop_points), (0.5, 50.0));
+    assert!(half.mean_pixel_distance > 1.0 && half.mean_pixel_distance < 100.0, "{half:?}");
+
+    // Every colour changed: nothing right, and the pixel distance grows.
+    let recoloured: Vec<RgbImage> = control
+        .iter()
+        .map(|s| {
+            let colour = Colour::ALL.into_iter().find(|&c| c != s.colour && c != s.background).unwrap();
+            Scene { colour, texture: Texture::Plain, ..*s }.render(64)
+        })
+        .collect();
+    let all = forgotten(&base, &recoloured, &expected);
+    assert_eq!(all.drop_points, 100.0);
+    assert!(all.mean_pixel_distance > half.mean_pixel_distance * 0.5);
+}
+
+#[test]
+fn pixel_distance_and_degradations() {
+    let (black, white) = (RgbImage::new(8, 8), RgbImage::from_pixel(16, 16, Rgb([255; 3])));
+    assert_eq!(mean_abs_difference(&black, &white), 255.0);
+    let img = scenes(9, 1, &[])[0].render(32);
+    assert_eq!(mean_abs_difference(&img, &img), 0.0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    assert_eq!(add_noise(&img, 0.0, &mut rng), img);
+    let flat = RgbImage::from_pixel(8, 8, Rgb([10, 20, 30]));
+    assert_eq!(blur3(&flat), flat);
+    let noisy = add_noise(&flat, 15.0, &mut rng);
+    let spread = mean_abs_difference(&flat, &noisy);
+    // E|N(0, 15)| = 15·√(2/π) ≈ 12 (less where 0 clamps the red channel).
+    assert!(spread > 9.0 && spread < 14.0, "{spread}");
+}

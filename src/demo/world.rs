@@ -1,0 +1,477 @@
+//! The tiny world: one flat shape on a plain background, each image a pure function of a seed.
+//!
+//! The demo trains a LoRA on a shape the base model has never seen and measures what it learned
+//! and what it forgot. That only works if the world is small enough to be scored exactly
+//! (`super::scores` segments and classifies without a learned model), so everything here is chosen
+//! to be separable: palette colours far apart, texture shades kept away from the background, and
+//! shapes whose geometry differs in solidity, fill and hole count.
+use anyhow::{Context, Result};
+use image::{Rgb, RgbImage};
+use rand::{Rng, SeedableRng};
+use std::f64::consts::{PI, TAU};
+use std::path::{Path, PathBuf};
+
+/// Side of the dataset images in pixels.
+pub const IMAGE_SIZE: u32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shape {
+    Circle,
+    Square,
+    Triangle,
+    Star,
+    Cross,
+    Ring,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 6] =
+        [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Star, Shape::Cross, Shape::Ring];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Circle => "circle",
+            Shape::Square => "square",
+            Shape::Triangle => "triangle",
+            Shape::Star => "star",
+            Shape::Cross => "cross",
+            Shape::Ring => "ring",
+        }
+    }
+
+    /// The shape named `name` (as in captions), for command-line flags.
+    pub fn from_name(name: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|s| s.name().eq_ignore_ascii_case(name.trim()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Colour {
+    Red,
+    Green,
+    Blue,
+    Yellow,
+    Purple,
+    Orange,
+    White,
+    Black,
+}
+
+impl Colour {
+    pub const ALL: [Colour; 8] = [
+        Colour::Red,
+        Colour::Green,
+        Colour::Blue,
+        Colour::Yellow,
+        Colour::Purple,
+        Colour::Orange,
+        Colour::White,
+        Colour::Black,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Colour::Red => "red",
+            Colour::Green => "green",
+            Colour::Blue => "blue",
+            Colour::Yellow => "yellow",
+            Colour::Purple => "purple",
+            Colour::Orange => "orange",
+            Colour::White => "white",
+            Colour::Black => "black",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Colour> {
+        Colour::ALL.into_iter().find(|c| c.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// Saturated values, at least ~90 apart (Euclidean, 0–255) so that a nearest-palette vote
+    /// survives noise and blur.
+    pub fn rgb(self) -> [u8; 3] {
+        match self {
+            Colour::Red => [220, 30, 30],
+            Colour::Green => [30, 160, 50],
+            Colour::Blue => [30, 70, 220],
+            Colour::Yellow => [240, 220, 30],
+            Colour::Purple => [140, 50, 190],
+            Colour::Orange => [250, 130, 20],
+            Colour::White => [245, 245, 245],
+            Colour::Black => [15, 15, 15],
+        }
+    }
+
+    /// The second colour of a textured shape: darker for light colours, lighter for black. A
+    /// shade of the shape's own colour (not a new palette colour) keeps the caption's colour the
+    /// majority of the shape's pixels.
+    pub fn shade(self) -> [u8; 3] {
+        let c = self.rgb();
+        if self == Colour::Black {
+            c.map(|v| (v as f64 + (255.0 - v as f64) * 0.4).round() as u8)
+        } else {
+            c.map(|v| (v as f64 * 0.55).round() as u8)
+        }
+    }
+}
+
+/// Euclidean distance of two colours, 0–255 per channel.
+pub fn rgb_distance(a: [u8; 3], b: [u8; 3]) -> f64 {
+    a.iter().zip(b).map(|(&x, y)| (x as f64 - y as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Texture shades must stay this far from the background so that segmentation keeps stripes
+/// and dots inside the shape.
+const MIN_SHADE_CONTRAST: f64 = 80.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Texture {
+    Plain,
+    Stripes,
+    Dots,
+}
+
+impl Texture {
+    pub const ALL: [Texture; 3] = [Texture::Plain, Texture::Stripes, Texture::Dots];
+
+    /// The caption's adjective; none for plain.
+    pub fn adjective(self) -> Option<&'static str> {
+        match self {
+            Texture::Plain => None,
+            Texture::Stripes => Some("striped"),
+            Texture::Dots => Some("dotted"),
+        }
+    }
+}
+
+/// One image of the world. Position and size are fractions of the image side so that a scene
+/// renders the same at any resolution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scene {
+    pub shape: Shape,
+    pub colour: Colour,
+    pub background: Colour,
+    pub texture: Texture,
+    /// Centre, 0–1 of the image side.
+    pub cx: f64,
+    pub cy: f64,
+    /// Diameter of the shape's circumscribed circle, 0–1 of the image side (0.4–0.7 when random).
+    pub size: f64,
+    /// Radians; every angle is equally likely when random.
+    pub rotation: f64,
+}
+
+impl Scene {
+    /// A random scene whose shape is one of `shapes` (all shapes when empty). The circumscribed
+    /// circle lies inside the image, so every rotation is fully visible.
+    pub fn random(rng: &mut impl Rng, shapes: &[Shape]) -> Scene {
+        let shapes = if shapes.is_empty() { &Shape::ALL[..] } else { shapes };
+        let shape = shapes[rng.random_range(0..shapes.len())];
+        let colour = Colour::ALL[rng.random_range(0..Colour::ALL.len())];
+        // Plain half the time: the textures are variations, not the point of the world.
+        let texture = match rng.random_range(0..4) {
+            0 => Texture::Stripes,
+            1 => Texture::Dots,
+            _ => Texture::Plain,
+        };
+        let backgrounds: Vec<Colour> = Colour::ALL
+            .into_iter()
+            .filter(|&b| b != colour)
+            .filter(|&b| {
+                texture == Texture::Plain || rgb_distance(b.rgb(), colour.shade()) >= MIN_SHADE_CONTRAST
+            })
+            .collect();
+        let background = backgrounds[rng.random_range(0..backgrounds.len())];
+        let size = rng.random_range(0.4..=0.7);
+        let r = size / 2.0;
+        let cx = rng.random_range(r..=1.0 - r);
+        let cy = rng.random_range(r..=1.0 - r);
+        let rotation = rng.random_range(0.0..TAU);
+        Scene { shape, colour, background, texture, cx, cy, size, rotation }
+    }
+
+    /// "a red striped star on a blue background"
+    pub fn caption(&self) -> String {
+        let texture = self.texture.adjective().map(|a| format!("{a} ")).unwrap_or_default();
+        format!(
+            "a {} {texture}{} on a {} background",
+            self.colour.name(),
+            self.shape.name(),
+            self.background.name()
+        )
+    }
+
+    /// Renders at `side`×`side` pixels with 4×4 supersampling (anti-aliased edges, like a photo
+    /// of the shape rather than a bitmap). Pure arithmetic: the same scene gives the same bytes.
+    pub fn render(&self, side: u32) -> RgbImage {
+        const SS: u32 = 4;
+        let n = side as f64;
+        let radius = self.size * n / 2.0;
+        let (sin, cos) = (-self.rotation).sin_cos();
+        let (fg, shade, bg) = (self.colour.rgb(), self.colour.shade(), self.background.rgb());
+        RgbImage::from_fn(side, side, |px, py| {
+            let mut acc = [0u32; 3];
+            for sy in 0..SS {
+                for sx in 0..SS {
+                    // Sub-sample position relative to the centre, in units of the radius, in the
+                    // shape's own (unrotated) frame.
+                    let x = px as f64 + (sx as f64 + 0.5) / SS as f64 - self.cx * n;
+                    let y = py as f64 + (sy as f64 + 0.5) / SS as f64 - self.cy * n;
+                    let (u, v) = ((x * cos - y * sin) / radius, (x * sin + y * cos) / radius);
+                    let c = if !inside(self.shape, u, v) {
+                        bg
+                    } else if textured(self.texture, u, v) {
+                        shade
+                    } else {
+                        fg
+                    };
+                    for k in 0..3 {
+                        acc[k] += c[k] as u32;
+                    }
+                }
+            }
+            let d = SS * SS;
+            Rgb(acc.map(|a| ((a + d / 2) / d) as u8))
+        })
+    }
+}
+
+/// Outer vertices of a regular `n`-gon (or star, alternating with `inner`) of radius 1, the first
+/// pointing up.
+fn polygon(n: usize, inner: Option<f64>) -> Vec<(f64, f64)> {
+    let k = if inner.is_some() { 2 * n } else { n };
+    (0..k)
+        .map(|i| {
+            let r = if i % 2 == 1 { inner.unwrap_or(1.0) } else { 1.0 };
+            let a = -PI / 2.0 + TAU * i as f64 / k as f64;
+            (r * a.cos(), r * a.sin())
+        })
+        .collect()
+}
+
+/// Even-odd point-in-polygon test.
+fn in_polygon(pts: &[(f64, f64)], x: f64, y: f64) -> bool {
+    let mut inside = false;
+    let mut j = pts.len() - 1;
+    for i in 0..pts.len() {
+        let ((xi, yi), (xj, yj)) = (pts[i], pts[j]);
+        if (yi > y) != (yj > y) && x < (xj - xi) * (y - yi) / (yj - yi) + xi {
+            inside = !inside;
+        }
+        j = i;
+    }
+    inside
+}
+
+/// Star inner radius: fatter than the classic 0.38 so the arms survive blur and the classifier
+/// still sees five points in a 64-pixel image.
+const STAR_INNER: f64 = 0.45;
+/// Cross arm half-width and reach: the corner (reach, half-width) lies on the unit circle.
+const CROSS_HALF_WIDTH: f64 = 0.3;
+/// Ring hole radius: a hole this size (30 % of the disc) is unmistakable after blur.
+pub const RING_INNER: f64 = 0.55;
+
+/// Whether (u, v), in units of the circumscribed radius, lies inside `shape`.
+fn inside(shape: Shape, u: f64, v: f64) -> bool {
+    let r2 = u * u + v * v;
+    if r2 > 1.0 {
+        return false;
+    }
+    match shape {
+        Shape::Circle => true,
+        Shape::Ring => r2 >= RING_INNER * RING_INNER,
+        Shape::Square => {
+            let h = std::f64::consts::FRAC_1_SQRT_2;
+            u.abs() <= h && v.abs() <= h
+        }
+        Shape::Triangle => in_polygon(&polygon(3, None), u, v),
+        Shape::Star => in_polygon(&polygon(5, Some(STAR_INNER)), u, v),
+        Shape::Cross => {
+            let reach = (1.0 - CROSS_HALF_WIDTH * CROSS_HALF_WIDTH).sqrt();
+            let (a, b) = (u.abs(), v.abs());
+            (a <= CROSS_HALF_WIDTH && b <= reach) || (b <= CROSS_HALF_WIDTH && a <= reach)
+        }
+    }
+}
+
+/// Texture period in units of the radius: 4 stripes or dots across the shape.
+const PERIOD: f64 = 0.5;
+
+/// Whether (u, v) falls on the texture's shade. Stripes cover a third of the shape, dots a
+/// fifth: the caption colour always stays the majority.
+fn textured(texture: Texture, u: f64, v: f64) -> bool {
+    match texture {
+        Texture::Plain => false,
+        Texture::Stripes => (v / PERIOD).rem_euclid(1.0) < 1.0 / 3.0,
+        Texture::Dots => {
+            let (fu, fv) = ((u / PERIOD).rem_euclid(1.0) - 0.5, (v / PERIOD).rem_euclid(1.0) - 0.5);
+            fu * fu + fv * fv < 0.25 * 0.25
+        }
+    }
+}
+
+/// `n` random scenes from `seed` (StdRng, pinned by Cargo.lock): the demo's datasets are named by
+/// their seed.
+pub fn scenes(seed: u64, n: usize, shapes: &[Shape]) -> Vec<Scene> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| Scene::random(&mut rng, shapes)).collect()
+}
+
+/// Writes `0000.png` + `0000.txt` (caption) per scene into `dir` (created if missing), rendered at
+/// `side` pixels — the layout `sdlora train --data` reads. Returns the image paths.
+pub fn write_dataset(dir: &Path, scenes: &[Scene], side: u32) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
+    let mut paths = Vec::with_capacity(scenes.len());
+    for (i, s) in scenes.iter().enumerate() {
+        let png = dir.join(format!("{i:04}.png"));
+        s.render(side).save(&png).with_context(|| format!("{}: cannot write", png.display()))?;
+        let txt = png.with_extension("txt");
+        std::fs::write(&txt, s.caption()).with_context(|| format!("{}: cannot write", txt.display()))?;
+        paths.push(png);
+    }
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scene(shape: Shape, texture: Texture) -> Scene {
+        Scene {
+            shape,
+            colour: Colour::Red,
+            background: Colour::Blue,
+            texture,
+            cx: 0.5,
+            cy: 0.5,
+            size: 0.6,
+            rotation: 0.3,
+        }
+    }
+
+    #[test]
+    fn captions_name_colour_texture_shape_and_background() {
+        assert_eq!(scene(Shape::Star, Texture::Plain).caption(), "a red star on a blue background");
+        assert_eq!(scene(Shape::Star, Texture::Stripes).caption(), "a red striped star on a blue background");
+        assert_eq!(scene(Shape::Ring, Texture::Dots).caption(), "a red dotted ring on a blue background");
+    }
+
+    #[test]
+    fn same_seed_same_scenes_and_bytes() {
+        let (a, b) = (scenes(7, 20, &[]), scenes(7, 20, &[]));
+        assert_eq!(a, b);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.render(64).into_raw(), y.render(64).into_raw());
+        }
+        assert_ne!(a, scenes(8, 20, &[]), "another seed, another world");
+    }
+
+    #[test]
+    fn random_scenes_respect_the_rules() {
+        let all = scenes(1, 500, &[]);
+        for s in &all {
+            assert_ne!(s.colour, s.background);
+            assert!((0.4..=0.7).contains(&s.size));
+            let r = s.size / 2.0;
+            assert!(s.cx - r >= 0.0 && s.cx + r <= 1.0 && s.cy - r >= 0.0 && s.cy + r <= 1.0);
+            if s.texture != Texture::Plain {
+                assert!(rgb_distance(s.colour.shade(), s.background.rgb()) >= MIN_SHADE_CONTRAST);
+            }
+        }
+        // Every shape, colour and texture occurs.
+        for sh in Shape::ALL {
+            assert!(all.iter().any(|s| s.shape == sh), "{sh:?}");
+        }
+        for c in Colour::ALL {
+            assert!(all.iter().any(|s| s.colour == c && s.background != c), "{c:?}");
+            assert!(all.iter().any(|s| s.background == c), "{c:?}");
+        }
+        for t in Texture::ALL {
+            assert!(all.iter().any(|s| s.texture == t), "{t:?}");
+        }
+        let only = scenes(2, 50, &[Shape::Star, Shape::Ring]);
+        assert!(only.iter().all(|s| matches!(s.shape, Shape::Star | Shape::Ring)));
+    }
+
+    #[test]
+    fn palette_colours_are_far_apart() {
+        for a in Colour::ALL {
+            for b in Colour::ALL {
+                if a != b {
+                    assert!(rgb_distance(a.rgb(), b.rgb()) > 85.0, "{a:?} {b:?}");
+                }
+            }
+        }
+    }
+
+    /// Share of pixels equal to the shape colour / its shade, compared with the shape's area
+    /// (fraction of the circumscribed disc).
+    fn coverage(s: &Scene) -> (f64, f64) {
+        let img = s.render(128);
+        let (fg, sh) = (s.colour.rgb(), s.colour.shade());
+        let n = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count() as f64;
+        let disc = PI * (s.size * 64.0).powi(2);
+        (n(fg) / disc, n(sh) / disc)
+    }
+
+    #[test]
+    fn areas_match_the_geometry() {
+        // Interior pixels only (edges are blended), so a little under the exact area.
+        let expect = [
+            (Shape::Circle, 1.0),
+            (Shape::Square, 2.0 / PI),
+            (Shape::Triangle, 3.0 * 3f64.sqrt() / 4.0 / PI),
+            (Shape::Ring, 1.0 - RING_INNER * RING_INNER),
+        ];
+        for (shape, area) in expect {
+            let (fg, sh) = coverage(&scene(shape, Texture::Plain));
+            assert_eq!(sh, 0.0);
+            assert!(fg < area && fg > area * 0.9, "{shape:?}: {fg} vs {area}");
+        }
+        for shape in Shape::ALL {
+            for (texture, lo, hi) in [(Texture::Stripes, 0.2, 0.45), (Texture::Dots, 0.08, 0.3)] {
+                let (fg, sh) = coverage(&scene(shape, texture));
+                let share = sh / (fg + sh);
+                assert!(share > lo && share < hi, "{shape:?} {texture:?}: {share}");
+            }
+        }
+    }
+
+    #[test]
+    fn shape_stays_inside_and_border_is_background() {
+        // The largest shape in a corner: the outermost pixel ring is still mostly background.
+        let mut s = scene(Shape::Circle, Texture::Plain);
+        (s.size, s.cx, s.cy) = (0.7, 0.35, 0.35);
+        let img = s.render(64);
+        assert_eq!(img.get_pixel(63, 63).0, Colour::Blue.rgb());
+        assert_eq!(img.get_pixel(22, 22).0, Colour::Red.rgb());
+    }
+
+    #[test]
+    fn writes_png_and_caption_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let sc = scenes(3, 4, &[]);
+        let paths = write_dataset(dir.path(), &sc, IMAGE_SIZE).unwrap();
+        assert_eq!(paths.len(), 4);
+        for (p, s) in paths.iter().zip(&sc) {
+            let img = image::open(p).unwrap().to_rgb8();
+            assert_eq!(img.dimensions(), (64, 64));
+            assert_eq!(img.into_raw(), s.render(64).into_raw());
+            assert_eq!(std::fs::read_to_string(p.with_extension("txt")).unwrap(), s.caption());
+        }
+        // The training loader accepts the folder as-is.
+        let items = crate::data::dataset::scan(dir.path(), None).unwrap();
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[0].caption, sc[0].caption());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in Shape::ALL {
+            assert_eq!(Shape::from_name(s.name()), Some(s));
+        }
+        for c in Colour::ALL {
+            assert_eq!(Colour::from_name(&c.name().to_uppercase()), Some(c));
+        }
+        assert_eq!(Shape::from_name("hexagon"), None);
+    }
+}

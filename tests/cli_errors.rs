@@ -1,0 +1,163 @@
+//! Bad input gets one clear error line naming the file and the fix — never a panic — and
+//! leaves no output behind.
+mod common;
+use common::data::{tiny_dataset, tiny_model};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn sdlora(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sdlora")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// Fails unless the run failed with exactly one `error:` line containing every `needle`.
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let (ok, err) = sdlora(args);
+    assert!(!ok, "succeeded: {args:?}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "want one error line, got: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{}` lacks `{n}`", lines[0]);
+    }
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        tiny_model(&root.join("model"));
+        tiny_dataset(&root.join("data"), 2);
+        Self { _tmp: tmp, root }
+    }
+    fn p(&self, rel: &str) -> String {
+        self.root.join(rel).display().to_string()
+    }
+    fn train(&self, model: &str, data: &str, out: &str, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> =
+            ["train", "--model", model, "--data", data, "--output", out, "--resolution", "32"]
+                .map(String::from)
+                .to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        if !extra.contains(&"--steps") {
+            v.extend(["--steps".to_string(), "2".to_string()]);
+        }
+        v
+    }
+}
+
+fn run_train(f: &Fixture, model: &str, data: &str, out: &str, extra: &[&str], needles: &[&str]) {
+    let args = f.train(model, data, out, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    expect_error(&refs, needles);
+    assert!(!Path::new(out).exists(), "a failed run left {out}");
+}
+
+#[test]
+fn bad_inputs_each_give_one_clear_line() {
+    let f = Fixture::new();
+    let out = f.p("out/lora.safetensors");
+    std::fs::create_dir_all(f.p("out")).unwrap();
+    let (model, data) = (f.p("model"), f.p("data"));
+
+    expect_error(&["train", "--data", &data, "--output", &out], &["--model is required"]);
+    run_train(&f, &f.p("nope"), &data, &out, &[], &["nope", "no such file or folder"]);
+    std::fs::create_dir_all(f.p("empty")).unwrap();
+    run_train(&f, &model, &f.p("empty"), &out, &[], &["empty", "no images found"]);
+
+    // an unreadable image
+    std::fs::create_dir_all(f.p("bad")).unwrap();
+    std::fs::write(f.p("bad/x.png"), b"not a png at all").unwrap();
+    run_train(&f, &model, &f.p("bad"), &out, &[], &["x.png", "unreadable image"]);
+
+    // an image smaller than the smallest bucket
+    std::fs::create_dir_all(f.p("small")).unwrap();
+    image::RgbImage::from_pixel(4, 4, image::Rgb([9, 99, 199])).save(f.p("small/s.png")).unwrap();
+    run_train(&f, &model, &f.p("small"), &out, &[], &["s.png", "smaller than the smallest bucket"]);
+
+    // a caption without its image
+    std::fs::create_dir_all(f.p("orphan")).unwrap();
+    tiny_dataset(&f.root.join("orphan"), 1);
+    std::fs::write(f.p("orphan/lonely.txt"), "a caption").unwrap();
+    run_train(&f, &model, &f.p("orphan"), &out, &[], &["lonely.txt", "caption without an image"]);
+
+    // an output folder that does not exist / is not writable
+    run_train(&f, &model, &data, &f.p("missing/dir/x.safetensors"), &[], &["x.safetensors", "cannot write"]);
+
+    // a non-finite loss (absurd learning rate): stops with advice, writes no LoRA
+    run_train(
+        &f,
+        &model,
+        &data,
+        &out,
+        &["--lr", "1e30", "--steps", "20", "--max-grad-norm", "0"],
+        &["diverged", "--lr"],
+    );
+}
+
+#[test]
+fn broken_models_name_the_file() {
+    let f = Fixture::new();
+    let out = f.p("lora.safetensors");
+    let data = f.p("data");
+    let weights = "unet/diffusion_pytorch_model.safetensors";
+
+    // truncated weights
+    copy_dir(&f.root.join("model"), &f.root.join("trunc"));
+    let p = f.root.join("trunc").join(weights);
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    run_train(&f, &f.p("trunc"), &data, &out, &[], &["diffusion_pytorch_model.safetensors", "truncated"]);
+
+    // garbage header
+    copy_dir(&f.root.join("model"), &f.root.join("corrupt"));
+    std::fs::write(f.root.join("corrupt").join(weights), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
+        .unwrap();
+    run_train(&f, &f.p("corrupt"), &data, &out, &[], &["diffusion_pytorch_model.safetensors", "corrupt"]);
+
+    // config that does not match the weights
+    copy_dir(&f.root.join("model"), &f.root.join("shape"));
+    let cfg = f.root.join("shape/unet/config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"cross_attention_dim\": 16", "\"cross_attention_dim\": 24");
+    std::fs::write(&cfg, text).unwrap();
+    run_train(
+        &f,
+        &f.p("shape"),
+        &data,
+        &out,
+        &[],
+        &["diffusion_pytorch_model.safetensors", "expected", "[16, 24]"],
+    );
+
+    // an architecture this tool does not implement
+    copy_dir(&f.root.join("model"), &f.root.join("arch"));
+    let cfg = f.root.join("arch/unet/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = if text.contains("\"class_embed_type\": null") {
+        text.replace("\"class_embed_type\": null", "\"class_embed_type\": \"timestep\"")
+    } else {
+        text.replacen('{', "{\"class_embed_type\": \"timestep\",", 1)
+    };
+    std::fs::write(&cfg, text).unwrap();
+    run_train(&f, &f.p("arch"), &data, &out, &[], &["class_embed_type", "not supported"]);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), t).unwrap();
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The full-size SD1.5 and SDXL networks, built from their configs without weights: exact
+//! parameter counts, and the size of a typical LoRA file.
+use sdlora::model::tiny::{clip_shapes, count, sd15, sdxl, unet_shapes, vae_shapes};
+
+#[test]
+fn sd15_parameter_counts() {
+    let c = sd15();
+    assert_eq!(count(&unet_shapes(&c.unet).unwrap()), 859_520_964);
+    assert_eq!(count(&vae_shapes(&c.vae).unwrap()), 83_653_863);
+    assert_eq!(count(&clip_shapes(&c.text_encoders[0]).unwrap()), 123_060_480);
+}
+
+#[test]
+fn sdxl_parameter_counts() {
+    let c = sdxl();
+    assert_eq!(count(&unet_shapes(&c.unet).unwrap()), 2_567_463_684);
+    assert_eq!(count(&clip_shapes(&c.text_encoders[1]).unwrap()), 694_659_840);
+}
+
+#[test]
+fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
+    use candle_core::{DType, Device};
+    use sdlora::lora::targets::{unet_selects, Preset};
+    use sdlora::lora::{attach, format, Init, LoraSpec};
+    let mut unet = sdlora::model::unet::UNet2DConditionModel::load(
+        &sd15().unet,
+        &sdlora::model::weights::Weights::meta(),
+    )
+    .unwrap();
+    let spec =
+        LoraSpec { rank: 8, alpha: 8.0, multiplier: 1.0, init: Init::Standard, seed: 0, dtype: DType::F32 };
+    let adapters =
+        attach(&mut unet, "", &|p, l| unet_selects(Preset::AttnMlp, p, l), &spec, 0, &Device::Cpu).unwrap();
+    assert_eq!(adapters.len(), 192, "16 transformer blocks × 10 layers + 16 × proj_in/out");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("sd15_r8.safetensors");
+    let named: Vec<(String, _)> = adapters.into_iter().map(|a| ("unet".to_string(), a)).collect();
+    let family = sdlora::model::load::Family::Sd1;
+    let layout = sdlora::model::load::ldm_keys::UnetLayout::standard(family);
+    format::write(&path, &named, family, &layout, format::LoraFormat::Kohya, DType::F16, Default::default())
+        .unwrap();
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    assert!((6_000_000..7_000_000).contains(&bytes), "{bytes} bytes");
+}

@@ -1,0 +1,31 @@
+//! Hugging Face ids resolve from a local cache laid out like huggingface_hub's, offline.
+use sdlora::model::load::{load, LoadOptions};
+
+#[test]
+fn hub_id_loads_from_the_local_cache() {
+    let cache = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf_cache/hub");
+    // SAFETY: this test binary has this one test; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("HF_HUB_CACHE", cache) };
+    let opts = LoadOptions { vae: false, text_encoders: false, ..Default::default() };
+    let hub = load("tiny/sd1", &opts).unwrap();
+    let folder = load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sd1/pipe"), &opts).unwrap();
+    let (a, b) = (&hub.unet.as_ref().unwrap().conv_in.weight, &folder.unet.as_ref().unwrap().conv_in.weight);
+    assert_eq!(a.to_vec_flat(), b.to_vec_flat());
+    // a pinned revision by commit hash, and one that is not cached
+    let rev = std::fs::read_to_string(format!("{cache}/models--tiny--sd1/refs/main")).unwrap();
+    assert!(load(&format!("tiny/sd1@{}", rev.trim()), &opts).is_ok());
+    let err = load("tiny/sd1@v9", &opts).err().unwrap().to_string();
+    assert!(err.contains("revision `v9`"), "{err}");
+    let err = load("nobody/nothing", &opts).err().unwrap().to_string();
+    assert!(err.contains("not a model in the Hugging Face cache"), "{err}");
+}
+
+trait Flat {
+    fn to_vec_flat(&self) -> Vec<f32>;
+}
+
+impl Flat for candle_core::Tensor {
+    fn to_vec_flat(&self) -> Vec<f32> {
+        self.flatten_all().unwrap().to_vec1().unwrap()
+    }
+}

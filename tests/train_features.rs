@@ -1,0 +1,164 @@
+//! Training options end to end on tiny random models: config files, the latent cache,
+//! text-encoder LoRA, SDXL, and every augmentation/schedule option together.
+mod common;
+use common::data::{tiny_dataset, tiny_model};
+use sdlora::train::config::{TrainArgs, TrainConfig};
+use sdlora::train::{setup, trainer};
+use std::path::Path;
+
+fn args(model: &Path, data: &Path, out: &Path, steps: usize) -> TrainArgs {
+    TrainArgs {
+        model: Some(model.display().to_string()),
+        data: Some(data.to_path_buf()),
+        output: Some(out.to_path_buf()),
+        steps: Some(steps),
+        rank: Some(2),
+        lr: Some(1e-3),
+        resolution: Some(32),
+        ..Default::default()
+    }
+}
+
+fn keys(p: &Path) -> Vec<String> {
+    let data = std::fs::read(p).unwrap();
+    safetensors::SafeTensors::deserialize(&data).unwrap().names().into_iter().map(String::from).collect()
+}
+
+#[test]
+fn config_file_flags_override_and_unknown_keys_fail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = tmp.path().join("train.toml");
+    std::fs::write(
+        &toml,
+        "model = \"m\"\ndata = \"d\"\noutput = \"o.safetensors\"\nsteps = 7\nrank = 3\nflip = true\n",
+    )
+    .unwrap();
+    let a = TrainArgs { config: Some(toml.clone()), rank: Some(5), ..Default::default() };
+    let c = TrainConfig::resolve(&a).unwrap();
+    assert_eq!((c.steps, c.rank, c.flip, c.alpha()), (7, 5, true, 5.0));
+    std::fs::write(&toml, "model = \"m\"\ndata = \"d\"\noutput = \"o.safetensors\"\nstepz = 7\n").unwrap();
+    let err = TrainConfig::resolve(&TrainArgs { config: Some(toml), ..Default::default() })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("train.toml") && err.contains("stepz"), "{err}");
+}
+
+#[test]
+fn second_run_reads_latents_from_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 3);
+    let cfg = TrainConfig::resolve(&args(&model, &data, &tmp.path().join("a.safetensors"), 1)).unwrap();
+    assert_eq!(setup::setup(&cfg, &mut |_, _, _| {}).unwrap().latents_cached, (0, 3));
+    let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+    assert_eq!(run.latents_cached, (3, 0), "the second run must not run the VAE");
+}
+
+#[test]
+fn text_encoder_lora_and_every_option_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 4);
+    let out = tmp.path().join("te.safetensors");
+    let mut a = args(&model, &data, &out, 6);
+    a.text_encoder_lr = Some(5e-4);
+    a.flip = Some(true);
+    a.random_crop = Some(true);
+    a.caption_dropout = Some(0.2);
+    a.shuffle_tags = Some(true);
+    a.keep_tokens = Some(1);
+    a.min_snr_gamma = Some(5.0);
+    a.noise_offset = Some(0.05);
+    a.grad_accum = Some(2);
+    a.batch_size = Some(2);
+    a.lr_scheduler = Some(sdlora::train::optim::LrSchedule::Cosine);
+    a.warmup_steps = Some(2);
+    a.save_every = Some(3);
+    a.targets = Some("full".into());
+    a.prediction_type = Some("v_prediction".into());
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+    assert!(run.adapters.iter().any(|(c, _)| c == "text_encoder"));
+    assert!(run.adapters.iter().any(|(_, a)| a.path.ends_with("conv1")), "full targets the ResNet convs");
+    let te: Vec<Vec<f32>> = run
+        .adapters
+        .iter()
+        .filter(|(c, _)| c == "text_encoder")
+        .map(|(_, a)| a.down.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    assert_eq!(s.losses.len(), 6);
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+    let k = keys(&out);
+    assert!(k.iter().any(|k| k.starts_with("lora_te_text_model_encoder_layers_0_self_attn_q_proj")));
+    assert!(k.iter().any(|k| k.starts_with("lora_unet_down_blocks_0_resnets_0_conv1")));
+    assert!(tmp.path().join("te-step000003.safetensors").exists(), "--save-every 3");
+    // the text-encoder adapters moved
+    let mut sd = sdlora::model::load::load(model.to_str().unwrap(), &Default::default()).unwrap();
+    let loaded = sdlora::lora::apply::apply_file(&mut sd, &out, 1.0, 0).unwrap();
+    let after: Vec<Vec<f32>> = loaded
+        .iter()
+        .filter(|(c, _)| c == "text_encoder")
+        .map(|(_, a)| a.down.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    assert_eq!(te.len(), after.len());
+    assert!(te.iter().zip(&after).any(|(x, y)| x.iter().zip(y).any(|(a, b)| (a - b).abs() > 1e-4)));
+}
+
+#[test]
+fn sdxl_training_writes_kohya_sgm_names_for_both_text_encoders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    sdlora::model::tiny::write_random_pipeline(
+        &model,
+        &sdlora::model::tiny::tiny_sdxl(),
+        3,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    tiny_dataset(&data, 2);
+    let out = tmp.path().join("xl.safetensors");
+    let mut a = args(&model, &data, &out, 3);
+    a.text_encoder_lr = Some(1e-4);
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+    assert_eq!(run.sd.family, sdlora::model::load::Family::Sdxl);
+    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+    let k = keys(&out);
+    assert!(
+        k.iter().any(|k| k.starts_with("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q")),
+        "SGM names (layers_per_block 1: block 1 is input_blocks.3)"
+    );
+    assert!(k.iter().any(|k| k.starts_with("lora_te1_")) && k.iter().any(|k| k.starts_with("lora_te2_")));
+}
+
+#[test]
+fn help_teaches_every_flag_with_its_default() {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdlora")).args(["train", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--model",
+        "--data",
+        "--output",
+        "--steps",
+        "--batch-size",
+        "--rank",
+        "--alpha",
+        "--lr",
+        "--resolution",
+        "--seed",
+        "--targets",
+        "--format",
+        "--save-every",
+        "--resume",
+        "--config",
+    ] {
+        assert!(help.contains(flag), "train --help lacks {flag}");
+    }
+    assert!(help.matches("[default:").count() >= 15, "{help}");
+}
