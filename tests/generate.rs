@@ -139,6 +139,24 @@ fn same_seed_same_bytes_other_seed_other_image() {
 }
 
 #[test]
+fn tiny_sdxl_generates_with_micro_conditioning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = sdlora::model::tiny::tiny_sdxl();
+    sdlora::model::tiny::write_random_pipeline(tmp.path(), &cfg, 11, DType::F32).unwrap();
+    let sd = load_folder(tmp.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(sd.family, Family::Sdxl);
+    let o = GenerateOptions { scheduler: "euler".into(), ..opts(3) };
+    let a = png_of(&sd, &o);
+    assert_eq!(a, png_of(&sd, &o));
+    // the size enters through the time ids: another size is another image, not just a crop
+    let (img, _) = generate(&sd, &GenerateOptions { height: 48, ..o.clone() }, &mut |_, _| {}).unwrap();
+    assert_eq!((img[0].width, img[0].height), (32, 48));
+    // a long prompt: both encoders chunked alike, pooled from the first chunk
+    let long = vec!["red circle"; 60].join(", ");
+    generate(&sd, &GenerateOptions { prompt: long, ..o }, &mut |_, _| {}).unwrap();
+}
+
+#[test]
 fn long_prompts_are_chunked_like_a1111() {
     let tmp = tempfile::tempdir().unwrap();
     let sd = tiny(tmp.path());
@@ -306,6 +324,27 @@ fn cli_bad_input_gives_one_error_line() {
     let args = base(&["--model", &sd1, "--width", "16"]);
     let (ok, _, err) = sdlora(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{err}");
+}
+
+#[test]
+fn cli_single_file_checkpoint_is_hashed_like_a1111() {
+    use sha2::Digest;
+    let single = fixtures().join("sd1/single.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, o) = (single.display().to_string(), tmp.path().display().to_string());
+    let args = [
+        "generate", "--model", &m, "--prompt", "x", "--steps", "1", "--width", "16", "--height", "16",
+        "--out", &o,
+    ];
+    let (ok, _, err) = sdlora(&args);
+    assert!(ok, "{err}");
+    let text = read_parameters(&std::fs::read(tmp.path().join("00000-42.png")).unwrap()).unwrap().unwrap();
+    let f: HashMap<String, String> = parse_fields(&text).into_iter().collect();
+    let digest = sha2::Sha256::digest(std::fs::read(&single).unwrap());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(f["Model hash"], hex[..10]);
+    assert_eq!(f["Model"], "single");
+    assert_eq!(f["Sampler"], "DPM++ 2M Karras", "no scheduler config: A1111's default sampler");
 }
 
 #[test]

@@ -165,6 +165,7 @@ fn unknown_scheduler_lists_the_valid_names() {
 #[test]
 fn default_follows_the_config_class() {
     let mut cfg = SchedulerConfig::default();
+    assert_eq!(build("default", &cfg, 20).unwrap().a1111_name(), "DPM++ 2M Karras", "no config");
     for (class, sampler) in [
         ("DDIMScheduler", "DDIM"),
         ("EulerDiscreteScheduler", "Euler"),

@@ -68,8 +68,12 @@ pub fn resolve(name: &str, cfg: &SchedulerConfig) -> Result<(Kind, Option<String
         "euler-a" => (Kind::EulerAncestral, None),
         "dpm++2m" => (Kind::DpmSolver { karras: false }, None),
         "dpm++2m-karras" => (Kind::DpmSolver { karras: true }, None),
+        "default" if cfg.class_name.is_none() => (
+            Kind::DpmSolver { karras: true },
+            Some("the model comes without scheduler_config.json; sampling with dpm++2m-karras".into()),
+        ),
         "default" => {
-            let class = cfg.class_name.as_deref().unwrap_or("(none)");
+            let class = cfg.class_name.as_deref().unwrap_or_default();
             let karras = schedule::extra_bool(cfg, "use_karras_sigmas", false);
             match class {
                 "DDIMScheduler" => (Kind::Ddim, None),

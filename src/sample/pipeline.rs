@@ -194,8 +194,14 @@ pub fn generate(
     if opts.steps == 0 || opts.batch == 0 {
         bail!("--steps and --batch must be at least 1");
     }
-    let (kind, _) = resolve(&opts.scheduler, &sd.scheduler)?;
-    let mut sched = super::build_kind(kind, &sd.scheduler, opts.steps)?;
+    let mut sched_cfg = sd.scheduler.clone();
+    if sched_cfg.class_name.is_none() {
+        // no scheduler_config.json (single files): Stable Diffusion's own steps_offset, as
+        // diffusers' from_single_file takes it from the original repository's config
+        sched_cfg.steps_offset = 1;
+    }
+    let (kind, _) = resolve(&opts.scheduler, &sched_cfg)?;
+    let mut sched = super::build_kind(kind, &sched_cfg, opts.steps)?;
     let size_of = |v: usize| if v == 0 { default_size(sd) } else { v };
     let (width, height) = (size_of(opts.width), size_of(opts.height));
     let f = vae_scale_factor(vae);
