@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 /// Flags of `sdlora generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Base model: a diffusers folder or a Hugging Face id (org/name[@revision]) already in the
-    /// local HF cache.
+    /// Base model: a diffusers folder, a .safetensors/.ckpt single file, or a Hugging Face id
+    /// (org/name[@revision]) already in the local HF cache.
     #[arg(long)]
     pub model: String,
     /// A LoRA to apply, as FILE or FILE:STRENGTH (strength defaults to 1). Repeat for several.
@@ -22,7 +22,7 @@ pub struct GenerateArgs {
     /// as Automatic1111 does (`BREAK` starts a new chunk).
     #[arg(long)]
     pub prompt: String,
-    /// What to steer away from [default: empty].
+    /// What to steer away from.
     #[arg(long, default_value = "")]
     pub negative: String,
     /// Denoising steps.
@@ -31,9 +31,9 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale; 1 or less disables guidance.
     #[arg(long, default_value_t = 7.0)]
     pub cfg: f64,
-    /// Seed of the first image; image i of the batch uses seed + i. -1 picks one at random. The
-    /// noise is torch's CPU generator's, so a seed gives the same start as diffusers with
-    /// `torch.Generator().manual_seed(seed)`.
+    /// Seed of the first image; image i of the batch uses seed + i. A negative seed picks one at
+    /// random. The noise is torch's CPU generator's, so a seed gives the same start as diffusers
+    /// with `torch.Generator().manual_seed(seed)`.
     #[arg(long, default_value_t = 42, allow_negative_numbers = true)]
     pub seed: i64,
     /// Image width in pixels [default: 512 for SD1, 768 for SD2 v-prediction models (else 512),
@@ -138,6 +138,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     } else {
         args.seed as u64
     };
+    let mut clip_skip = args.clip_skip;
+    if sd.family == crate::model::load::Family::Sdxl && clip_skip > 1 {
+        eprintln!("note: --clip-skip applies to SD 1.x/2.x; SDXL always uses the penultimate layers");
+        clip_skip = 1;
+    }
     let size = pipeline::default_size(&sd);
     let width = args.width.unwrap_or(size);
     let opts = GenerateOptions {
@@ -150,7 +155,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         height: args.height.unwrap_or(width),
         batch: args.batch,
         scheduler: args.scheduler.clone(),
-        clip_skip: args.clip_skip,
+        clip_skip,
     };
     let model_hash = model_location(&sd.source).map(|p| infopng::model_hash(&p)).transpose()?;
 
