@@ -9,6 +9,7 @@ pub mod demo;
 pub mod lora;
 pub mod model;
 pub mod report;
+pub mod sample;
 pub mod train;
 pub mod util;
 

@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand.
 pub mod bench;
 pub mod demo;
+pub mod generate;
 pub mod tools;
 pub mod train;
 
@@ -41,6 +42,11 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Benchmark inputs: random-weight models of the real architectures, a procedural dataset.
     Bench(bench::BenchArgs),
+    /// Generate images from a prompt, optionally with LoRAs.
+    ///
+    /// Writes PNGs carrying Automatic1111's generation parameters (prompt, sampler, seed, model
+    /// and LoRA hashes), which A1111's PNG Info, ComfyUI and Civitai read.
+    Generate(generate::GenerateArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -53,5 +59,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Extract(a) => tools::extract_cmd(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Demo(a) => demo::run(&a),
+        Command::Generate(a) => generate::run(&a),
     }
 }

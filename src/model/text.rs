@@ -90,6 +90,63 @@ impl PromptEncoder {
         self.assemble(&outs, encoders)
     }
 
+    /// A1111-style long-prompt token ids: per tokenizer, one 77-id row per chunk of at most 75
+    /// tokens (see `a1111_chunks`), each `[bos, tokens, eos, pad...]`.
+    pub fn chunked_ids(&self, prompt: &str, vocab: &[usize]) -> Result<Vec<Vec<Vec<u32>>>> {
+        let mut out = vec![];
+        for ((tok, pad), &v) in self.tokenizers.iter().zip(vocab) {
+            let parts = split_break(prompt).iter().map(|p| tok.encode_raw(p)).collect::<Result<Vec<_>>>()?;
+            let comma = tok.encode_raw(",")?.first().copied();
+            let rows = a1111_chunks(&parts, comma)
+                .into_iter()
+                .map(|chunk| {
+                    let mut ids = Vec::with_capacity(77);
+                    ids.push(tok.bos_id());
+                    ids.extend(chunk);
+                    ids.push(tok.eos_id());
+                    ids.resize(77, *pad);
+                    // a tiny model's vocabulary may be smaller than CLIP's: fold ids into it
+                    ids.into_iter().map(|i| if (i as usize) < v { i } else { i % v as u32 }).collect()
+                })
+                .collect();
+            out.push(rows);
+        }
+        Ok(out)
+    }
+
+    /// Inference with prompts of any length, as Automatic1111 encodes them: each chunk of 75
+    /// tokens is encoded on its own and the chunks are concatenated along the sequence
+    /// ([B, 77·chunks, D]); prompts with fewer chunks are padded with the empty prompt's chunk.
+    /// SDXL's pooled embedding comes from the first chunk. Prompts of at most 75 tokens give
+    /// exactly what `encode` (diffusers) gives.
+    pub fn encode_chunked(&self, encoders: &[ClipTextModel], prompts: &[String]) -> Result<Conditioning> {
+        let dev = encoders[0].token_embedding.device();
+        let vocab: Vec<usize> = encoders.iter().map(|e| e.config.vocab_size).collect();
+        let per_prompt = prompts.iter().map(|p| self.chunked_ids(p, &vocab)).collect::<Result<Vec<_>>>()?;
+        let empty = self.chunked_ids("", &vocab)?;
+        let chunks = per_prompt.iter().flat_map(|t| t.iter().map(|c| c.len())).max().unwrap_or(1);
+        let mut ids = vec![];
+        for k in 0..self.tokenizers.len() {
+            let mut rows: Vec<u32> = vec![];
+            for p in &per_prompt {
+                for c in 0..chunks {
+                    rows.extend(p[k].get(c).unwrap_or(&empty[k][0]));
+                }
+            }
+            ids.push(Tensor::from_vec(rows, (prompts.len() * chunks, 77), dev)?);
+        }
+        let outs =
+            encoders.iter().zip(&ids).map(|(e, i)| e.forward(i)).collect::<candle_core::Result<Vec<_>>>()?;
+        let c = self.assemble(&outs, encoders)?;
+        let (n, d) = (prompts.len(), c.context.dim(D::Minus1)?);
+        let context = c.context.reshape((n, chunks * 77, d))?;
+        let pooled = match c.pooled {
+            Some(p) => Some(p.reshape((n, chunks, ()))?.narrow(1, 0, 1)?.squeeze(1)?),
+            None => None,
+        };
+        Ok(Conditioning { context, pooled })
+    }
+
     /// Training the text encoder(s): forward keeping what backward needs.
     pub fn encode_train(
         &self,
@@ -147,5 +204,91 @@ impl PromptEncoder {
         };
         encoders[0].backward(s, d, g)?;
         Ok(())
+    }
+}
+
+/// Automatic1111's `BREAK`: a word of its own that starts a new chunk.
+pub fn split_break(prompt: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    for (i, word) in prompt.split(|c: char| c.is_whitespace()).enumerate() {
+        if word == "BREAK" {
+            parts.push(String::new());
+            continue;
+        }
+        let last = parts.last_mut().expect("one part");
+        if i > 0 && !last.is_empty() {
+            last.push(' ');
+        }
+        last.push_str(word);
+    }
+    parts.iter().map(|p| p.trim().to_string()).collect()
+}
+
+/// Automatic1111's chunking (`FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`, without
+/// emphasis or embeddings): chunks of at most 75 tokens; when a chunk fills up and its last comma
+/// is at most 20 tokens back, the tokens after that comma move to the next chunk. Each part (the
+/// prompt split at BREAK) starts a new chunk. Always at least one chunk.
+pub fn a1111_chunks(parts: &[Vec<u32>], comma: Option<u32>) -> Vec<Vec<u32>> {
+    const CHUNK: usize = 75;
+    const BACKTRACK: usize = 20;
+    let mut chunks: Vec<Vec<u32>> = vec![];
+    let mut chunk: Vec<u32> = vec![];
+    let mut last_comma: Option<usize> = None;
+    for (k, part) in parts.iter().enumerate() {
+        if k > 0 {
+            chunks.push(std::mem::take(&mut chunk));
+            last_comma = None;
+        }
+        for &token in part {
+            if Some(token) == comma {
+                last_comma = Some(chunk.len());
+            } else if let Some(lc) = last_comma.filter(|&lc| chunk.len() == CHUNK && CHUNK - lc <= BACKTRACK)
+            {
+                let moved = chunk.split_off(lc + 1);
+                chunks.push(std::mem::replace(&mut chunk, moved));
+                last_comma = None;
+            }
+            if chunk.len() == CHUNK {
+                chunks.push(std::mem::take(&mut chunk));
+                last_comma = None;
+            }
+            chunk.push(token);
+        }
+    }
+    if !chunk.is_empty() || chunks.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_of_75_with_comma_backtrack() {
+        let ids: Vec<u32> = (0..160).collect();
+        let c = a1111_chunks(std::slice::from_ref(&ids), None);
+        assert_eq!(c.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![75, 75, 10]);
+        assert_eq!(c.concat(), ids);
+        // a comma (id 7) at position 60: the chunk breaks after it
+        let mut with_comma = ids.clone();
+        with_comma[60] = 7;
+        let c = a1111_chunks(&[with_comma.clone()], Some(7));
+        assert_eq!(c[0].len(), 61);
+        assert_eq!(c.concat(), with_comma);
+        // too far back (position 40): no backtrack
+        let mut far = ids.clone();
+        far[40] = 7;
+        assert_eq!(a1111_chunks(&[far], Some(7))[0].len(), 75);
+        assert_eq!(a1111_chunks(&[], None), vec![Vec::<u32>::new()]);
+        assert_eq!(a1111_chunks(&[vec![1, 2], vec![3]], None), vec![vec![1, 2], vec![3]]);
+    }
+
+    #[test]
+    fn break_splits_words_only() {
+        assert_eq!(split_break("a cat BREAK a dog"), vec!["a cat", "a dog"]);
+        assert_eq!(split_break("BREAKFAST"), vec!["BREAKFAST"]);
+        assert_eq!(split_break("x"), vec!["x"]);
     }
 }

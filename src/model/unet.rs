@@ -434,13 +434,18 @@ impl UNet2DConditionModel {
         Ok((emb.silu()?, EmbSaved { emb, time, add }))
     }
 
-    /// Inference forward: the predicted noise (or v).
+    /// Inference forward: the predicted noise (or v). Keeps nothing for a backward (each block's
+    /// saved state is dropped as soon as the block is done), so memory stays that of one block.
     pub fn forward(&self, inp: &UNetInput) -> Result<Tensor> {
-        Ok(self.forward_train(inp)?.0)
+        Ok(self.run(inp, true)?.0)
     }
 
     pub fn forward_train(&self, inp: &UNetInput) -> Result<(Tensor, UNetSaved)> {
-        let ck = self.gradient_checkpointing;
+        self.run(inp, self.gradient_checkpointing)
+    }
+
+    /// `ck`: keep only each block's inputs (gradient checkpointing) instead of its saved state.
+    fn run(&self, inp: &UNetInput, ck: bool) -> Result<(Tensor, UNetSaved)> {
         let (temb, emb) = self.embed(inp)?;
         let ctx = inp.encoder_hidden_states.to_dtype(temb.dtype())?;
         let (mut h, conv_in) = self.conv_in.forward(&inp.sample.to_dtype(temb.dtype())?)?;

@@ -73,6 +73,10 @@ pub struct SchedulerConfig {
     pub timestep_spacing: String,
     #[serde(default)]
     pub set_alpha_to_one: bool,
+    /// Every other setting of the file (`use_karras_sigmas`, `final_sigmas_type`, ...), for the
+    /// samplers of `sdlora generate`.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for SchedulerConfig {

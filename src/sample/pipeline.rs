@@ -1,0 +1,242 @@
+//! Text to image, as diffusers' StableDiffusion(XL)Pipeline: encode the prompt and the negative
+//! prompt, start from seeded noise, denoise with classifier-free guidance, decode with the VAE.
+use super::noise::{NoiseSource, SeededNoise};
+use super::{resolve, Scheduler};
+use crate::model::load::{Family, StableDiffusion};
+use crate::model::text::{Conditioning, PromptEncoder};
+use crate::model::unet::{UNet2DConditionModel, UNetInput};
+use crate::model::vae::AutoencoderKL;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+
+/// What to generate. `Default` gives the CLI's defaults except the size (0 = the family's).
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    pub negative: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; at most 1 runs the prompt alone, as diffusers does.
+    pub cfg_scale: f64,
+    /// Image i of the batch uses seed + i (Automatic1111's numbering).
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub batch: usize,
+    /// One of `super::SCHEDULER_NAMES`.
+    pub scheduler: String,
+    /// 1 = last text-encoder layer; 2 = penultimate (SD1/SD2).
+    pub clip_skip: usize,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative: String::new(),
+            steps: 25,
+            cfg_scale: 7.0,
+            seed: 42,
+            width: 0,
+            height: 0,
+            batch: 1,
+            scheduler: "default".into(),
+            clip_skip: 1,
+        }
+    }
+}
+
+/// 512 for SD1, 768 for SD2 v-prediction models (512 for SD2 base), 1024 for SDXL.
+pub fn default_size(sd: &StableDiffusion) -> usize {
+    match sd.family {
+        Family::Sd1 => 512,
+        Family::Sd2 if sd.scheduler.prediction_type == "v_prediction" => 768,
+        Family::Sd2 => 512,
+        Family::Sdxl => 1024,
+    }
+}
+
+/// Pixels per latent: 2^(VAE blocks − 1), 8 for every released model.
+pub fn vae_scale_factor(vae: &AutoencoderKL) -> usize {
+    1 << (vae.config.block_out_channels.len() - 1)
+}
+
+/// One generated image, RGB 8-bit.
+pub struct GeneratedImage {
+    pub width: u32,
+    pub height: u32,
+    pub rgb: Vec<u8>,
+    pub seed: u64,
+}
+
+/// Everything the U-Net needs besides the latents: the text conditioning of [negative; prompt]
+/// (or the prompt alone without guidance), SDXL's pooled embeds and size/crop ids.
+pub struct Guidance {
+    pub context: Tensor,
+    pub text_embeds: Option<Tensor>,
+    pub time_ids: Option<Tensor>,
+    /// `None`: no classifier-free guidance.
+    pub scale: Option<f64>,
+}
+
+impl Guidance {
+    /// `cond` and `uncond` with the same batch size B; `scale` > 1 enables guidance (the U-Net
+    /// then runs on 2B rows: negative first, as diffusers concatenates them). SDXL: `size` is
+    /// (height, width) in pixels, used as original and target size with crop (0, 0).
+    pub fn new(
+        cond: &Conditioning,
+        uncond: &Conditioning,
+        scale: f64,
+        size: Option<(usize, usize)>,
+    ) -> Result<Self> {
+        let guided = scale > 1.0;
+        let cat = |u: &Tensor, c: &Tensor| -> Result<Tensor> {
+            Ok(if guided { Tensor::cat(&[u, c], 0)? } else { c.clone() })
+        };
+        let context = cat(&uncond.context, &cond.context)?;
+        let text_embeds = match (&uncond.pooled, &cond.pooled) {
+            (Some(u), Some(c)) => Some(cat(u, c)?),
+            _ => None,
+        };
+        let time_ids = match (size, &text_embeds) {
+            (Some((h, w)), Some(t)) => {
+                let (h, w) = (h as f32, w as f32);
+                let row = [h, w, 0.0, 0.0, h, w];
+                let n = t.dim(0)?;
+                Some(Tensor::from_vec(row.repeat(n), (n, 6), t.device())?)
+            }
+            _ => None,
+        };
+        Ok(Self { context, text_embeds, time_ids, scale: guided.then_some(scale) })
+    }
+}
+
+/// The denoising loop: `latents` (already scaled by `init_noise_sigma`) through every step.
+/// `progress(i, n)` after each step.
+pub fn denoise(
+    unet: &UNet2DConditionModel,
+    sched: &mut dyn Scheduler,
+    mut latents: Tensor,
+    g: &Guidance,
+    noise: &mut dyn NoiseSource,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let timesteps = sched.timesteps().to_vec();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let x = if g.scale.is_some() { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let x = sched.scale_model_input(&x, i)?;
+        let n = x.dim(0)?;
+        let timestep = Tensor::from_vec(vec![t as f32; n], n, x.device())?;
+        let out = unet.forward(&UNetInput {
+            sample: &x,
+            timestep: &timestep,
+            encoder_hidden_states: &g.context,
+            text_embeds: g.text_embeds.as_ref(),
+            time_ids: g.time_ids.as_ref(),
+        })?;
+        let out = out.to_dtype(DType::F32)?;
+        let pred = match g.scale {
+            Some(s) => {
+                let b = n / 2;
+                let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+                (&u + ((c - &u)? * s)?)?
+            }
+            None => out,
+        };
+        latents = sched.step(&pred, i, &latents, noise)?;
+        progress(i + 1, timesteps.len());
+    }
+    let worst = latents.abs()?.max_all()?.to_scalar::<f32>()?;
+    if !worst.is_finite() {
+        bail!(
+            "the latents became non-finite (NaN/inf) while sampling — try another scheduler or fewer LoRAs"
+        );
+    }
+    Ok(latents)
+}
+
+/// Latents → images in [0, 1], [B, 3, H, W] f32, one image at a time through the VAE.
+pub fn decode(vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
+    let z = (latents / vae.config.scaling_factor)?;
+    let mut images = vec![];
+    for i in 0..z.dim(0)? {
+        let img = vae.decode(&z.narrow(0, i, 1)?)?.to_dtype(DType::F32)?;
+        images.push(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?);
+    }
+    Ok(Tensor::cat(&images, 0)?)
+}
+
+/// [B, 3, H, W] in [0, 1] → 8-bit RGB rows, rounded half to even as numpy does.
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let (b, _, h, w) = images.dims4()?;
+    let hwc = images.permute((0, 2, 3, 1))?.contiguous()?;
+    let mut out: Vec<Vec<u8>> = vec![];
+    for i in 0..b {
+        let v: Vec<f32> = hwc.get(i)?.flatten_all()?.to_vec1()?;
+        debug_assert_eq!(v.len(), h * w * 3);
+        out.push(v.iter().map(|x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect());
+    }
+    Ok(out)
+}
+
+/// Prompt → images: the whole pipeline on a loaded model (LoRAs already applied).
+/// `progress(i, n)` after each denoising step.
+pub fn generate(
+    sd: &StableDiffusion,
+    opts: &GenerateOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<GeneratedImage>, &'static str)> {
+    let (Some(unet), Some(vae)) = (&sd.unet, &sd.vae) else {
+        bail!("generating needs the model's U-Net and VAE")
+    };
+    if sd.text_encoders.is_empty() {
+        bail!("generating needs the model's text encoder(s)");
+    }
+    if opts.steps == 0 || opts.batch == 0 {
+        bail!("--steps and --batch must be at least 1");
+    }
+    let mut sched_cfg = sd.scheduler.clone();
+    if sched_cfg.class_name.is_none() {
+        // no scheduler_config.json (single files): Stable Diffusion's own steps_offset, as
+        // diffusers' from_single_file takes it from the original repository's config
+        sched_cfg.steps_offset = 1;
+    }
+    let (kind, _) = resolve(&opts.scheduler, &sched_cfg)?;
+    let mut sched = super::build_kind(kind, &sched_cfg, opts.steps)?;
+    let size_of = |v: usize| if v == 0 { default_size(sd) } else { v };
+    let (width, height) = (size_of(opts.width), size_of(opts.height));
+    let f = vae_scale_factor(vae);
+    let multiple = f << (unet.config.block_out_channels.len() - 1);
+    if width % multiple != 0 || height % multiple != 0 {
+        bail!("size {width}x{height}: width and height must be multiples of {multiple} for this model");
+    }
+
+    let encoder = PromptEncoder::new(sd, opts.clip_skip)?;
+    let both = encoder
+        .encode_chunked(&sd.text_encoders, &[opts.negative.clone(), opts.prompt.clone()])
+        .context("encoding the prompt")?;
+    let pick = |row: usize| -> Result<Conditioning> {
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            let r = t.narrow(0, row, 1)?;
+            let mut dims = vec![opts.batch];
+            dims.extend(&r.dims()[1..]);
+            Ok(r.broadcast_as(dims)?.contiguous()?)
+        };
+        Ok(Conditioning { context: rep(&both.context)?, pooled: both.pooled.as_ref().map(rep).transpose()? })
+    };
+    let (uncond, cond) = (pick(0)?, pick(1)?);
+    let xl_size = (sd.family == Family::Sdxl).then_some((height, width));
+    let guidance = Guidance::new(&cond, &uncond, opts.cfg_scale, xl_size)?;
+
+    let seeds: Vec<u64> = (0..opts.batch as u64).map(|i| opts.seed.wrapping_add(i)).collect();
+    let mut noise = SeededNoise::new(&seeds);
+    let shape = [opts.batch, unet.config.in_channels, height / f, width / f];
+    let latents = (noise.randn(&shape, unet.conv_in.weight.device())? * sched.init_noise_sigma())?;
+    let latents = denoise(unet, sched.as_mut(), latents, &guidance, &mut noise, progress)?;
+    let images = to_rgb8(&decode(vae, &latents)?)?;
+    let out = images
+        .into_iter()
+        .zip(seeds)
+        .map(|(rgb, seed)| GeneratedImage { width: width as u32, height: height as u32, rgb, seed })
+        .collect();
+    Ok((out, sched.a1111_name()))
+}
