@@ -162,3 +162,43 @@ fn help_teaches_every_flag_with_its_default() {
     }
     assert!(help.matches("[default:").count() >= 15, "{help}");
 }
+
+#[test]
+fn sample_grids_before_during_and_after_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 2);
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "# two prompts\na red circle on a blue background\n\na green circle on a yellow background\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("s.safetensors");
+    let mut a = args(&model, &data, &out, 4);
+    a.lr = Some(1e-2);
+    a.sample_prompts = Some(prompts);
+    a.sample_every = Some(2);
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    let steps: Vec<usize> = s.grids.iter().map(|(k, _)| *k).collect();
+    assert_eq!(steps, vec![0, 2, 4]);
+    for k in [0, 2, 4] {
+        assert!(tmp.path().join(format!("s-samples-step{k:06}.png")).exists());
+    }
+    // rows of [base | LoRA]: identical before training, different after
+    // cells of 32 px with a 2 px frame around and between them
+    let cell =
+        |g: &image::RgbImage, col: u32| image::imageops::crop_imm(g, 2 + col * 34, 2, 32, 32).to_image();
+    let halves = |g: &image::RgbImage| (cell(g, 0), cell(g, 1));
+    let (b0, l0) = halves(&s.grids[0].1);
+    assert!(b0.as_raw() == l0.as_raw(), "before training the LoRA column is the base");
+    let (b2, l2) = halves(&s.grids[2].1);
+    assert!(b2.as_raw() != l2.as_raw(), "after training the LoRA column differs");
+    let mut report = sdlora::report::html::Report::from_summary("t", &s);
+    report.settings.push(("k".into(), "v".into()));
+    let html = report.html().unwrap();
+    assert_eq!(html.matches("data:image/png;base64,").count(), 3);
+}

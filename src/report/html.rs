@@ -56,6 +56,20 @@ impl Report {
             lora_bytes: s.lora_bytes,
             seconds: s.seconds,
             images_per_second: s.images_per_second,
+            grids: s
+                .grids
+                .iter()
+                .map(|(step, g)| {
+                    (
+                        if *step == 0 {
+                            "before training: [base | base]".to_string()
+                        } else {
+                            format!("step {step}: [base | LoRA]")
+                        },
+                        g.clone(),
+                    )
+                })
+                .collect(),
             ..Report::default()
         }
     }

@@ -151,6 +151,15 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
+    /// A text file of prompts (one per line): sample grids [base | LoRA], same seed, are
+    /// written before training, every --sample-every steps and at the end.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_prompts: Option<PathBuf>,
+    /// Steps between sample grids (0: only before and after) [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_every: Option<usize>,
 }
 
 /// The resolved settings of a run.
@@ -218,6 +227,10 @@ pub struct TrainConfig {
     pub prediction_type: Option<String>,
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub sample_prompts: Option<PathBuf>,
+    #[serde(default)]
+    pub sample_every: usize,
 }
 
 fn d_steps() -> usize {

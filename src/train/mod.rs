@@ -4,6 +4,7 @@ pub mod config;
 pub mod metadata;
 pub mod noise;
 pub mod optim;
+pub mod samples;
 pub mod setup;
 pub mod state;
 pub mod trainer;

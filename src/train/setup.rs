@@ -70,7 +70,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let samples =
         prepare(&items, resolution, step, cfg.flip, &enc, &mut |i| progress("encoding images", i, n))?;
     let latents_cached = enc.counts.get();
-    if !cfg.random_crop {
+    if !cfg.random_crop && cfg.sample_prompts.is_none() {
         sd.vae = None; // latents are cached: free the VAE
     }
     let prompts = PromptEncoder::new(&sd, 1)?;

@@ -27,6 +27,8 @@ pub struct Summary {
     pub lora_path: PathBuf,
     pub lora_bytes: u64,
     pub skipped_steps: usize,
+    /// Sample grids ([base | LoRA] rows) by step, when sample prompts were given.
+    pub grids: Vec<(usize, image::RgbImage)>,
 }
 
 /// One micro-batch's loss and the gradients it adds to `g`.
@@ -195,6 +197,15 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         }
     }
     let eval_before = eval_loss(&run, cfg)?;
+    let prompts = cfg.sample_prompts.as_deref().map(super::samples::read_prompts).transpose()?;
+    let mut grids = vec![];
+    let mut base_images = vec![];
+    if let Some(p) = &prompts {
+        base_images = super::samples::render(&run, cfg, p)?;
+        let g = super::samples::grid(&base_images, &base_images);
+        crate::util::write_atomic(&super::samples::grid_path(&cfg.output, start), &png(&g)?)?;
+        grids.push((start, g));
+    }
     let repeats: Vec<usize> = run.items.iter().map(|i| i.repeats).collect();
     let mut order = BatchOrder::new(&run.samples, &repeats, cfg.batch_size, cfg.seed);
     let mut text = HashMap::new();
@@ -239,6 +250,13 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         losses.push(loss);
         on_step(step + 1, loss, images as f64 / t0.elapsed().as_secs_f64());
         let done = step + 1;
+        if let (Some(p), true) =
+            (&prompts, cfg.sample_every > 0 && done % cfg.sample_every == 0 && done < cfg.steps)
+        {
+            let g = super::samples::grid(&base_images, &super::samples::render(&run, cfg, p)?);
+            crate::util::write_atomic(&super::samples::grid_path(&cfg.output, done), &png(&g)?)?;
+            grids.push((done, g));
+        }
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done < cfg.steps {
             let p = step_path(&cfg.output, done);
             save(&run, cfg, &p, done)?;
@@ -247,6 +265,11 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
     }
     let seconds = t0.elapsed().as_secs_f64();
     let eval_after = eval_loss(&run, cfg)?;
+    if let Some(p) = &prompts {
+        let g = super::samples::grid(&base_images, &super::samples::render(&run, cfg, p)?);
+        crate::util::write_atomic(&super::samples::grid_path(&cfg.output, cfg.steps), &png(&g)?)?;
+        grids.push((cfg.steps, g));
+    }
     save(&run, cfg, &cfg.output, cfg.steps)?;
     state::save(&state::state_path(&cfg.output), &run.adapters, &run.opt, cfg.steps)?;
     let lora_bytes = std::fs::metadata(&cfg.output)?.len();
@@ -260,7 +283,14 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         lora_path: cfg.output.clone(),
         lora_bytes,
         skipped_steps: skipped,
+        grids,
     })
+}
+
+fn png(img: &image::RgbImage) -> Result<Vec<u8>> {
+    let mut buf = std::io::Cursor::new(vec![]);
+    img.write_to(&mut buf, image::ImageFormat::Png)?;
+    Ok(buf.into_inner())
 }
 
 /// `out.safetensors` → `out-step000200.safetensors`

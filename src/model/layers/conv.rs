@@ -79,7 +79,7 @@ impl Conv2d {
                 // delta = s · up ⋆ h (1×1): dU = s · Σ dy hᵀ, dh = s · Uᵀ dy
                 let d_up = (channels_by_rest(&dyf)?.matmul(&channels_by_rest(h)?.t()?)? * a.scale)?
                     .reshape((out, rank, 1, 1))?;
-                let up_t = &a.up.as_tensor().detach().transpose(0, 1)?.contiguous()?;
+                let up_t = a.up.as_tensor().detach().transpose(0, 1)?.contiguous()?;
                 let dh = (dyf.conv2d(&up_t, 0, 1, 1, 1)? * a.scale)?;
                 let d_down = kernel_grad(&xf, &dh, a.down.dims4()?, self.stride, self.padding)?;
                 let dxa =
