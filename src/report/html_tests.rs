@@ -171,6 +171,7 @@ fn from_summary_carries_the_run_numbers() {
         lora_path: "x.safetensors".into(),
         lora_bytes: 1000,
         skipped_steps: 1,
+        grids: vec![],
     };
     let r = Report::from_summary("run", &s);
     assert_eq!((r.losses.len(), r.lora_bytes, r.eval_loss), (3, 1000, Some((0.2, 0.1))));
