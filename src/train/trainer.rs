@@ -153,10 +153,10 @@ fn random_crop_latent(
     Ok((z.to_dtype(DType::F32)? * vae.config.scaling_factor)?.squeeze(0)?)
 }
 
-/// Fixed-seed evaluation loss over (up to) 8 samples, 2 timesteps each.
+/// Fixed-seed evaluation loss over (up to) 4 samples, 2 timesteps each.
 pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
     let mut text = HashMap::new();
-    let n = run.samples.len().min(8);
+    let n = run.samples.len().min(4);
     let mut total = 0.0;
     for i in 0..n {
         for j in 0..2u64 {
