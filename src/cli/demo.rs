@@ -32,6 +32,12 @@ pub struct DemoArgs {
     pub concept: String,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// LoRA training steps.
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// A base model pretrained on the tiny world (from --pretrain); without it a random base is used.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
@@ -77,5 +83,29 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         println!("wrote {} in {:.0} s", out.display(), t0.elapsed().as_secs_f64());
         return Ok(());
     }
-    anyhow::bail!("the demo's base model is not trained yet — `sdlora demo --pretrain DIR` trains one (see issue notes)")
+    let opts = crate::demo::run::DemoOptions {
+        out: a.out.clone(),
+        concept,
+        images: 20,
+        steps: a.steps,
+        side: 32,
+        seed: a.seed,
+    };
+    let r = crate::demo::run::run(&opts, a.base.as_deref(), &mut |what| eprintln!("demo: {what}"))?;
+    eprintln!("report: {}", r.report.display());
+    if !r.pretrained_base {
+        eprintln!(
+            "note: no pretrained base model yet (see `sdlora demo --pretrain`): samples are noise, no scores"
+        );
+        println!("learned: n/a forgotten: n/a lora_bytes: {} seconds: {:.1}", r.lora_bytes, r.seconds);
+        return Ok(());
+    }
+    println!(
+        "learned: {:.1}% forgotten: {:.1} lora_bytes: {} seconds: {:.1}",
+        100.0 * r.learned,
+        r.forgotten_points,
+        r.lora_bytes,
+        r.seconds
+    );
+    Ok(())
 }

@@ -2,5 +2,6 @@
 //! scoring of generated images (`scores`), so that "the LoRA learned the new shape and forgot
 //! nothing else" is a measured number rather than a judgement by eye.
 pub mod pretrain;
+pub mod run;
 pub mod scores;
 pub mod world;
