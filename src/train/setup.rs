@@ -27,6 +27,44 @@ pub struct Run {
     pub sched: NoiseSchedule,
     /// Latents found in the cache and latents the VAE computed in this run.
     pub latents_cached: (usize, usize),
+    pub text_cache: TextCache,
+}
+
+/// Text conditioning of a caption, cached on disk while the text encoder is frozen.
+pub struct TextCache {
+    pub dir: std::path::PathBuf,
+    pub fingerprint: String,
+}
+
+impl TextCache {
+    fn path(&self, caption: &str) -> std::path::PathBuf {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!("text|{}|{caption}", self.fingerprint).as_bytes());
+        let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("text-{key}.safetensors"))
+    }
+
+    pub fn get(&self, caption: &str, device: &Device) -> Option<crate::model::text::Conditioning> {
+        let mut m = candle_core::safetensors::load(self.path(caption), &Device::Cpu).ok()?;
+        let context = m.remove("context")?.to_device(device).ok()?;
+        let pooled = m.remove("pooled").and_then(|p| p.to_device(device).ok());
+        Some(crate::model::text::Conditioning { context, pooled })
+    }
+
+    /// A failed write only costs recomputing it next run.
+    pub fn put(&self, caption: &str, c: &crate::model::text::Conditioning) {
+        let mut t = vec![];
+        if let Ok(x) = c.context.to_device(&Device::Cpu) {
+            t.push(("context".to_string(), x));
+        }
+        if let Some(Ok(p)) = c.pooled.as_ref().map(|p| p.to_device(&Device::Cpu)) {
+            t.push(("pooled".to_string(), p));
+        }
+        if std::fs::create_dir_all(&self.dir).is_ok() {
+            let _ = crate::lora::format::save_atomic(&self.path(caption), &t, &Default::default());
+        }
+    }
 }
 
 pub fn device() -> Device {
@@ -52,6 +90,11 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         None if device.is_cuda() => DType::BF16,
         None => DType::F32,
     };
+    if dtype == DType::BF16 && !device.is_cuda() {
+        anyhow::bail!(
+            "--dtype bf16: candle's CPU backend has no bf16 matmul — use f32 (or f16) on CPU, bf16 on CUDA"
+        );
+    }
     let items = scan(&cfg.data, cfg.caption.as_deref())?;
     let opts = LoadOptions {
         dtype,
@@ -65,6 +108,14 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| cfg.data.join(".sdlora-cache"));
     let vae = sd.vae.as_ref().expect("loaded with the VAE");
     let fingerprint = format!("{}|{:?}|{dtype:?}", sd.source, vae.config);
+    let text_cache = TextCache {
+        dir: cache_dir.clone(),
+        fingerprint: format!(
+            "{}|{:?}|{dtype:?}",
+            sd.source,
+            sd.text_encoders.iter().map(|t| format!("{:?}", t.config)).collect::<Vec<_>>()
+        ),
+    };
     let enc = Encoder { vae, fingerprint, cache_dir: Some(cache_dir), counts: Default::default() };
     let n = items.len();
     let samples =
@@ -124,5 +175,6 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         train_text,
         sched,
         latents_cached,
+        text_cache,
     })
 }

@@ -79,7 +79,15 @@ fn micro_step(
     } else {
         for c in &captions {
             if !text.contains_key(c) {
-                text.insert(c.clone(), run.prompts.encode(encoders, std::slice::from_ref(c))?);
+                let cond = match run.text_cache.get(c, dev) {
+                    Some(x) => x,
+                    None => {
+                        let x = run.prompts.encode(encoders, std::slice::from_ref(c))?;
+                        run.text_cache.put(c, &x);
+                        x
+                    }
+                };
+                text.insert(c.clone(), cond);
             }
         }
         let ctx = Tensor::cat(&captions.iter().map(|c| &text[c].context).collect::<Vec<_>>(), 0)?;
@@ -126,12 +134,22 @@ fn micro_step(
     if scale == 0.0 {
         return Ok(loss); // evaluation: no backward
     }
-    let dpred = (diff.broadcast_mul(&w)? * (2.0 * scale / (n_el * idx.len()) as f64))?;
+    let dpred = (diff.broadcast_mul(&w)? * (2.0 * scale * loss_scale(run) / (n_el * idx.len()) as f64))?;
     let d = unet.backward(saved, &dpred.to_dtype(pred.dtype())?, g)?;
     if let Some(s) = te_saved {
         run.prompts.backward_train(encoders, s, &d.encoder_hidden_states, d.text_embeds.as_ref(), g)?;
     }
     Ok(loss)
+}
+
+/// f16 has few exponent bits: gradients this small (1e-5…1e-7) would flush to zero on the way
+/// back through an f16 U-Net, so they travel scaled by 2¹⁰ and are unscaled in f32 before the
+/// optimizer (an overflow shows up as a non-finite step, which the guard skips).
+fn loss_scale(run: &Run) -> f64 {
+    match run.sd.unet.as_ref().map(|u| u.conv_in.weight.dtype()) {
+        Some(DType::F16) => 1024.0,
+        _ => 1.0,
+    }
 }
 
 /// A fresh random crop of the sample's image (and maybe a flip), through the VAE: the price of
@@ -229,6 +247,10 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
                 Some((d, u)) => grads.extend([d.clone(), u.clone()]),
                 None => grads.extend([a.down.zeros_like()?, a.up.zeros_like()?]),
             }
+        }
+        let ls = loss_scale(&run);
+        if ls != 1.0 {
+            grads = grads.iter().map(|g| g / ls).collect::<candle_core::Result<_>>()?;
         }
         let norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !loss.is_finite() || !norm.is_finite() {
