@@ -16,8 +16,10 @@ fn hub_id_loads_from_the_local_cache() {
     assert!(load(&format!("tiny/sd1@{}", rev.trim()), &opts).is_ok());
     let err = load("tiny/sd1@v9", &opts).err().unwrap().to_string();
     assert!(err.contains("revision `v9`"), "{err}");
+    // not cached: with HF_HUB_OFFLINE it is not downloaded, and the error says so
+    unsafe { std::env::set_var("HF_HUB_OFFLINE", "1") };
     let err = load("nobody/nothing", &opts).err().unwrap().to_string();
-    assert!(err.contains("not a model in the Hugging Face cache"), "{err}");
+    assert!(err.contains("not in the Hugging Face cache") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
 
 trait Flat {

@@ -146,6 +146,8 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
         single_file::load_single_file(path, opts)?
     } else if let Some(dir) = hub::resolve(source)? {
         load_folder(&dir, opts)?
+    } else if hub::looks_like_id(source) {
+        load_folder(&hub::download(source)?, opts)?
     } else {
         anyhow::bail!(
             "{source}: no such file or folder, and not a model in the Hugging Face cache ({}) — give a diffusers folder, a .safetensors/.ckpt file, or download the repo first",
