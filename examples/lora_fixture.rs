@@ -19,6 +19,8 @@ fn main() -> anyhow::Result<()> {
             init: Init::Random,
             seed: 11,
             dtype: DType::F32,
+            dropout: 0.0,
+            dropout_seed: sdlora::lora::adapter::no_dropout(),
         };
         let mut adapters = vec![];
         let unet = sd.unet.as_mut().expect("unet");
@@ -27,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         }
         for (i, te) in sd.text_encoders.iter_mut().enumerate() {
             let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
-            let spec = LoraSpec { seed: 12 + i as u64, ..spec };
+            let spec = LoraSpec { seed: 12 + i as u64, ..spec.clone() };
             for a in attach(te, "", &|p, _| text_encoder_selects(p), &spec, adapters.len(), &Device::Cpu)? {
                 adapters.push((comp.to_string(), a));
             }

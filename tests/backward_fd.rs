@@ -15,7 +15,16 @@ fn weights(seed: u64) -> Weights {
 }
 
 fn lora_spec(rank: usize) -> LoraSpec {
-    LoraSpec { rank, alpha: 3.0, multiplier: 1.0, init: Init::Random, seed: 5, dtype: DType::F64 }
+    LoraSpec {
+        rank,
+        alpha: 3.0,
+        multiplier: 1.0,
+        init: Init::Random,
+        seed: 5,
+        dtype: DType::F64,
+        dropout: 0.0,
+        dropout_seed: sdlora::lora::adapter::no_dropout(),
+    }
 }
 
 /// Attaches random adapters to every layer of `m` and returns their (down, up) vars.
@@ -333,4 +342,38 @@ fn vae_encoder_and_decoder_backward() {
     let r = randn(y.dims(), 74);
     let dz = vae.decode_backward(s, &r, &mut AdapterGrads::default()).unwrap();
     fd_check("vae decoder", &z, &dz, &|| dot(&vae.decode(&z).unwrap(), &r), 20);
+}
+
+/// LoRA dropout: with the step's seed fixed the masks are fixed, so the backward is checkable.
+#[test]
+fn lora_dropout_backward() {
+    let seed = sdlora::lora::adapter::no_dropout();
+    let spec = LoraSpec { dropout: 0.5, dropout_seed: seed.clone(), ..lora_spec(2) };
+    seed.store(1234, std::sync::atomic::Ordering::Relaxed);
+    let mut l = linear(&weights(80).pp("l"), 6, 5, true).unwrap();
+    let infos = attach(&mut l, "", &|_, _| true, &spec, 0, &CPU).unwrap();
+    let x = var(&[2, 3, 6], 81);
+    let r = randn(&[2, 3, 5], 82);
+    let (_, s) = l.forward(&x).unwrap();
+    let mut g = AdapterGrads::default();
+    let dx = l.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&l.fwd(&x).unwrap(), &r);
+    fd_check("linear+dropout dx", &x, &dx, &loss, 20);
+    check_adapters(&infos, &g, &loss);
+    let mut c = conv(&weights(83).pp("c"), 3, 4, 3, 2, 1).unwrap();
+    let infos = attach(&mut c, "", &|_, _| true, &spec, 0, &CPU).unwrap();
+    let x = var(&[2, 3, 6, 6], 84);
+    let (y, s) = c.forward(&x).unwrap();
+    let r = randn(y.dims(), 85);
+    let mut g = AdapterGrads::default();
+    let dx = c.backward(s, &r, &mut g).unwrap();
+    let loss = || dot(&c.fwd(&x).unwrap(), &r);
+    fd_check("conv+dropout dx", &x, &dx, &loss, 20);
+    check_adapters(&infos, &g, &loss);
+    // with no step seed (inference) dropout is off: the output is deterministic and unmasked
+    seed.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    let a = c.fwd(&x).unwrap();
+    seed.store(99, std::sync::atomic::Ordering::Relaxed);
+    let b = c.fwd(&x).unwrap();
+    assert!(dot(&(&a - &b).unwrap(), &(&a - &b).unwrap()) > 1e-12, "a step seed turns dropout on");
 }

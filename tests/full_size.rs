@@ -27,8 +27,16 @@ fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
         &sdlora::model::weights::Weights::meta(),
     )
     .unwrap();
-    let spec =
-        LoraSpec { rank: 8, alpha: 8.0, multiplier: 1.0, init: Init::Standard, seed: 0, dtype: DType::F32 };
+    let spec = LoraSpec {
+        rank: 8,
+        alpha: 8.0,
+        multiplier: 1.0,
+        init: Init::Standard,
+        seed: 0,
+        dtype: DType::F32,
+        dropout: 0.0,
+        dropout_seed: sdlora::lora::adapter::no_dropout(),
+    };
     let adapters =
         attach(&mut unet, "", &|p, l| unet_selects(Preset::AttnMlp, p, l), &spec, 0, &Device::Cpu).unwrap();
     assert_eq!(adapters.len(), 192, "16 transformer blocks × 10 layers + 16 × proj_in/out");

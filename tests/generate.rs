@@ -178,8 +178,16 @@ fn long_prompts_are_chunked_like_a1111() {
 
 fn write_lora(dir: &Path, out: &Path) {
     let mut sd = load_folder(dir, &LoadOptions::default()).unwrap();
-    let spec =
-        LoraSpec { rank: 2, alpha: 2.0, multiplier: 1.0, init: Init::Random, seed: 3, dtype: DType::F32 };
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 2.0,
+        multiplier: 1.0,
+        init: Init::Random,
+        seed: 3,
+        dtype: DType::F32,
+        dropout: 0.0,
+        dropout_seed: sdlora::lora::adapter::no_dropout(),
+    };
     let unet = sd.unet.as_mut().unwrap();
     let infos = attach(unet, "", &|p, _| p.contains(".attn"), &spec, 0, &Device::Cpu).unwrap();
     // a noticeable but finite change

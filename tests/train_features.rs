@@ -76,6 +76,7 @@ fn text_encoder_lora_and_every_option_together() {
     a.batch_size = Some(2);
     a.lr_scheduler = Some(sdlora::train::optim::LrSchedule::Cosine);
     a.warmup_steps = Some(2);
+    a.lora_dropout = Some(0.1);
     a.save_every = Some(3);
     a.targets = Some("full".into());
     a.prediction_type = Some("v_prediction".into());

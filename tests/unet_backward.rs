@@ -26,8 +26,16 @@ fn tiny(sdxl: bool) -> UNetConfig {
 fn check(sdxl: bool) {
     let cfg = tiny(sdxl);
     let mut unet = UNet2DConditionModel::load(&cfg, &Weights::random(3, DType::F64, &Device::Cpu)).unwrap();
-    let spec =
-        LoraSpec { rank: 2, alpha: 2.0, multiplier: 1.0, init: Init::Random, seed: 9, dtype: DType::F64 };
+    let spec = LoraSpec {
+        rank: 2,
+        alpha: 2.0,
+        multiplier: 1.0,
+        init: Init::Random,
+        seed: 9,
+        dtype: DType::F64,
+        dropout: 0.0,
+        dropout_seed: sdlora::lora::adapter::no_dropout(),
+    };
     let infos = attach(&mut unet, "", &|_, _| true, &spec, 0, &Device::Cpu).unwrap();
     let sample = var(&[2, 4, 8, 8], 1);
     let t = Tensor::new(&[911f32, 37.0], &Device::Cpu).unwrap();

@@ -13,11 +13,39 @@ pub struct Lora {
     pub up: Var,
     /// alpha / rank · multiplier.
     pub scale: f64,
+    /// LoRA dropout on the adapter's input (peft's lora_dropout), active only while `dropout_seed`
+    /// holds a step seed, i.e. inside a training step.
+    pub dropout: f64,
+    pub dropout_seed: DropoutSeed,
+}
+
+/// The current training step's dropout seed, shared by every adapter of a run (`u64::MAX`:
+/// no dropout — inference, evaluation).
+pub type DropoutSeed = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+pub fn no_dropout() -> DropoutSeed {
+    std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX))
 }
 
 impl Lora {
     pub fn rank(&self) -> usize {
         self.down.dim(0).unwrap_or(0)
+    }
+
+    /// The inverted-dropout mask for an input of `shape` in this step, or None.
+    pub fn dropout_mask(&self, shape: &[usize], x: &Tensor) -> Result<Option<Tensor>> {
+        use rand::{Rng, SeedableRng};
+        let seed = self.dropout_seed.load(std::sync::atomic::Ordering::Relaxed);
+        if self.dropout <= 0.0 || seed == u64::MAX {
+            return Ok(None);
+        }
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(seed ^ (self.id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 - self.dropout;
+        let n: usize = shape.iter().product();
+        let m: Vec<f32> =
+            (0..n).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        Ok(Some(Tensor::from_vec(m, shape, x.device())?.to_dtype(x.dtype())?))
     }
 }
 

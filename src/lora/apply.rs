@@ -93,7 +93,14 @@ fn add(layer: LayerMut<'_>, t: &LoraTensors, multiplier: f64, id: usize) -> Resu
     };
     let down = Var::from_tensor(&fit(&t.down, &down_shape, "down")?)?;
     let up = Var::from_tensor(&fit(&t.up, &up_shape, "up")?)?;
-    let lora = Lora { id, down: down.clone(), up: up.clone(), scale: t.scale() * multiplier };
+    let lora = Lora {
+        id,
+        down: down.clone(),
+        up: up.clone(),
+        scale: t.scale() * multiplier,
+        dropout: 0.0,
+        dropout_seed: super::adapter::no_dropout(),
+    };
     match layer {
         LayerMut::Linear(l) => l.adapters.push(lora),
         LayerMut::Conv(c) => c.adapters.push(lora),

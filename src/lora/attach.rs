@@ -30,7 +30,7 @@ pub enum Init {
     Random,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
@@ -38,6 +38,9 @@ pub struct LoraSpec {
     pub init: Init,
     pub seed: u64,
     pub dtype: DType,
+    /// peft's lora_dropout on the adapter input during training.
+    pub dropout: f64,
+    pub dropout_seed: super::adapter::DropoutSeed,
 }
 
 /// Attaches one adapter to every layer for which `select(path, layer)` holds; ids continue
@@ -100,8 +103,14 @@ fn make(
             .to_dtype(spec.dtype)?,
     };
     let (down, up) = (Var::from_tensor(&down)?, Var::from_tensor(&up)?);
-    let lora =
-        Lora { id, down: down.clone(), up: up.clone(), scale: spec.alpha / r as f64 * spec.multiplier };
+    let lora = Lora {
+        id,
+        down: down.clone(),
+        up: up.clone(),
+        scale: spec.alpha / r as f64 * spec.multiplier,
+        dropout: spec.dropout,
+        dropout_seed: spec.dropout_seed.clone(),
+    };
     match layer {
         LayerMut::Linear(l) => l.adapters.push(lora),
         LayerMut::Conv(c) => c.adapters.push(lora),

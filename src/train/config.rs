@@ -44,6 +44,10 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<usize>,
+    /// Dropout on the adapters' inputs during training (peft's lora_dropout) [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
     /// LoRA alpha; the update is scaled by alpha/rank [default: the rank].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -179,6 +183,8 @@ pub struct TrainConfig {
     pub rank: usize,
     #[serde(default)]
     pub alpha: Option<f64>,
+    #[serde(default)]
+    pub lora_dropout: f64,
     #[serde(default = "d_lr")]
     pub lr: f64,
     #[serde(default)]
@@ -315,6 +321,9 @@ impl TrainConfig {
         parse_dtype(&self.save_dtype)?;
         if let Some(d) = &self.dtype {
             parse_dtype(d)?;
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad("--lora-dropout is a probability in [0, 1)".into());
         }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return bad("--caption-dropout is a probability between 0 and 1".into());

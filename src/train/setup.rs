@@ -28,6 +28,8 @@ pub struct Run {
     /// Latents found in the cache and latents the VAE computed in this run.
     pub latents_cached: (usize, usize),
     pub text_cache: TextCache,
+    /// Set to the micro-step's seed while training so LoRA dropout draws reproducible masks.
+    pub dropout_seed: crate::lora::adapter::DropoutSeed,
 }
 
 /// Text conditioning of a caption, cached on disk while the text encoder is frozen.
@@ -127,6 +129,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let prompts = PromptEncoder::new(&sd, 1)?;
 
     let preset: Preset = cfg.targets.parse().map_err(anyhow::Error::msg)?;
+    let dropout_seed = crate::lora::adapter::no_dropout();
     let spec = LoraSpec {
         rank: cfg.rank,
         alpha: cfg.alpha(),
@@ -134,6 +137,8 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         init: Init::Standard,
         seed: cfg.seed,
         dtype: DType::F32,
+        dropout: cfg.lora_dropout,
+        dropout_seed: dropout_seed.clone(),
     };
     let mut adapters = vec![];
     if let Some(u) = &mut sd.unet {
@@ -145,7 +150,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     if train_text {
         for (i, te) in sd.text_encoders.iter_mut().enumerate() {
             let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
-            let spec = LoraSpec { seed: cfg.seed + 1 + i as u64, ..spec };
+            let spec = LoraSpec { seed: cfg.seed + 1 + i as u64, ..spec.clone() };
             for a in attach(te, "", &|p, _| text_encoder_selects(p), &spec, adapters.len(), &device)? {
                 adapters.push((comp.to_string(), a));
             }
@@ -176,5 +181,6 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         sched,
         latents_cached,
         text_cache,
+        dropout_seed,
     })
 }

@@ -43,6 +43,9 @@ fn micro_step(
 ) -> Result<f64> {
     let sched = &run.sched;
     let mut rng = rng_for(cfg.seed, "micro", k);
+    // LoRA dropout masks for this micro-step (none while evaluating)
+    let dseed = if scale == 0.0 { u64::MAX } else { rng_for(cfg.seed, "dropout", k).random::<u64>() >> 1 };
+    run.dropout_seed.store(dseed, std::sync::atomic::Ordering::Relaxed);
     let dev = &run.device;
     let samples: Vec<&crate::data::prepare::Sample> = idx.iter().map(|&i| &run.samples[i]).collect();
     let latents: Vec<Tensor> = if cfg.random_crop {

@@ -18,6 +18,7 @@ pub struct Conv2d {
 pub struct Conv2dSaved {
     x: Option<Tensor>,
     hidden: Vec<Tensor>,
+    masks: Vec<Option<Tensor>>,
     in_hw: (usize, usize),
 }
 
@@ -45,10 +46,17 @@ impl Conv2d {
             y = y.broadcast_add(&b.detach().reshape((1, (), 1, 1))?)?;
         }
         let mut hidden = vec![];
+        let mut masks = vec![];
         if !self.adapters.is_empty() {
             let xf = x.to_dtype(self.adapter_dtype())?;
             for a in &self.adapters {
-                let h = xf.conv2d(&a.down.as_tensor().detach(), self.padding, self.stride, 1, 1)?;
+                let mask = a.dropout_mask(xf.dims(), &xf)?;
+                let xd = match &mask {
+                    Some(m) => (&xf * m)?,
+                    None => xf.clone(),
+                };
+                masks.push(mask);
+                let h = xd.conv2d(&a.down.as_tensor().detach(), self.padding, self.stride, 1, 1)?;
                 let delta = (h.conv2d(&a.up.as_tensor().detach(), 0, 1, 1, 1)? * a.scale)?;
                 let dt = y.dtype();
                 y = (y + delta.to_dtype(dt)?)?;
@@ -57,7 +65,7 @@ impl Conv2d {
         }
         let (_, _, h, w) = x.dims4()?;
         let x = (!self.adapters.is_empty() || self.weight.is_variable()).then(|| x.clone());
-        Ok((y, Conv2dSaved { x, hidden, in_hw: (h, w) }))
+        Ok((y, Conv2dSaved { x, hidden, masks, in_hw: (h, w) }))
     }
 
     pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
@@ -73,7 +81,11 @@ impl Conv2d {
         if let (false, Some(x)) = (self.adapters.is_empty(), &s.x) {
             let xf = x.to_dtype(self.adapter_dtype())?;
             let dyf = dy.to_dtype(self.adapter_dtype())?;
-            for (a, h) in self.adapters.iter().zip(&s.hidden) {
+            for ((a, h), mask) in self.adapters.iter().zip(&s.hidden).zip(&s.masks) {
+                let xf = match mask {
+                    Some(m) => (&xf * m)?,
+                    None => xf.clone(),
+                };
                 let rank = h.dim(1)?;
                 let out = dyf.dim(1)?;
                 // delta = s · up ⋆ h (1×1): dU = s · Σ dy hᵀ, dh = s · Uᵀ dy
@@ -82,8 +94,11 @@ impl Conv2d {
                 let up_t = a.up.as_tensor().detach().transpose(0, 1)?.contiguous()?;
                 let dh = (dyf.conv2d(&up_t, 0, 1, 1, 1)? * a.scale)?;
                 let d_down = kernel_grad(&xf, &dh, a.down.dims4()?, self.stride, self.padding)?;
-                let dxa =
+                let mut dxa =
                     conv_input_grad(&dh, &a.down.as_tensor().detach(), self.stride, self.padding, s.in_hw)?;
+                if let Some(m) = mask {
+                    dxa = (dxa * m)?;
+                }
                 dx = (dx + dxa.to_dtype(dy.dtype())?)?;
                 grads.add(a.id, d_down, d_up)?;
             }

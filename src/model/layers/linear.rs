@@ -13,6 +13,7 @@ pub struct Linear {
 pub struct LinearSaved {
     x: Option<Tensor>,
     hidden: Vec<Tensor>,
+    masks: Vec<Option<Tensor>>,
 }
 
 impl Linear {
@@ -44,10 +45,17 @@ impl Linear {
             y = y.broadcast_add(&b.detach())?;
         }
         let mut hidden = Vec::with_capacity(self.adapters.len());
+        let mut masks = Vec::with_capacity(self.adapters.len());
         if !self.adapters.is_empty() {
             let xf = x.to_dtype(self.adapter_dtype())?;
             for a in &self.adapters {
-                let h = matmul_wt(&xf, &a.down.as_tensor().detach())?;
+                let mask = a.dropout_mask(xf.dims(), &xf)?;
+                let xd = match &mask {
+                    Some(m) => (&xf * m)?,
+                    None => xf.clone(),
+                };
+                masks.push(mask);
+                let h = matmul_wt(&xd, &a.down.as_tensor().detach())?;
                 let delta = (matmul_wt(&h, &a.up.as_tensor().detach())? * a.scale)?;
                 let dt = y.dtype();
                 y = (y + delta.to_dtype(dt)?)?;
@@ -55,7 +63,7 @@ impl Linear {
             }
         }
         let x = (!self.adapters.is_empty() || self.trains_base()).then(|| x.clone());
-        Ok((y, LinearSaved { x, hidden }))
+        Ok((y, LinearSaved { x, hidden, masks }))
     }
 
     /// Full training: the base weights are variables and get gradients too.
@@ -75,13 +83,22 @@ impl Linear {
         if let (false, Some(x)) = (self.adapters.is_empty(), &s.x) {
             let xf = flatten2(&x.to_dtype(self.adapter_dtype())?)?;
             let dyf = flatten2(&dy.to_dtype(self.adapter_dtype())?)?;
-            for (a, h) in self.adapters.iter().zip(&s.hidden) {
+            for ((a, h), mask) in self.adapters.iter().zip(&s.hidden).zip(&s.masks) {
                 let h = flatten2(h)?;
+                let mask = mask.as_ref().map(flatten2).transpose()?;
+                let xf = match &mask {
+                    Some(m) => (&xf * m)?,
+                    None => xf.clone(),
+                };
                 // y = s·h Uᵀ, h = x Dᵀ  ⇒  dU = s·dyᵀ h, dh = s·dy U, dD = dhᵀ x, dx += dh D
                 let d_up = (dyf.t()?.matmul(&h)? * a.scale)?;
                 let dh = (dyf.matmul(&a.up.as_tensor().detach())? * a.scale)?;
                 let d_down = dh.t()?.matmul(&xf)?;
-                let dxa = dh.matmul(&a.down.as_tensor().detach())?.reshape(dx.shape())?;
+                let mut dxa = dh.matmul(&a.down.as_tensor().detach())?;
+                if let Some(m) = &mask {
+                    dxa = (dxa * m)?;
+                }
+                let dxa = dxa.reshape(dx.shape())?;
                 dx = (dx + dxa.to_dtype(dy.dtype())?)?;
                 grads.add(a.id, d_down, d_up)?;
             }
