@@ -84,21 +84,29 @@ pub fn scan(root: &Path, default_caption: Option<&str>) -> Result<Vec<Item>> {
     Ok(items)
 }
 
+fn unreadable(p: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{}: unreadable image ({e}) — re-export it as PNG or JPEG", p.display())
+}
+
+/// The file's decoder (format guessed from its bytes) and its EXIF orientation.
+fn open_decoder(p: &Path) -> Result<(impl image::ImageDecoder, image::metadata::Orientation)> {
+    use image::ImageDecoder;
+    let mut dec = image::ImageReader::open(p)
+        .map_err(|e| unreadable(p, &e))?
+        .with_guessed_format()
+        .map_err(|e| unreadable(p, &e))?
+        .into_decoder()
+        .map_err(|e| unreadable(p, &e))?;
+    let o = dec.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    Ok((dec, o))
+}
+
 /// Size after EXIF orientation, read from the header only.
 fn image_size(p: &Path) -> Result<(u32, u32)> {
-    use image::ImageDecoder;
-    let bad = |e: &dyn std::fmt::Display| {
-        anyhow::anyhow!("{}: unreadable image ({e}) — re-export it as PNG or JPEG", p.display())
-    };
-    let mut dec = image::ImageReader::open(p)
-        .map_err(|e| bad(&e))?
-        .with_guessed_format()
-        .map_err(|e| bad(&e))?
-        .into_decoder()
-        .map_err(|e| bad(&e))?;
-    let (w, h) = dec.dimensions();
-    let o = dec.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     use image::metadata::Orientation::*;
+    use image::ImageDecoder;
+    let (dec, o) = open_decoder(p)?;
+    let (w, h) = dec.dimensions();
     Ok(match o {
         Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH => (h, w),
         _ => (w, h),
@@ -108,18 +116,8 @@ fn image_size(p: &Path) -> Result<(u32, u32)> {
 /// Decodes an image upright (EXIF orientation applied) as RGB; alpha is composited on white and
 /// grayscale, CMYK and 16-bit images are converted.
 pub fn load_rgb(p: &Path) -> Result<image::RgbImage> {
-    use image::ImageDecoder;
-    let bad = |e: &dyn std::fmt::Display| {
-        anyhow::anyhow!("{}: unreadable image ({e}) — re-export it as PNG or JPEG", p.display())
-    };
-    let mut dec = image::ImageReader::open(p)
-        .map_err(|e| bad(&e))?
-        .with_guessed_format()
-        .map_err(|e| bad(&e))?
-        .into_decoder()
-        .map_err(|e| bad(&e))?;
-    let o = dec.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = image::DynamicImage::from_decoder(dec).map_err(|e| bad(&e))?;
+    let (dec, o) = open_decoder(p)?;
+    let mut img = image::DynamicImage::from_decoder(dec).map_err(|e| unreadable(p, &e))?;
     img.apply_orientation(o);
     if !img.color().has_alpha() {
         return Ok(img.to_rgb8());
