@@ -115,7 +115,9 @@ impl ClipTokenizer {
         inner.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), byte_level.into()])));
         // Specials typed in a prompt map to their ids, as in the slow tokenizer (whose BPE cache
         // is seeded with them); `normalize` has lowercased them already, so "<|ENDOFTEXT|>" too.
-        inner.add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)]);
+        inner
+            .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+            .map_err(|e| anyhow!("adding CLIP's special tokens: {e}"))?;
         Ok(Self { inner, bos, eos })
     }
 }
