@@ -159,14 +159,6 @@ impl Scheduler for DpmSolverScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(x.clone())
-    }
-
     fn step(&mut self, model_out: &Tensor, i: usize, x: &Tensor, _: &mut dyn NoiseSource) -> Result<Tensor> {
         let n = self.timesteps.len();
         let lower_order_final = i == n - 1

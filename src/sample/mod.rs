@@ -19,10 +19,15 @@ use noise::NoiseSource;
 pub trait Scheduler {
     /// The model's timestep at each step, high to low.
     fn timesteps(&self) -> &[f64];
-    /// Scale of the initial Gaussian noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// What the model sees at step `i` (σ-based samplers divide by √(σ² + 1)).
-    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor>;
+    /// Scale of the initial Gaussian noise (1 for the α-parameterised samplers).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// What the model sees at step `i` (σ-based samplers divide by √(σ² + 1); the others pass
+    /// the latents through).
+    fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
+        Ok(x.clone())
+    }
     /// From the latents `x` at step `i` and the model output to the latents of step `i + 1`.
     fn step(
         &mut self,
