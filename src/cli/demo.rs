@@ -27,6 +27,21 @@ pub struct DemoArgs {
     /// Pretraining: batch size.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Pretraining: batch size of the VAE phase.
+    #[arg(long, default_value_t = 16)]
+    pub vae_batch: usize,
+    /// Pretraining: learning rate (AdamW, cosine decay), U-Net and VAE.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Pretraining: wall-clock budget of the VAE phase in seconds (cuts --vae-steps to what fits).
+    #[arg(long)]
+    pub vae_seconds: Option<f64>,
+    /// Pretraining: wall-clock budget of the U-Net phase in seconds (cuts --unet-steps to what fits).
+    #[arg(long)]
+    pub unet_seconds: Option<f64>,
+    /// Pretraining: also write the folder every N U-Net steps.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
     /// The shape the base model never sees (the LoRA's concept).
     #[arg(long, default_value = "star")]
     pub concept: String,
@@ -35,7 +50,10 @@ pub struct DemoArgs {
     /// LoRA training steps.
     #[arg(long, default_value_t = 200)]
     pub steps: usize,
-    /// A base model pretrained on the tiny world (from --pretrain); without it a random base is used.
+    /// LoRA learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lora_lr: f64,
+    /// A base model folder (e.g. from --pretrain) instead of the embedded one.
     #[arg(long)]
     pub base: Option<PathBuf>,
 }
@@ -52,7 +70,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             vae_steps: a.vae_steps,
             unet_steps: a.unet_steps,
             batch: a.batch,
-            lr: 1e-3,
+            vae_batch: a.vae_batch,
+            lr: a.lr,
+            seconds: match (a.vae_seconds, a.unet_seconds) {
+                (None, None) => None,
+                (v, u) => Some((v.unwrap_or(f64::INFINITY), u.unwrap_or(f64::INFINITY))),
+            },
+            save_every: a.save_every,
         };
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -84,22 +108,22 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         return Ok(());
     }
     let opts = crate::demo::run::DemoOptions {
-        out: a.out.clone(),
         concept,
-        images: 20,
         steps: a.steps,
-        side: 32,
         seed: a.seed,
+        lr: a.lora_lr,
+        ..crate::demo::run::DemoOptions::new(a.out.clone())
     };
     let r = crate::demo::run::run(&opts, a.base.as_deref(), &mut |what| eprintln!("demo: {what}"))?;
+    let (bg, colour, shape) = r.base_knows;
+    eprintln!(
+        "base on control prompts: background {:.0} %, colour {:.0} %, shape {:.0} %; LoRA changed them by {:.1}/255",
+        100.0 * bg,
+        100.0 * colour,
+        100.0 * shape,
+        r.mean_pixel_distance
+    );
     eprintln!("report: {}", r.report.display());
-    if !r.pretrained_base {
-        eprintln!(
-            "note: no pretrained base model yet (see `sdlora demo --pretrain`): samples are noise, no scores"
-        );
-        println!("learned: n/a forgotten: n/a lora_bytes: {} seconds: {:.1}", r.lora_bytes, r.seconds);
-        return Ok(());
-    }
     println!(
         "learned: {:.1}% forgotten: {:.1} lora_bytes: {} seconds: {:.1}",
         100.0 * r.learned,

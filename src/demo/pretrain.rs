@@ -17,7 +17,7 @@ use crate::train::batches::{randn, rng_for};
 use crate::train::noise::NoiseSchedule;
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW, LrSchedule};
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,13 +27,13 @@ pub const SIDE: u32 = 64;
 
 pub fn demo_config() -> PipelineConfig {
     let unet: UNetConfig = serde_json::from_str(
-        r#"{"block_out_channels":[32,64],"layers_per_block":1,"norm_num_groups":8,"cross_attention_dim":32,
-            "attention_head_dim":4,"down_block_types":["DownBlock2D","CrossAttnDownBlock2D"],
+        r#"{"block_out_channels":[64,128],"layers_per_block":1,"norm_num_groups":16,"cross_attention_dim":32,
+            "attention_head_dim":8,"down_block_types":["DownBlock2D","CrossAttnDownBlock2D"],
             "up_block_types":["CrossAttnUpBlock2D","UpBlock2D"],"sample_size":16}"#,
     )
     .expect("valid config");
     let vae: VaeConfig = serde_json::from_str(
-        r#"{"block_out_channels":[16,32,32],"layers_per_block":1,"latent_channels":4,"norm_num_groups":8,"sample_size":64}"#,
+        r#"{"block_out_channels":[32,64,64],"layers_per_block":1,"latent_channels":4,"norm_num_groups":8,"sample_size":64}"#,
     )
     .expect("valid config");
     let te: ClipTextConfig = serde_json::from_str(
@@ -51,24 +51,40 @@ pub struct PretrainConfig {
     pub vae_steps: usize,
     pub unet_steps: usize,
     pub batch: usize,
+    pub vae_batch: usize,
     pub lr: f64,
+    /// Wall-clock budget per phase: after 20 steps the phase's length is cut to what fits, so a
+    /// time-boxed GPU run still ends with a full cosine decay.
+    pub seconds: Option<(f64, f64)>,
+    /// Write the folder every this many U-Net steps as well as at the end.
+    pub save_every: usize,
+}
+
+/// Steps that fit the budget, measured on the first 20.
+fn fit(steps: usize, done: usize, elapsed: f64, budget: Option<f64>) -> usize {
+    match budget {
+        Some(b) if done == 20 && elapsed > 0.0 => {
+            steps.min(done.saturating_add(((b - elapsed) / (elapsed / done as f64)).max(0.0) as usize))
+        }
+        _ => steps,
+    }
 }
 
 /// Seeded weights as variables, by name: the layers share their storage, so optimizer updates
 /// are what the model computes with, and saving writes the trained values.
-fn var_map(shapes: &[(String, Vec<usize>)], seed: u64) -> Result<BTreeMap<String, Var>> {
+fn var_map(shapes: &[(String, Vec<usize>)], seed: u64, dev: &Device) -> Result<BTreeMap<String, Var>> {
     shapes
         .iter()
         .map(|(n, s)| {
             let t = random_tensor(seed, n, &s.as_slice().into(), DType::F32, &Device::Cpu)?;
-            Ok((n.clone(), Var::from_tensor(&t)?))
+            Ok((n.clone(), Var::from_tensor(&t.to_device(dev)?)?))
         })
         .collect()
 }
 
-fn weights(m: &BTreeMap<String, Var>) -> Weights {
+fn weights(m: &BTreeMap<String, Var>, dev: &Device) -> Weights {
     let map = m.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    Weights::from_map(map, "demo model", DType::F32, &Device::Cpu)
+    Weights::from_map(map, "demo model", DType::F32, dev)
 }
 
 /// One AdamW step over the variables that received a gradient.
@@ -90,20 +106,22 @@ pub fn pretrain(
     let pc = demo_config();
     let shapes: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != cfg.exclude).collect();
     let world = scenes(cfg.seed, cfg.images, &shapes);
-    let dev = Device::Cpu;
+    let dev = crate::train::setup::device();
     let images: Vec<Tensor> =
         world.iter().map(|s| to_tensor(&s.render(SIDE), &dev)).collect::<Result<_>>()?;
     let images = Tensor::cat(&images, 0)?;
 
     // 1. VAE: an autoencoder on the means, with a small pull of the latents towards 0
-    let vae_vars = var_map(&vae_shapes(&pc.vae)?, cfg.seed + 1)?;
-    let mut vae = AutoencoderKL::load(&pc.vae, &weights(&vae_vars))?;
+    let vae_vars = var_map(&vae_shapes(&pc.vae)?, cfg.seed + 1, &dev)?;
+    let mut vae = AutoencoderKL::load(&pc.vae, &weights(&vae_vars, &dev))?;
     let trainable: Vec<Var> = vae_vars.values().cloned().collect();
     let mut opt = AdamW::new(&trainable, 0.0)?;
     let lat = pc.vae.latent_channels;
-    for i in 0..cfg.vae_steps {
+    let (mut n_vae, t_vae) = (cfg.vae_steps, std::time::Instant::now());
+    let mut i = 0;
+    while i < n_vae {
         let mut rng = rng_for(cfg.seed, "vae", i as u64);
-        let idx: Vec<u32> = (0..cfg.batch).map(|_| rng.random_range(0..cfg.images as u32)).collect();
+        let idx: Vec<u32> = (0..cfg.vae_batch).map(|_| rng.random_range(0..cfg.images as u32)).collect();
         let x = images.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
         let (moments, es) = vae.encode_train(&x)?;
         let z = moments.narrow(1, 0, lat)?;
@@ -115,8 +133,10 @@ pub fn pretrain(
         let dz = (dz + (&z * (2e-4 / z.elem_count() as f64))?)?;
         let dm = Tensor::cat(&[&dz, &moments.narrow(1, lat, lat)?.zeros_like()?], 1)?;
         vae.encode_backward(es, &dm, &mut g)?;
-        step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, cfg.vae_steps, 50))?;
-        progress("vae", i + 1, cfg.vae_steps, loss);
+        step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, n_vae, 50))?;
+        i += 1;
+        n_vae = fit(n_vae, i, t_vae.elapsed().as_secs_f64(), cfg.seconds.map(|s| s.0));
+        progress("vae", i, n_vae, loss);
     }
     // latents, scaled to unit variance as SD's scaling_factor does
     let mut zs = vec![];
@@ -130,8 +150,8 @@ pub fn pretrain(
     let latents = (z * vae.config.scaling_factor)?;
 
     // 2. text: the frozen random CLIP encodes every caption once
-    let te_vars = var_map(&clip_shapes(&pc.text_encoders[0])?, cfg.seed + 2)?;
-    let te = ClipTextModel::load(&pc.text_encoders[0], &weights(&te_vars))?;
+    let te_vars = var_map(&clip_shapes(&pc.text_encoders[0])?, cfg.seed + 2, &dev)?;
+    let te = ClipTextModel::load(&pc.text_encoders[0], &weights(&te_vars, &dev))?;
     let sd = StableDiffusion {
         family: Family::Sd1,
         unet: None,
@@ -151,12 +171,17 @@ pub fn pretrain(
     let uncond = prompts.encode(std::slice::from_ref(&te), &[String::new()])?.context;
 
     // 3. U-Net: ε-prediction, 10 % empty captions so classifier-free guidance works
-    let unet_vars = var_map(&unet_shapes(&pc.unet)?, cfg.seed + 3)?;
-    let unet = UNet2DConditionModel::load(&pc.unet, &weights(&unet_vars))?;
+    let unet_vars = var_map(&unet_shapes(&pc.unet)?, cfg.seed + 3, &dev)?;
+    let unet = UNet2DConditionModel::load(&pc.unet, &weights(&unet_vars, &dev))?;
     let trainable: Vec<Var> = unet_vars.values().cloned().collect();
     let mut opt = AdamW::new(&trainable, 0.0)?;
     let sched = NoiseSchedule::new(&pc.scheduler)?;
-    for i in 0..cfg.unet_steps {
+    let mut cfg_out = pc.clone();
+    cfg_out.vae = vae.config.clone();
+    let comps = [("unet", &unet_vars), ("vae", &vae_vars), ("text_encoder", &te_vars)];
+    let (mut n_unet, t_unet) = (cfg.unet_steps, std::time::Instant::now());
+    let mut i = 0;
+    while i < n_unet {
         let mut rng = rng_for(cfg.seed, "unet", i as u64);
         let idx: Vec<u32> = (0..cfg.batch).map(|_| rng.random_range(0..cfg.images as u32)).collect();
         let it = Tensor::new(idx.as_slice(), &dev)?;
@@ -182,16 +207,17 @@ pub fn pretrain(
         let loss = diff.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         let mut g = AdapterGrads::default();
         unet.backward(saved, &(&diff * (2.0 / diff.elem_count() as f64))?, &mut g)?;
-        step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, cfg.unet_steps, 100))?;
-        progress("unet", i + 1, cfg.unet_steps, loss);
+        step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, n_unet, 100))?;
+        i += 1;
+        n_unet = fit(n_unet, i, t_unet.elapsed().as_secs_f64(), cfg.seconds.map(|s| s.1));
+        progress("unet", i, n_unet, loss);
+        if cfg.save_every > 0 && i % cfg.save_every == 0 && i < n_unet {
+            save(out, &cfg_out, &comps)?;
+        }
     }
 
-    // 4. save as a diffusers folder in f16
-    let mut cfg_out = pc;
-    cfg_out.vae = vae.config.clone();
-    save(out, &cfg_out, &[("unet", &unet_vars), ("vae", &vae_vars), ("text_encoder", &te_vars)])?;
-    let _ = D::Minus1;
-    Ok(())
+    // 4. a diffusers folder in f16
+    save(out, &cfg_out, &comps)
 }
 
 fn save(out: &Path, pc: &PipelineConfig, comps: &[(&str, &BTreeMap<String, Var>)]) -> Result<()> {

@@ -2,10 +2,9 @@
 //! train a LoRA on them through the normal `train` path, sample base vs LoRA with the same seeds,
 //! measure what was learned and what was forgotten, write report.html.
 //!
-//! The base model should be one pretrained on the world without the concept (see `pretrain`);
-//! until such weights are shipped the demo runs on a seeded random base and says so: its scores
-//! then measure nothing.
-use super::scores::{forgotten, learned};
+//! The base model is the embedded one (`base`), pretrained on the world without stars, or any
+//! folder given with `--base` (e.g. one made by `sdlora demo --pretrain`).
+use super::scores::{classify, forgotten, learned, Detected};
 use super::world::{scenes, write_dataset, Colour, Scene, Shape};
 use crate::model::load::{load, LoadOptions};
 use crate::report::html::{grid, grid_rows, Report, Scores};
@@ -23,6 +22,28 @@ pub struct DemoOptions {
     pub steps: usize,
     pub side: u32,
     pub seed: u64,
+    /// LoRA learning rate.
+    pub lr: f64,
+    /// Target and control prompts sampled (each, base and LoRA).
+    pub samples: usize,
+    /// Sampler steps per image.
+    pub sample_steps: usize,
+}
+
+impl DemoOptions {
+    pub fn new(out: PathBuf) -> Self {
+        DemoOptions {
+            out,
+            concept: super::base::MISSING,
+            images: 20,
+            steps: 200,
+            side: super::pretrain::SIDE,
+            seed: 1,
+            lr: 1e-3,
+            samples: 8,
+            sample_steps: 20,
+        }
+    }
 }
 
 pub struct DemoResult {
@@ -32,10 +53,20 @@ pub struct DemoResult {
     pub lora_bytes: u64,
     pub seconds: f64,
     pub report: PathBuf,
-    pub pretrained_base: bool,
+    /// Share of control images showing the expected shape and colour, base model.
+    pub control_accuracy_base: f64,
+    /// What the base draws right on the control prompts, each on its own: (background, colour,
+    /// shape) shares.
+    pub base_knows: (f64, f64, f64),
 }
 
-fn sample(model: &Path, lora: Option<&Path>, prompts: &[(String, u64)], side: u32) -> Result<Vec<RgbImage>> {
+fn sample(
+    model: &Path,
+    lora: Option<&Path>,
+    prompts: &[(String, u64)],
+    side: u32,
+    steps: usize,
+) -> Result<Vec<RgbImage>> {
     let mut sd = load(model.to_str().context("model path")?, &LoadOptions::default())?;
     if let Some(l) = lora {
         crate::lora::apply::apply_file(&mut sd, l, 1.0, 0)?;
@@ -44,7 +75,7 @@ fn sample(model: &Path, lora: Option<&Path>, prompts: &[(String, u64)], side: u3
     for (p, seed) in prompts {
         let opts = GenerateOptions {
             prompt: p.clone(),
-            steps: 20,
+            steps,
             seed: *seed,
             width: side as usize,
             height: side as usize,
@@ -61,18 +92,9 @@ fn sample(model: &Path, lora: Option<&Path>, prompts: &[(String, u64)], side: u3
 pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str)) -> Result<DemoResult> {
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(&o.out).with_context(|| format!("{}: cannot create folder", o.out.display()))?;
-    let (model, pretrained_base) = match base {
-        Some(b) => (b.to_path_buf(), true),
-        None => {
-            let m = o.out.join("random-base");
-            crate::model::tiny::write_random_pipeline(
-                &m,
-                &crate::model::tiny::tiny_sd1(),
-                o.seed,
-                candle_core::DType::F32,
-            )?;
-            (m, false)
-        }
+    let model = match base {
+        Some(b) => b.to_path_buf(),
+        None => super::base::write(&o.out.join("base"))?,
     };
     progress("rendering the concept's images");
     let data = o.out.join("data");
@@ -88,7 +110,7 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
         steps: Some(o.steps),
         batch_size: Some(4),
         rank: Some(8),
-        lr: Some(1e-3),
+        lr: Some(o.lr),
         resolution: Some(o.side),
         seed: Some(o.seed),
         flip: Some(true),
@@ -98,33 +120,42 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
     let summary = trainer::train(setup::setup(&cfg, &mut |_, _, _| {})?, &cfg, &mut |_, _, _| {})?;
 
     progress("sampling base and LoRA with the same seeds");
-    let target: Vec<(String, u64)> = (0..8u64)
+    let target: Vec<(String, u64)> = (0..o.samples as u64)
         .map(|i| {
             let s = Scene { shape: o.concept, ..scenes(o.seed + 100 + i, 1, &[o.concept])[0] };
             (s.caption(), o.seed + i)
         })
         .collect();
     let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != o.concept).collect();
-    let controls: Vec<Scene> = scenes(o.seed + 200, 8, &known);
+    let controls: Vec<Scene> = scenes(o.seed + 200, o.samples, &known);
     let control_prompts: Vec<(String, u64)> =
         controls.iter().enumerate().map(|(i, s)| (s.caption(), o.seed + 50 + i as u64)).collect();
     let expected: Vec<(Shape, Colour)> = controls.iter().map(|s| (s.shape, s.colour)).collect();
-    let t_base = sample(&model, None, &target, o.side)?;
-    let t_lora = sample(&model, Some(&lora), &target, o.side)?;
-    let c_base = sample(&model, None, &control_prompts, o.side)?;
-    let c_lora = sample(&model, Some(&lora), &control_prompts, o.side)?;
+    let t_base = sample(&model, None, &target, o.side, o.sample_steps)?;
+    let t_lora = sample(&model, Some(&lora), &target, o.side, o.sample_steps)?;
+    let c_base = sample(&model, None, &control_prompts, o.side, o.sample_steps)?;
+    let c_lora = sample(&model, Some(&lora), &control_prompts, o.side, o.sample_steps)?;
     let learned = learned(&t_lora, o.concept);
+    let share = |f: &dyn Fn(&Detected, &Scene) -> bool| {
+        let n = c_base.iter().zip(&controls).filter(|(img, s)| f(&classify(img), s)).count();
+        n as f64 / controls.len().max(1) as f64
+    };
+    let base_knows = (
+        share(&|d, s| d.background == Some(s.background)),
+        share(&|d, s| d.colour == Some(s.colour)),
+        share(&|d, s| d.shape == Some(s.shape)),
+    );
     let forgetting = forgotten(&c_base, &c_lora, &expected);
 
     let mut report =
         Report::from_summary(format!("sdlora demo: learning \"{}\"", o.concept.name()), &summary);
-    if !pretrained_base {
-        report.notes.push(
-            "The base model is a seeded RANDOM model, not one pretrained on the tiny world: its samples are noise and \
-             no learned/forgotten scores are shown (the shape classifier reads structure into noise). The \
-             pipeline (dataset → LoRA training → sampling → report) is the real one."
-                .into(),
-        );
+    if base.is_none() && o.concept != super::base::MISSING {
+        report.notes.push(format!(
+            "The embedded base model already knows \"{}\" (it was trained without \"{}\" only): \
+             \"learned\" does not measure anything new here.",
+            o.concept.name(),
+            super::base::MISSING.name()
+        ));
     }
     report.settings = vec![
         ("concept".into(), o.concept.name().into()),
@@ -133,7 +164,11 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
         ("image side".into(), format!("{} px", o.side)),
         (
             "base model".into(),
-            if pretrained_base { model.display().to_string() } else { "random (not pretrained)".into() },
+            if base.is_some() {
+                model.display().to_string()
+            } else {
+                "embedded tiny-world base (pretrained without stars)".into()
+            },
         ),
     ];
     let train_imgs: Vec<RgbImage> =
@@ -147,9 +182,20 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
         "control prompts: base (top) vs LoRA (bottom), same seeds".into(),
         grid_rows(&[&c_base, &c_lora]),
     ));
-    if pretrained_base {
-        report.scores = Some(Scores { target: o.concept.name().into(), learned, forgetting });
-    }
+    report.settings.push(("LoRA learning rate".into(), o.lr.to_string()));
+    report
+        .settings
+        .push(("samples per prompt set".into(), format!("{} × {} steps", o.samples, o.sample_steps)));
+    report.settings.push((
+        "base model on the control prompts".into(),
+        format!(
+            "background right {:.0} %, shape colour {:.0} %, shape {:.0} %",
+            100.0 * base_knows.0,
+            100.0 * base_knows.1,
+            100.0 * base_knows.2
+        ),
+    ));
+    report.scores = Some(Scores { target: o.concept.name().into(), learned, forgetting });
     let path = o.out.join("report.html");
     report.write(&path)?;
     Ok(DemoResult {
@@ -159,6 +205,7 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
         lora_bytes: summary.lora_bytes,
         seconds: t0.elapsed().as_secs_f64(),
         report: path,
-        pretrained_base,
+        control_accuracy_base: forgetting.accuracy_base,
+        base_knows,
     })
 }

@@ -44,6 +44,9 @@ const FOREGROUND_DISTANCE: f64 = 40.0;
 const MIN_AREA: f64 = 0.015;
 /// Blobs larger than this mean the background estimate failed.
 const MAX_AREA: f64 = 0.85;
+/// Foreground outside the largest blob, as a share of the blob: the world draws one shape, so
+/// more than this is clutter (a failed sample, structured noise), not a shape.
+const MAX_CLUTTER: f64 = 0.25;
 
 /// Measures what `img` shows. Any field is `None` where the image does not show it clearly (an
 /// empty or cluttered border, no blob, or a blob unlike every shape).
@@ -81,7 +84,10 @@ pub fn measure(img: &RgbImage) -> Option<Measured> {
     let colour = Some(dominant_colour(&px, &blob, w, h, background));
     let (filled, hole) = fill_holes(&blob, w, h);
     let features = geometry(&filled, w, h, hole);
-    let features = (features.area <= MAX_AREA).then_some(features);
+    // No shape without a plain background to stand on, nor in clutter: noise must not score.
+    let clutter = (mask.iter().filter(|&&b| b).count() - area) as f64 / area as f64;
+    let features =
+        (features.area <= MAX_AREA && border_uniform && clutter <= MAX_CLUTTER).then_some(features);
     Some(Measured { background, colour, features })
 }
 

@@ -85,6 +85,36 @@ fn plain_and_noise_images_show_no_shape() {
     assert_eq!(classify(&RgbImage::new(4, 4)), Detected::default());
 }
 
+/// What an untrained model draws: smooth random colour fields at several scales, and speckle on a
+/// plain background. None of it may count as a shape, or "learned" would score noise.
+#[test]
+fn structured_noise_shows_no_shape() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut shapes = 0;
+    let n = 60;
+    for i in 0..n {
+        let bg = Colour::ALL[i % 8].rgb();
+        let mut img =
+            add_noise(&RgbImage::from_pixel(64, 64, Rgb(bg)), 40.0 + 40.0 * (i % 3) as f64, &mut rng);
+        for _ in 0..(i % 4) * 3 {
+            img = blur3(&img);
+        }
+        if i % 2 == 1 {
+            // stretch the smoothed field's contrast back up: blobs of colour everywhere
+            img = RgbImage::from_fn(64, 64, |x, y| {
+                let p = img.get_pixel(x, y).0;
+                Rgb(std::array::from_fn(|k| {
+                    (p[k] as f64 - bg[k] as f64).mul_add(4.0, bg[k] as f64).clamp(0.0, 255.0) as u8
+                }))
+            });
+        }
+        if classify(&img).shape.is_some() {
+            shapes += 1;
+        }
+    }
+    assert!(shapes * 20 <= n, "{shapes} of {n} noise images read as a shape");
+}
+
 #[test]
 fn learned_is_the_share_of_target_shapes() {
     let stars: Vec<RgbImage> = scenes(3, 6, &[Shape::Star]).iter().map(|s| s.render(64)).collect();

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 /// The configs of a whole pipeline.
+#[derive(Clone)]
 pub struct PipelineConfig {
     pub unet: UNetConfig,
     pub vae: VaeConfig,

@@ -60,7 +60,10 @@ impl Attention {
         let (q, k, v) =
             (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
         let scale = (q.dim(D::Minus1)? as f64).powf(-0.5);
-        let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(acc(q.dtype()))?;
+        // scores in f32 even for bf16/f16 activations (as flash attention accumulates): rounding
+        // logits of size ~10 to bf16 moves the probabilities by several percent
+        let f = acc(q.dtype());
+        let mut scores = (q.to_dtype(f)?.matmul(&k.to_dtype(f)?.t()?)? * scale)?;
         if self.causal {
             let (l, s) = (scores.dim(2)?, scores.dim(3)?);
             scores = scores.broadcast_add(&causal_mask(l, s, &scores)?)?;

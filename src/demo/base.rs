@@ -1,0 +1,42 @@
+//! The demo's base model, compiled into the binary: a diffusers folder pretrained on the tiny world
+//! without stars by `sdlora demo --pretrain` (exact command and run in assets/demo_model/README.md).
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// The shape the embedded base never saw.
+pub const MISSING: super::world::Shape = super::world::Shape::Star;
+
+macro_rules! file {
+    ($p:literal) => {
+        ($p, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo_model/", $p)).as_slice())
+    };
+}
+
+const FILES: [(&str, &[u8]); 8] = [
+    file!("model_index.json"),
+    file!("scheduler/scheduler_config.json"),
+    file!("text_encoder/config.json"),
+    file!("text_encoder/model.safetensors"),
+    file!("unet/config.json"),
+    file!("unet/diffusion_pytorch_model.safetensors"),
+    file!("vae/config.json"),
+    file!("vae/diffusion_pytorch_model.safetensors"),
+];
+
+/// Writes the embedded base into `dir` (skipping files already there with the same size) and
+/// returns it.
+pub fn write(dir: &Path) -> Result<PathBuf> {
+    for (rel, bytes) in FILES {
+        let p = dir.join(rel);
+        if std::fs::metadata(&p).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            continue;
+        }
+        let parent = p.parent().context("file in a folder")?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create folder", parent.display()))?;
+        let tmp = p.with_extension("partial");
+        std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+        std::fs::rename(&tmp, &p)?;
+    }
+    Ok(dir.to_path_buf())
+}
