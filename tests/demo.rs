@@ -30,3 +30,55 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     assert_eq!(html.matches("data:image/png;base64,").count(), 3);
     assert!(html.contains("<h2>Scores</h2>") && html.contains("learned"), "scores section");
 }
+
+/// `--pretrain --init` continues from a model folder: with no steps it writes the same model back
+/// (f16 → f32 → f16 is exact), with a few U-Net steps only the U-Net changes.
+#[test]
+fn pretraining_continues_from_the_embedded_base() {
+    use sdlora::demo::pretrain::{pretrain, PretrainConfig};
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo_model");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = |unet_steps: usize| PretrainConfig {
+        seed: 1,
+        images: 16,
+        exclude: sdlora::demo::base::MISSING,
+        vae_steps: 0,
+        unet_steps,
+        batch: 4,
+        vae_batch: 4,
+        lr: 1e-3,
+        seconds: None,
+        save_every: 0,
+        init: Some(assets.clone()),
+    };
+    let load = |d: &std::path::Path, f: &str| {
+        candle_core::safetensors::load(d.join(f), &candle_core::Device::Cpu).unwrap()
+    };
+    let same = |a: &std::path::Path, b: &std::path::Path, f: &str| {
+        let (x, y) = (load(a, f), load(b, f));
+        x.len() == y.len()
+            && x.iter().all(|(k, t)| {
+                let d = (t.to_dtype(candle_core::DType::F32).unwrap()
+                    - y[k].to_dtype(candle_core::DType::F32).unwrap())
+                .unwrap();
+                d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0
+            })
+    };
+    let (unet, vae, te) = (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    );
+    let zero = tmp.path().join("zero");
+    let mut losses = vec![];
+    pretrain(&cfg(0), &zero, &mut |_, _, _, l| losses.push(l)).unwrap();
+    assert!(same(&assets, &zero, unet) && same(&assets, &zero, vae) && same(&assets, &zero, te));
+    let vae_cfg = |d: &std::path::Path| std::fs::read_to_string(d.join("vae/config.json")).unwrap();
+    assert_eq!(vae_cfg(&assets), vae_cfg(&zero), "the latent scaling is kept");
+
+    let two = tmp.path().join("two");
+    pretrain(&cfg(2), &two, &mut |_, _, _, l| losses.push(l)).unwrap();
+    assert!(losses.len() == 2 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    assert!(!same(&assets, &two, unet), "the U-Net trained on");
+    assert!(same(&assets, &two, vae) && same(&assets, &two, te), "VAE and text encoder kept");
+}

@@ -39,6 +39,10 @@ pub struct DemoArgs {
     /// Pretraining: wall-clock budget of the U-Net phase in seconds (cuts --unet-steps to what fits).
     #[arg(long)]
     pub unet_seconds: Option<f64>,
+    /// Pretraining: continue from this model folder (e.g. assets/demo_model) instead of a seeded
+    /// init; with --vae-steps 0 its VAE is kept and only the U-Net trains on.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Pretraining: also write the folder every N U-Net steps.
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
@@ -77,6 +81,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
                 (v, u) => Some((v.unwrap_or(f64::INFINITY), u.unwrap_or(f64::INFINITY))),
             },
             save_every: a.save_every,
+            init: a.init.clone(),
         };
         let bar = ProgressBar::new(0);
         bar.set_style(

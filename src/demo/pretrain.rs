@@ -16,7 +16,7 @@ use crate::model::weights::{random_tensor, Weights};
 use crate::train::batches::{randn, rng_for};
 use crate::train::noise::NoiseSchedule;
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW, LrSchedule};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use std::collections::BTreeMap;
@@ -58,25 +58,63 @@ pub struct PretrainConfig {
     pub seconds: Option<(f64, f64)>,
     /// Write the folder every this many U-Net steps as well as at the end.
     pub save_every: usize,
+    /// Continue from this folder's weights (an earlier `--pretrain` output) instead of a seeded
+    /// init; with `vae_steps` 0 its VAE and latent scaling are kept as they are, so the U-Net's
+    /// training adds up across runs.
+    pub init: Option<std::path::PathBuf>,
 }
 
-/// Steps that fit the budget, measured on the first 20.
-fn fit(steps: usize, done: usize, elapsed: f64, budget: Option<f64>) -> usize {
-    match budget {
-        Some(b) if done == 20 && elapsed > 0.0 => {
-            steps.min(done.saturating_add(((b - elapsed) / (elapsed / done as f64)).max(0.0) as usize))
+/// Cuts a time-boxed phase to the steps that fit, paced on steps 20–40 (the first ones include
+/// the GPU kernels' load).
+struct Pace {
+    budget: Option<f64>,
+    start: std::time::Instant,
+    at20: f64,
+}
+
+impl Pace {
+    fn new(budget: Option<f64>) -> Self {
+        Pace { budget, start: std::time::Instant::now(), at20: 0.0 }
+    }
+
+    fn fit(&mut self, steps: usize, done: usize) -> usize {
+        let now = self.start.elapsed().as_secs_f64();
+        match self.budget {
+            Some(_) if done == 20 => {
+                self.at20 = now;
+                steps
+            }
+            Some(b) if done == 40 && now > self.at20 => {
+                let per_step = (now - self.at20) / 20.0;
+                steps.min(done.saturating_add(((b - now) / per_step).max(0.0) as usize))
+            }
+            _ => steps,
         }
-        _ => steps,
     }
 }
 
 /// Seeded weights as variables, by name: the layers share their storage, so optimizer updates
 /// are what the model computes with, and saving writes the trained values.
-fn var_map(shapes: &[(String, Vec<usize>)], seed: u64, dev: &Device) -> Result<BTreeMap<String, Var>> {
+fn var_map(
+    shapes: &[(String, Vec<usize>)],
+    seed: u64,
+    init: Option<&Path>,
+    dev: &Device,
+) -> Result<BTreeMap<String, Var>> {
+    let loaded = init.map(|f| candle_core::safetensors::load(f, &Device::Cpu)).transpose()?;
     shapes
         .iter()
         .map(|(n, s)| {
-            let t = random_tensor(seed, n, &s.as_slice().into(), DType::F32, &Device::Cpu)?;
+            let t = match &loaded {
+                Some(m) => {
+                    let f = init.expect("loaded from a file").display();
+                    let t =
+                        m.get(n).ok_or_else(|| anyhow::anyhow!("{f}: no tensor `{n}` — not a demo model"))?;
+                    anyhow::ensure!(t.dims() == s.as_slice(), "{f}: `{n}` is {:?}, expected {s:?}", t.dims());
+                    t.to_dtype(DType::F32)?
+                }
+                None => random_tensor(seed, n, &s.as_slice().into(), DType::F32, &Device::Cpu)?,
+            };
             Ok((n.clone(), Var::from_tensor(&t.to_device(dev)?)?))
         })
         .collect()
@@ -112,12 +150,18 @@ pub fn pretrain(
     let images = Tensor::cat(&images, 0)?;
 
     // 1. VAE: an autoencoder on the means, with a small pull of the latents towards 0
-    let vae_vars = var_map(&vae_shapes(&pc.vae)?, cfg.seed + 1, &dev)?;
+    let init = |part: &str| cfg.init.as_ref().map(|d| d.join(part));
+    let vae_vars = var_map(
+        &vae_shapes(&pc.vae)?,
+        cfg.seed + 1,
+        init("vae/diffusion_pytorch_model.safetensors").as_deref(),
+        &dev,
+    )?;
     let mut vae = AutoencoderKL::load(&pc.vae, &weights(&vae_vars, &dev))?;
     let trainable: Vec<Var> = vae_vars.values().cloned().collect();
     let mut opt = AdamW::new(&trainable, 0.0)?;
     let lat = pc.vae.latent_channels;
-    let (mut n_vae, t_vae) = (cfg.vae_steps, std::time::Instant::now());
+    let (mut n_vae, mut pace) = (cfg.vae_steps, Pace::new(cfg.seconds.map(|s| s.0)));
     let mut i = 0;
     while i < n_vae {
         let mut rng = rng_for(cfg.seed, "vae", i as u64);
@@ -135,7 +179,7 @@ pub fn pretrain(
         vae.encode_backward(es, &dm, &mut g)?;
         step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, n_vae, 50))?;
         i += 1;
-        n_vae = fit(n_vae, i, t_vae.elapsed().as_secs_f64(), cfg.seconds.map(|s| s.0));
+        n_vae = pace.fit(n_vae, i);
         progress("vae", i, n_vae, loss);
     }
     // latents, scaled to unit variance as SD's scaling_factor does
@@ -145,12 +189,23 @@ pub fn pretrain(
         zs.push(vae.encode_mean(&images.narrow(0, c * 64, n)?)?);
     }
     let z = Tensor::cat(&zs, 0)?;
-    let std = z.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()? as f64;
-    vae.config.scaling_factor = 1.0 / std;
+    match (&cfg.init, cfg.vae_steps) {
+        (Some(d), 0) => {
+            let p = d.join("vae/config.json");
+            let c: VaeConfig = serde_json::from_str(&std::fs::read_to_string(&p)?)
+                .with_context(|| format!("{}: not a VAE config", p.display()))?;
+            vae.config.scaling_factor = c.scaling_factor;
+        }
+        _ => {
+            let std = z.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()? as f64;
+            vae.config.scaling_factor = 1.0 / std;
+        }
+    }
     let latents = (z * vae.config.scaling_factor)?;
 
     // 2. text: the frozen random CLIP encodes every caption once
-    let te_vars = var_map(&clip_shapes(&pc.text_encoders[0])?, cfg.seed + 2, &dev)?;
+    let te_file = init("text_encoder/model.safetensors");
+    let te_vars = var_map(&clip_shapes(&pc.text_encoders[0])?, cfg.seed + 2, te_file.as_deref(), &dev)?;
     let te = ClipTextModel::load(&pc.text_encoders[0], &weights(&te_vars, &dev))?;
     let sd = StableDiffusion {
         family: Family::Sd1,
@@ -171,7 +226,8 @@ pub fn pretrain(
     let uncond = prompts.encode(std::slice::from_ref(&te), &[String::new()])?.context;
 
     // 3. U-Net: ε-prediction, 10 % empty captions so classifier-free guidance works
-    let unet_vars = var_map(&unet_shapes(&pc.unet)?, cfg.seed + 3, &dev)?;
+    let unet_file = init("unet/diffusion_pytorch_model.safetensors");
+    let unet_vars = var_map(&unet_shapes(&pc.unet)?, cfg.seed + 3, unet_file.as_deref(), &dev)?;
     let unet = UNet2DConditionModel::load(&pc.unet, &weights(&unet_vars, &dev))?;
     let trainable: Vec<Var> = unet_vars.values().cloned().collect();
     let mut opt = AdamW::new(&trainable, 0.0)?;
@@ -179,7 +235,7 @@ pub fn pretrain(
     let mut cfg_out = pc.clone();
     cfg_out.vae = vae.config.clone();
     let comps = [("unet", &unet_vars), ("vae", &vae_vars), ("text_encoder", &te_vars)];
-    let (mut n_unet, t_unet) = (cfg.unet_steps, std::time::Instant::now());
+    let (mut n_unet, mut pace) = (cfg.unet_steps, Pace::new(cfg.seconds.map(|s| s.1)));
     let mut i = 0;
     while i < n_unet {
         let mut rng = rng_for(cfg.seed, "unet", i as u64);
@@ -209,7 +265,7 @@ pub fn pretrain(
         unet.backward(saved, &(&diff * (2.0 / diff.elem_count() as f64))?, &mut g)?;
         step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, n_unet, 100))?;
         i += 1;
-        n_unet = fit(n_unet, i, t_unet.elapsed().as_secs_f64(), cfg.seconds.map(|s| s.1));
+        n_unet = pace.fit(n_unet, i);
         progress("unet", i, n_unet, loss);
         if cfg.save_every > 0 && i % cfg.save_every == 0 && i < n_unet {
             save(out, &cfg_out, &comps)?;
