@@ -37,7 +37,11 @@ fn main() -> Result<()> {
     let lora = soften(base.clone());
 
     let forgetting = forgotten(&base, &lora, &expected);
-    let scores = Scores { target: "star".into(), learned: learned(&after, Shape::Star), forgetting };
+    let scores = Scores {
+        target: "star".into(),
+        learned: Some(learned(&after, Shape::Star)),
+        forgetting: Some(forgetting),
+    };
 
     // A synthetic loss: a decaying mean with the large per-step spread of diffusion training.
     let mut lrng = rand::rngs::StdRng::seed_from_u64(7);

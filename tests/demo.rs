@@ -22,7 +22,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     assert_eq!(pngs, 4);
     // The embedded base was pretrained on the world: it paints shapes in the prompt's colour far
     // more often than chance (1 in 8); a random or broken base does not.
-    let colour = r.base_knows.1;
+    let colour = r.base_knows.0;
     assert!(colour >= 0.5, "base paints the prompt's colour in {:.0} % of control samples", 100.0 * colour);
     let html = std::fs::read_to_string(&r.report).unwrap();
     assert!(html.contains("<svg"), "loss plot");
@@ -81,4 +81,58 @@ fn pretraining_continues_from_the_embedded_base() {
     assert!(losses.len() == 2 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
     assert!(!same(&assets, &two, unet), "the U-Net trained on");
     assert!(same(&assets, &two, vae) && same(&assets, &two, te), "VAE and text encoder kept");
+}
+
+/// Every `sdlora train` run scores itself when given target/control prompts: tiny-world captions
+/// get learned/forgotten, any prompt the pixel distance; the report shows them with the grids.
+#[test]
+fn train_scores_target_and_control_prompts() {
+    use sdlora::demo::world::{scenes, write_dataset, Shape};
+    let tmp = tempfile::tempdir().unwrap();
+    let base = sdlora::demo::base::write(&tmp.path().join("base")).unwrap();
+    let data = tmp.path().join("data");
+    write_dataset(&data, &scenes(2, 4, &[Shape::Star]), 64).unwrap();
+    let target = tmp.path().join("target.txt");
+    std::fs::write(&target, "a red star on a blue background\na yellow star on a green background\n")
+        .unwrap();
+    let control = tmp.path().join("control.txt");
+    std::fs::write(&control, "# known shapes\na blue circle on a white background\na photo of a dog\n")
+        .unwrap();
+    let out = tmp.path().join("l.safetensors");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let args = [
+        "train",
+        "--model",
+        &s(&base),
+        "--data",
+        &s(&data),
+        "--output",
+        &s(&out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--resolution",
+        "64",
+        "--target-prompts",
+        &s(&target),
+        "--control-prompts",
+        &s(&control),
+    ];
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_sdlora")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("learned: ") && err.contains("show a star"), "{err}");
+    assert!(err.contains("forgotten: ") && err.contains("per pixel"), "{err}");
+    let html = std::fs::read_to_string(out.with_extension("report.html")).unwrap();
+    assert!(html.contains("<h2>Scores</h2>") && html.contains("Learned") && html.contains("Forgotten"));
+    assert!(html.contains("target prompts: base") && html.contains("control prompts: base"));
+
+    // a missing prompt file fails before training, naming the file
+    let missing = tmp.path().join("nope.txt");
+    let mut bad = args.map(String::from).to_vec();
+    bad[14] = s(&missing);
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_sdlora")).args(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("nope.txt") && !err.contains("panicked"), "{err}");
 }

@@ -120,10 +120,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         ..crate::demo::run::DemoOptions::new(a.out.clone())
     };
     let r = crate::demo::run::run(&opts, a.base.as_deref(), &mut |what| eprintln!("demo: {what}"))?;
-    let (bg, colour, shape) = r.base_knows;
+    let (colour, shape) = r.base_knows;
     eprintln!(
-        "base on control prompts: background {:.0} %, colour {:.0} %, shape {:.0} %; LoRA changed them by {:.1}/255",
-        100.0 * bg,
+        "base on control prompts: colour {:.0} %, shape {:.0} %; LoRA changed them by {:.1}/255",
         100.0 * colour,
         100.0 * shape,
         r.mean_pixel_distance

@@ -1,5 +1,7 @@
 //! `sdlora train`
 use crate::train::config::{TrainArgs, TrainConfig};
+use crate::train::evaluate::evaluate;
+use crate::train::samples::read_prompts;
 use crate::train::{setup, trainer};
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,6 +31,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         n_params,
         cfg.steps
     );
+    // read before hours of training, so that a wrong path fails now
+    let read = |p: &Option<std::path::PathBuf>| -> Result<Vec<(String, u64)>> {
+        let prompts = p.as_deref().map(read_prompts).transpose()?.unwrap_or_default();
+        Ok(prompts.into_iter().enumerate().map(|(i, p)| (p, cfg.seed + i as u64)).collect())
+    };
+    let (target, control) = (read(&cfg.target_prompts)?, read(&cfg.control_prompts)?);
+    let resolution = run.resolution;
     let bar = ProgressBar::new(cfg.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} eta {eta}")
@@ -60,6 +69,26 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             .filter(|(_, v)| !v.is_null())
             .map(|(k, v)| (k.clone(), v.to_string().trim_matches('"').to_string()))
             .collect();
+    }
+    if !target.is_empty() || !control.is_empty() {
+        eprintln!("sampling {} target and {} control prompts, base and LoRA", target.len(), control.len());
+        let e = evaluate(&cfg.model, &summary.lora_path, &target, &control, resolution, 20)?;
+        if let Some(l) = e.scores.learned {
+            eprintln!("learned: {:.1} % of target samples show a {}", 100.0 * l, e.scores.target);
+        }
+        if let Some(f) = &e.scores.forgetting {
+            if f.labelled > 0 {
+                eprintln!(
+                    "forgotten: {:.1} points ({:.1} % → {:.1} % of control prompts drawn right)",
+                    f.drop_points,
+                    100.0 * f.accuracy_base,
+                    100.0 * f.accuracy_lora
+                );
+            }
+            eprintln!("control prompts changed by {:.1}/255 per pixel", f.mean_pixel_distance);
+        }
+        report.grids.extend(e.grids);
+        report.scores = Some(e.scores);
     }
     let report_path = cfg.output.with_extension("report.html");
     report.write(&report_path)?;

@@ -4,11 +4,8 @@
 //!
 //! The base model is the embedded one (`base`), pretrained on the world without stars, or any
 //! folder given with `--base` (e.g. one made by `sdlora demo --pretrain`).
-use super::scores::{classify, forgotten, learned, Detected};
-use super::world::{scenes, write_dataset, Colour, Scene, Shape};
-use crate::model::load::{load, LoadOptions};
-use crate::report::html::{grid, grid_rows, Report, Scores};
-use crate::sample::pipeline::{generate, GenerateOptions};
+use super::world::{scenes, write_dataset, Scene, Shape};
+use crate::report::html::{grid, Report};
 use crate::train::config::{TrainArgs, TrainConfig};
 use crate::train::{setup, trainer};
 use anyhow::{Context, Result};
@@ -55,38 +52,8 @@ pub struct DemoResult {
     pub report: PathBuf,
     /// Share of control images showing the expected shape and colour, base model.
     pub control_accuracy_base: f64,
-    /// What the base draws right on the control prompts, each on its own: (background, colour,
-    /// shape) shares.
-    pub base_knows: (f64, f64, f64),
-}
-
-fn sample(
-    model: &Path,
-    lora: Option<&Path>,
-    prompts: &[(String, u64)],
-    side: u32,
-    steps: usize,
-) -> Result<Vec<RgbImage>> {
-    let mut sd = load(model.to_str().context("model path")?, &LoadOptions::default())?;
-    if let Some(l) = lora {
-        crate::lora::apply::apply_file(&mut sd, l, 1.0, 0)?;
-    }
-    let mut out = vec![];
-    for (p, seed) in prompts {
-        let opts = GenerateOptions {
-            prompt: p.clone(),
-            steps,
-            seed: *seed,
-            width: side as usize,
-            height: side as usize,
-            ..Default::default()
-        };
-        let (imgs, _) = generate(&sd, &opts, &mut |_, _| {})?;
-        for g in imgs {
-            out.push(RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer")?);
-        }
-    }
-    Ok(out)
+    /// What the base draws right on the control prompts, each on its own: (colour, shape) shares.
+    pub base_knows: (f64, f64),
 }
 
 pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str)) -> Result<DemoResult> {
@@ -130,22 +97,18 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
     let controls: Vec<Scene> = scenes(o.seed + 200, o.samples, &known);
     let control_prompts: Vec<(String, u64)> =
         controls.iter().enumerate().map(|(i, s)| (s.caption(), o.seed + 50 + i as u64)).collect();
-    let expected: Vec<(Shape, Colour)> = controls.iter().map(|s| (s.shape, s.colour)).collect();
-    let t_base = sample(&model, None, &target, o.side, o.sample_steps)?;
-    let t_lora = sample(&model, Some(&lora), &target, o.side, o.sample_steps)?;
-    let c_base = sample(&model, None, &control_prompts, o.side, o.sample_steps)?;
-    let c_lora = sample(&model, Some(&lora), &control_prompts, o.side, o.sample_steps)?;
-    let learned = learned(&t_lora, o.concept);
-    let share = |f: &dyn Fn(&Detected, &Scene) -> bool| {
-        let n = c_base.iter().zip(&controls).filter(|(img, s)| f(&classify(img), s)).count();
-        n as f64 / controls.len().max(1) as f64
-    };
-    let base_knows = (
-        share(&|d, s| d.background == Some(s.background)),
-        share(&|d, s| d.colour == Some(s.colour)),
-        share(&|d, s| d.shape == Some(s.shape)),
-    );
-    let forgetting = forgotten(&c_base, &c_lora, &expected);
+    let model_id = model.display().to_string();
+    let eval = crate::train::evaluate::evaluate(
+        &model_id,
+        &lora,
+        &target,
+        &control_prompts,
+        o.side,
+        o.sample_steps,
+    )?;
+    let learned = eval.scores.learned.unwrap_or(0.0);
+    let forgetting = eval.scores.forgetting.context("control prompts were sampled")?;
+    let base_knows = eval.base_knows;
 
     let mut report =
         Report::from_summary(format!("sdlora demo: learning \"{}\"", o.concept.name()), &summary);
@@ -174,14 +137,7 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
     let train_imgs: Vec<RgbImage> =
         scenes(o.seed, o.images.min(8), &[o.concept]).iter().map(|s| s.render(o.side)).collect();
     report.grids.insert(0, ("training images".into(), grid(&train_imgs, 8)));
-    report.grids.push((
-        format!("\"{}\" prompts: base (top) vs LoRA (bottom), same seeds", o.concept.name()),
-        grid_rows(&[&t_base, &t_lora]),
-    ));
-    report.grids.push((
-        "control prompts: base (top) vs LoRA (bottom), same seeds".into(),
-        grid_rows(&[&c_base, &c_lora]),
-    ));
+    report.grids.extend(eval.grids);
     report.settings.push(("LoRA learning rate".into(), o.lr.to_string()));
     report
         .settings
@@ -189,13 +145,12 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
     report.settings.push((
         "base model on the control prompts".into(),
         format!(
-            "background right {:.0} %, shape colour {:.0} %, shape {:.0} %",
+            "shape colour right {:.0} %, shape right {:.0} %",
             100.0 * base_knows.0,
-            100.0 * base_knows.1,
-            100.0 * base_knows.2
+            100.0 * base_knows.1
         ),
     ));
-    report.scores = Some(Scores { target: o.concept.name().into(), learned, forgetting });
+    report.scores = Some(eval.scores);
     let path = o.out.join("report.html");
     report.write(&path)?;
     Ok(DemoResult {

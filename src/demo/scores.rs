@@ -381,6 +381,8 @@ pub fn learned(samples: &[RgbImage], target: Shape) -> f64 {
 /// What training cost on prompts the LoRA was not about.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Forgetting {
+    /// Control images with an expected shape and colour (the accuracies are over these).
+    pub labelled: usize,
     /// Share of control images showing the expected shape and colour, base model / with LoRA.
     pub accuracy_base: f64,
     pub accuracy_lora: f64,
@@ -419,6 +421,7 @@ pub fn forgotten(base: &[RgbImage], lora: &[RgbImage], expected: &[(Shape, Colou
         base.iter().zip(lora).map(|(a, b)| mean_abs_difference(a, b)).sum::<f64>() / base.len() as f64
     };
     Forgetting {
+        labelled: expected.len(),
         accuracy_base,
         accuracy_lora,
         drop_points: (accuracy_base - accuracy_lora) * 100.0,

@@ -14,9 +14,10 @@ use std::path::Path;
 pub struct Scores {
     /// What the LoRA was taught, as shown in the text: "star".
     pub target: String,
-    /// Share (0–1) of the target prompt's samples classified as the target.
-    pub learned: f64,
-    pub forgetting: Forgetting,
+    /// Share (0–1) of the target prompt's samples classified as the target (none without
+    /// target prompts in the tiny world's caption form).
+    pub learned: Option<f64>,
+    pub forgetting: Option<Forgetting>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -100,31 +101,36 @@ impl Report {
         h.push_str("</section>\n");
 
         if let Some(s) = &self.scores {
-            let f = &s.forgetting;
             let target = escape(&s.target);
             h.push_str("<h2>Scores</h2>\n<section class=\"cards scores\">\n");
-            card(
-                &mut h,
-                "Learned",
-                &format!("{:.1} %", s.learned * 100.0),
-                &format!("of samples for the new prompt show a {target}"),
-            )?;
-            card(
-                &mut h,
-                "Forgotten",
-                &format!("{:.1} points", f.drop_points),
-                &format!(
-                    "control prompts drawn right: {:.1} % base → {:.1} % with LoRA",
-                    f.accuracy_base * 100.0,
-                    f.accuracy_lora * 100.0
-                ),
-            )?;
-            card(
-                &mut h,
-                "Mean pixel distance",
-                &format!("{:.1} / 255", f.mean_pixel_distance),
-                "base vs LoRA, same prompts and seeds",
-            )?;
+            if let Some(l) = s.learned {
+                card(
+                    &mut h,
+                    "Learned",
+                    &format!("{:.1} %", l * 100.0),
+                    &format!("of samples for the new prompt show a {target}"),
+                )?;
+            }
+            if let Some(f) = s.forgetting.as_ref().filter(|f| f.labelled > 0) {
+                card(
+                    &mut h,
+                    "Forgotten",
+                    &format!("{:.1} points", f.drop_points),
+                    &format!(
+                        "control prompts drawn right: {:.1} % base → {:.1} % with LoRA",
+                        f.accuracy_base * 100.0,
+                        f.accuracy_lora * 100.0
+                    ),
+                )?;
+            }
+            if let Some(f) = &s.forgetting {
+                card(
+                    &mut h,
+                    "Mean pixel distance",
+                    &format!("{:.1} / 255", f.mean_pixel_distance),
+                    "base vs LoRA, same prompts and seeds",
+                )?;
+            }
             h.push_str(
                 "</section>\n<p class=\"hint\">Shapes and colours are measured procedurally \
                         (segmentation and geometry), not by a learned classifier.</p>\n",

@@ -20,13 +20,14 @@ fn sample_report() -> Report {
         ],
         scores: Some(Scores {
             target: "star".into(),
-            learned: 0.875,
-            forgetting: Forgetting {
+            learned: Some(0.875),
+            forgetting: Some(Forgetting {
+                labelled: 8,
                 accuracy_base: 0.95,
                 accuracy_lora: 0.935,
                 drop_points: 1.5,
                 mean_pixel_distance: 7.94,
-            },
+            }),
         }),
         lora_bytes: 3_355_443,
         seconds: 245.0,

@@ -164,6 +164,17 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_every: Option<usize>,
+    /// A text file of prompts for what the LoRA should learn: after training each is drawn by
+    /// base and base + LoRA (seed = --seed + line); tiny-world captions ("a red star on a blue
+    /// background") are scored: the report's "learned".
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_prompts: Option<PathBuf>,
+    /// A text file of prompts the LoRA should leave alone, drawn the same way: the report's
+    /// "forgotten" (accuracy drop on tiny-world captions) and mean pixel distance (any prompt).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_prompts: Option<PathBuf>,
 }
 
 /// The resolved settings of a run.
@@ -237,6 +248,10 @@ pub struct TrainConfig {
     pub sample_prompts: Option<PathBuf>,
     #[serde(default)]
     pub sample_every: usize,
+    #[serde(default)]
+    pub target_prompts: Option<PathBuf>,
+    #[serde(default)]
+    pub control_prompts: Option<PathBuf>,
 }
 
 fn d_steps() -> usize {

@@ -1,6 +1,7 @@
 //! Training: noise schedule, optimizer, the loop, checkpoints.
 pub mod batches;
 pub mod config;
+pub mod evaluate;
 pub mod metadata;
 pub mod noise;
 pub mod optim;

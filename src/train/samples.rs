@@ -9,8 +9,8 @@ use image::RgbImage;
 use std::path::{Path, PathBuf};
 
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read sample prompts", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("{}: cannot read prompts", path.display()))?;
     let prompts: Vec<String> = text
         .lines()
         .map(str::trim)
