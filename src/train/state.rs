@@ -24,7 +24,7 @@ pub fn save(path: &Path, adapters: &[(String, AdapterInfo)], opt: &AdamW, step: 
         t.push((format!("adapter.{i}.down"), a.down.as_tensor().to_device(&Device::Cpu)?));
         t.push((format!("adapter.{i}.up"), a.up.as_tensor().to_device(&Device::Cpu)?));
     }
-    for (j, (m, v)) in opt.moments.iter().enumerate() {
+    for (j, (m, v)) in opt.moments().iter().enumerate() {
         t.push((format!("adam.{j}.m"), m.to_device(&Device::Cpu)?));
         t.push((format!("adam.{j}.v"), v.to_device(&Device::Cpu)?));
     }
@@ -62,9 +62,11 @@ pub fn load(path: &Path, adapters: &[(String, AdapterInfo)], opt: &mut AdamW) ->
         a.up.set(&take(format!("adapter.{i}.up"))?.to_device(a.up.device())?)?;
     }
     let dev = adapters.first().map(|(_, a)| a.down.device().clone()).unwrap_or(Device::Cpu);
-    for (j, (m, v)) in opt.moments.iter_mut().enumerate() {
-        *m = take(format!("adam.{j}.m"))?.to_device(&dev)?;
-        *v = take(format!("adam.{j}.v"))?.to_device(&dev)?;
-    }
+    let moments = (0..opt.moments().len())
+        .map(|j| {
+            Ok((take(format!("adam.{j}.m"))?.to_device(&dev)?, take(format!("adam.{j}.v"))?.to_device(&dev)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    opt.set_moments(moments);
     Ok(step)
 }
