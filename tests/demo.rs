@@ -12,7 +12,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         sample_steps: 10,
         ..DemoOptions::new(tmp.path().join("demo"))
     };
-    let r = run(&o, None, &mut |_| {}).unwrap();
+    let r = run(&o, None, &mut |_, _, _| {}).unwrap();
     eprintln!("base knows {:?}, learned {}, forgotten {}", r.base_knows, r.learned, r.forgotten_points);
     assert!(r.lora_bytes > 0 && o.out.join("demo_lora.safetensors").exists());
     let pngs = std::fs::read_dir(o.out.join("data"))
@@ -26,8 +26,14 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     assert!(colour >= 0.5, "base paints the prompt's colour in {:.0} % of control samples", 100.0 * colour);
     let html = std::fs::read_to_string(&r.report).unwrap();
     assert!(html.contains("<svg"), "loss plot");
-    // training images, the concept's prompts, the control prompts
-    assert_eq!(html.matches("data:image/png;base64,").count(), 3);
+    // training images, grids during training (before, steps 1..4 every one, after), the concept's
+    // prompts, the control prompts
+    let grids = html.matches("data:image/png;base64,").count();
+    assert!(grids >= 5, "{grids} images in the report");
+    assert!(
+        html.contains("before training: [base | base]") && html.contains("step 4: [base | LoRA]"),
+        "grids during"
+    );
     assert!(html.contains("<h2>Scores</h2>") && html.contains("learned"), "scores section");
 }
 

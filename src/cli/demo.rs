@@ -119,7 +119,23 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         lr: a.lora_lr,
         ..crate::demo::run::DemoOptions::new(a.out.clone())
     };
-    let r = crate::demo::run::run(&opts, a.base.as_deref(), &mut |what| eprintln!("demo: {what}"))?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("demo: {msg} {bar:30} {pos}/{len} {elapsed}")
+            .expect("valid")
+            .progress_chars("=> "),
+    );
+    let mut phase = String::new();
+    let r = crate::demo::run::run(&opts, a.base.as_deref(), &mut |what, i, n| {
+        if what != phase {
+            phase = what.to_string();
+            bar.println(format!("demo: {what}"));
+            bar.set_message(what.to_string());
+            bar.set_length(n as u64);
+        }
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
     let (colour, shape) = r.base_knows;
     eprintln!(
         "base on control prompts: colour {:.0} %, shape {:.0} %; LoRA changed them by {:.1}/255",

@@ -56,19 +56,36 @@ pub struct DemoResult {
     pub base_knows: (f64, f64),
 }
 
-pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str)) -> Result<DemoResult> {
+/// `progress(phase, i, n)`: n > 0 while a phase counts steps.
+pub fn run(
+    o: &DemoOptions,
+    base: Option<&Path>,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<DemoResult> {
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(&o.out).with_context(|| format!("{}: cannot create folder", o.out.display()))?;
     let model = match base {
         Some(b) => b.to_path_buf(),
         None => super::base::write(&o.out.join("base"))?,
     };
-    progress("rendering the concept's images");
+    progress("rendering the concept's images", 0, 0);
     let data = o.out.join("data");
     let _ = std::fs::remove_dir_all(&data);
     write_dataset(&data, &scenes(o.seed, o.images, &[o.concept]), o.side)?;
 
-    progress("training the LoRA");
+    let target: Vec<(String, u64)> = (0..o.samples as u64)
+        .map(|i| {
+            let s = Scene { shape: o.concept, ..scenes(o.seed + 100 + i, 1, &[o.concept])[0] };
+            (s.caption(), o.seed + i)
+        })
+        .collect();
+    // grids during training: two of the target prompts, four times
+    let during = o.out.join("sample_prompts.txt");
+    let lines: Vec<&str> = target.iter().take(2).map(|(p, _)| p.as_str()).collect();
+    std::fs::write(&during, lines.join("\n") + "\n")
+        .with_context(|| format!("{}: cannot write", during.display()))?;
+
+    progress("training the LoRA", 0, o.steps);
     let lora = o.out.join("demo_lora.safetensors");
     let args = TrainArgs {
         model: Some(model.display().to_string()),
@@ -81,18 +98,16 @@ pub fn run(o: &DemoOptions, base: Option<&Path>, progress: &mut dyn FnMut(&str))
         resolution: Some(o.side),
         seed: Some(o.seed),
         flip: Some(true),
+        sample_prompts: Some(during),
+        sample_every: Some((o.steps / 4).max(1)),
         ..Default::default()
     };
     let cfg = TrainConfig::resolve(&args)?;
-    let summary = trainer::train(setup::setup(&cfg, &mut |_, _, _| {})?, &cfg, &mut |_, _, _| {})?;
+    let summary = trainer::train(setup::setup(&cfg, &mut |_, _, _| {})?, &cfg, &mut |i, _, _| {
+        progress("training the LoRA", i, o.steps)
+    })?;
 
-    progress("sampling base and LoRA with the same seeds");
-    let target: Vec<(String, u64)> = (0..o.samples as u64)
-        .map(|i| {
-            let s = Scene { shape: o.concept, ..scenes(o.seed + 100 + i, 1, &[o.concept])[0] };
-            (s.caption(), o.seed + i)
-        })
-        .collect();
+    progress("sampling base and LoRA with the same seeds", 0, 0);
     let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != o.concept).collect();
     let controls: Vec<Scene> = scenes(o.seed + 200, o.samples, &known);
     let control_prompts: Vec<(String, u64)> =
