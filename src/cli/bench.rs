@@ -133,8 +133,11 @@ fn check_bf16() -> Result<()> {
     let e32 = rel(&y32)?;
     let (y16, unet) = forward(DType::BF16, &gpu, 1)?;
     let e16 = rel(&y16)?;
+    let l2 = (&y16 - &want)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?
+        / want.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
     println!(
-        "SD1.5 U-Net forward vs CPU f32 (max abs diff / max abs ref): GPU f32 {e32:.2e}, GPU bf16 {e16:.2e}"
+        "SD1.5 U-Net forward vs CPU f32 (max abs diff / max abs ref): GPU f32 {e32:.2e}, GPU bf16 {e16:.2e} \
+         (bf16 ‖Δ‖/‖ref‖ {l2:.2e})"
     );
     // timing: one CFG step (batch 2), bf16
     let inp_x = sample.to_device(&gpu)?.to_dtype(DType::BF16)?;
