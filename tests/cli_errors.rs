@@ -161,3 +161,16 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn demo_pretraining_from_a_folder_that_is_not_a_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nothing-here");
+    let out = tmp.path().join("base");
+    let (m, o) = (missing.display().to_string(), out.display().to_string());
+    let args =
+        ["demo", "--pretrain", &o, "--init", &m, "--vae-steps", "0", "--unet-steps", "1", "--images", "4"];
+    expect_error(&args, &["nothing-here", "--init"]);
+    assert!(!out.exists(), "nothing written");
+    expect_error(&["demo", "--concept", "hexagon"], &["--concept", "star"]);
+}

@@ -101,7 +101,13 @@ fn var_map(
     init: Option<&Path>,
     dev: &Device,
 ) -> Result<BTreeMap<String, Var>> {
-    let loaded = init.map(|f| candle_core::safetensors::load(f, &Device::Cpu)).transpose()?;
+    let loaded = init
+        .map(|f| {
+            candle_core::safetensors::load(f, &Device::Cpu).with_context(|| {
+                format!("{}: cannot read — is --init a folder written by --pretrain?", f.display())
+            })
+        })
+        .transpose()?;
     shapes
         .iter()
         .map(|(n, s)| {
