@@ -16,7 +16,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub pretrain: Option<PathBuf>,
     /// Pretraining: images of the tiny world.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 10000)]
     pub images: usize,
     /// Pretraining: VAE steps.
     #[arg(long, default_value_t = 1500)]
@@ -24,11 +24,11 @@ pub struct DemoArgs {
     /// Pretraining: U-Net steps.
     #[arg(long, default_value_t = 4000)]
     pub unet_steps: usize,
-    /// Pretraining: batch size.
-    #[arg(long, default_value_t = 32)]
+    /// Pretraining: batch size of the U-Net phase.
+    #[arg(long, default_value_t = 128)]
     pub batch: usize,
     /// Pretraining: batch size of the VAE phase.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub vae_batch: usize,
     /// Pretraining: learning rate (AdamW, cosine decay), U-Net and VAE.
     #[arg(long, default_value_t = 1e-3)]
@@ -46,7 +46,7 @@ pub struct DemoArgs {
     /// Pretraining: also write the folder every N U-Net steps.
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
-    /// The shape the base model never sees (the LoRA's concept).
+    /// The shape the LoRA learns; pretraining leaves it out (the embedded base never saw a star).
     #[arg(long, default_value = "star")]
     pub concept: String,
     #[arg(long, default_value_t = 1)]
