@@ -115,7 +115,7 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caption_dropout: Option<f64>,
     /// Shuffle comma-separated tags of each caption, keeping the first --keep-tokens in place.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shuffle_tags: Option<bool>,
     /// Tags kept in front when shuffling [default: 0].
@@ -123,11 +123,11 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_tokens: Option<usize>,
     /// Random horizontal flips [default: false].
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flip: Option<bool>,
     /// Random instead of center crops to the bucket (disables the latent cache) [default: false].
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_crop: Option<bool>,
     /// min-SNR-γ loss weighting; 5 is the paper's value [default: off].
@@ -144,7 +144,7 @@ pub struct TrainArgs {
     pub max_grad_norm: Option<f64>,
     /// Recompute each U-Net block in the backward instead of keeping its activations: less
     /// memory, about a third more time [default: false].
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
     /// Prediction type when the model does not say (single files): epsilon or v_prediction.
@@ -357,5 +357,31 @@ pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
         "f16" | "fp16" | "float16" => Ok(candle_core::DType::F16),
         "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
         _ => anyhow::bail!("unknown dtype `{s}` (f32, f16, bf16)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrainArgs;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    /// Switches work bare (`--flip`, as kohya users type them) and with a value (`--flip false`,
+    /// to override a config file).
+    #[test]
+    fn boolean_switches_take_an_optional_value() {
+        let c =
+            Cli::try_parse_from(["t", "--flip", "--random-crop", "false", "--shuffle-tags", "true"]).unwrap();
+        assert_eq!(c.args.flip, Some(true));
+        assert_eq!(c.args.random_crop, Some(false));
+        assert_eq!(c.args.shuffle_tags, Some(true));
+        assert_eq!(c.args.gradient_checkpointing, None);
+        let c = Cli::try_parse_from(["t", "--gradient-checkpointing", "--steps", "3"]).unwrap();
+        assert_eq!((c.args.gradient_checkpointing, c.args.steps), (Some(true), Some(3)));
     }
 }
