@@ -61,13 +61,7 @@ impl DdimScheduler {
     }
 
     fn alpha_at(&self, t: i64) -> Result<f32> {
-        if t < 0 {
-            return Ok(self.final_alpha_cumprod);
-        }
-        match self.alphas_cumprod.get(t as usize) {
-            Some(&a) => Ok(a),
-            None => bail!("timestep {t} is outside the training schedule"),
-        }
+        schedule::alpha_at(&self.alphas_cumprod, self.final_alpha_cumprod, t)
     }
 }
 

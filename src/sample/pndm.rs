@@ -64,13 +64,7 @@ impl PndmScheduler {
     }
 
     fn alpha_at(&self, t: i64) -> Result<f32> {
-        if t < 0 {
-            return Ok(self.final_alpha_cumprod);
-        }
-        match self.alphas_cumprod.get(t as usize) {
-            Some(&a) => Ok(a),
-            None => bail!("timestep {t} is outside the training schedule"),
-        }
+        schedule::alpha_at(&self.alphas_cumprod, self.final_alpha_cumprod, t)
     }
 
     /// Formula (9) of the PNDM paper: x_{t−δ} from x_t and the ε estimate.

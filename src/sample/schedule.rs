@@ -60,6 +60,17 @@ pub fn check_unsupported(cfg: &SchedulerConfig, keys: &[&str]) -> Result<()> {
 
 /// `torch.linspace(start, end, n, dtype=float32)` (the scalar formula: from the start for the
 /// first half, from the end for the second).
+/// ᾱ_t, with t < 0 meaning the step past the last (DDIM/PNDM's `final_alpha_cumprod`).
+pub fn alpha_at(alphas_cumprod: &[f32], final_alpha_cumprod: f32, t: i64) -> Result<f32> {
+    if t < 0 {
+        return Ok(final_alpha_cumprod);
+    }
+    match alphas_cumprod.get(t as usize) {
+        Some(&a) => Ok(a),
+        None => bail!("timestep {t} is outside the training schedule"),
+    }
+}
+
 pub fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let (s, e) = (start as f32, end as f32);
     if n == 1 {
