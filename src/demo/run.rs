@@ -50,8 +50,6 @@ pub struct DemoResult {
     pub lora_bytes: u64,
     pub seconds: f64,
     pub report: PathBuf,
-    /// Share of control images showing the expected shape and colour, base model.
-    pub control_accuracy_base: f64,
     /// What the base draws right on the control prompts, each on its own: (colour, shape) shares.
     pub base_knows: (f64, f64),
 }
@@ -175,7 +173,6 @@ pub fn run(
         lora_bytes: summary.lora_bytes,
         seconds: t0.elapsed().as_secs_f64(),
         report: path,
-        control_accuracy_base: forgetting.accuracy_base,
         base_knows,
     })
 }

@@ -5,7 +5,7 @@
 //! prompt counts towards the mean pixel distance, the one measure that needs no labels.
 use crate::demo::scores::{classify, forgotten, mean_abs_difference, Forgetting};
 use crate::demo::world::{Colour, Shape};
-use crate::model::load::{load, LoadOptions};
+use crate::model::load::{load, LoadOptions, StableDiffusion};
 use crate::report::html::{grid_rows, Scores};
 use crate::sample::pipeline::{generate, GenerateOptions};
 use anyhow::{Context, Result};
@@ -25,18 +25,8 @@ pub fn parse_caption(prompt: &str) -> Option<(Shape, Colour)> {
     Some((Shape::from_name(&words[at])?, colour))
 }
 
-/// One image per (prompt, seed), with the LoRA file applied at strength 1 when given.
-pub fn sample(
-    model: &str,
-    lora: Option<&Path>,
-    prompts: &[(String, u64)],
-    side: u32,
-    steps: usize,
-) -> Result<Vec<RgbImage>> {
-    let mut sd = load(model, &LoadOptions::default())?;
-    if let Some(l) = lora {
-        crate::lora::apply::apply_file(&mut sd, l, 1.0, 0)?;
-    }
+/// One image per (prompt, seed) with the model as it is (base, or base + applied LoRA).
+fn sample(sd: &StableDiffusion, prompts: &[(String, u64)], side: u32, steps: usize) -> Result<Vec<RgbImage>> {
     let mut out = vec![];
     for (p, seed) in prompts {
         let opts = GenerateOptions {
@@ -47,7 +37,7 @@ pub fn sample(
             height: side as usize,
             ..Default::default()
         };
-        let (imgs, _) = generate(&sd, &opts, &mut |_, _| {})?;
+        let (imgs, _) = generate(sd, &opts, &mut |_, _| {})?;
         for g in imgs {
             out.push(RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer")?);
         }
@@ -72,36 +62,43 @@ pub fn evaluate(
     side: u32,
     steps: usize,
 ) -> Result<Evaluation> {
+    // one load: every prompt with the base, then the same prompts and seeds with the LoRA applied
+    let mut sd = load(model, &LoadOptions::default())?;
+    let all: Vec<(String, u64)> = target.iter().chain(control).cloned().collect();
+    let mut base_all = sample(&sd, &all, side, steps)?;
+    crate::lora::apply::apply_file(&mut sd, lora, 1.0, 0)?;
+    let mut with_all = sample(&sd, &all, side, steps)?;
+    let (c_base, c_with) = (base_all.split_off(target.len()), with_all.split_off(target.len()));
+    let (t_base, t_with) = (base_all, with_all);
     let mut grids = vec![];
     let mut scores = Scores { target: String::new(), learned: None, forgetting: None };
     let mut base_knows = (0.0, 0.0);
     if !target.is_empty() {
-        let base = sample(model, None, target, side, steps)?;
-        let with = sample(model, Some(lora), target, side, steps)?;
+        let (base, with) = (&t_base, &t_with);
         let wanted: Vec<(usize, Shape)> =
             target.iter().enumerate().filter_map(|(i, (p, _))| Some((i, parse_caption(p)?.0))).collect();
         if !wanted.is_empty() {
             let hits = wanted.iter().filter(|&&(i, s)| classify(&with[i]).shape == Some(s)).count();
             scores.learned = Some(hits as f64 / wanted.len() as f64);
             let mut names: Vec<&str> = wanted.iter().map(|(_, s)| s.name()).collect();
+            names.sort_unstable();
             names.dedup();
             scores.target = names.join(", ");
         }
         grids.push((
             "target prompts: base (top) vs LoRA (bottom), same seeds".into(),
-            grid_rows(&[&base, &with]),
+            grid_rows(&[base, with]),
         ));
     }
     if !control.is_empty() {
-        let base = sample(model, None, control, side, steps)?;
-        let with = sample(model, Some(lora), control, side, steps)?;
+        let (base, with) = (&c_base, &c_with);
         let labelled: Vec<(usize, (Shape, Colour))> =
             control.iter().enumerate().filter_map(|(i, (p, _))| Some((i, parse_caption(p)?))).collect();
         let pick = |imgs: &[RgbImage]| labelled.iter().map(|&(i, _)| imgs[i].clone()).collect::<Vec<_>>();
         let expected: Vec<(Shape, Colour)> = labelled.iter().map(|&(_, e)| e).collect();
-        let mut f: Forgetting = forgotten(&pick(&base), &pick(&with), &expected);
+        let mut f: Forgetting = forgotten(&pick(base), &pick(with), &expected);
         f.mean_pixel_distance =
-            base.iter().zip(&with).map(|(a, b)| mean_abs_difference(a, b)).sum::<f64>() / base.len() as f64;
+            base.iter().zip(with).map(|(a, b)| mean_abs_difference(a, b)).sum::<f64>() / base.len() as f64;
         if !labelled.is_empty() {
             let share = |ok: &dyn Fn(usize, (Shape, Colour)) -> bool| {
                 labelled.iter().filter(|&&(i, e)| ok(i, e)).count() as f64 / labelled.len() as f64
@@ -114,7 +111,7 @@ pub fn evaluate(
         scores.forgetting = Some(f);
         grids.push((
             "control prompts: base (top) vs LoRA (bottom), same seeds".into(),
-            grid_rows(&[&base, &with]),
+            grid_rows(&[base, with]),
         ));
     }
     Ok(Evaluation { scores, grids, base_knows })
