@@ -7,7 +7,7 @@ use sdlora::lora::{attach, Init, LoraSpec};
 use sdlora::model::load::{load_folder, Family, LoadOptions, StableDiffusion};
 use sdlora::model::text::PromptEncoder;
 use sdlora::sample::noise::{NoNoise, NoiseSource, SeededNoise};
-use sdlora::sample::pipeline::{decode, denoise, generate, GenerateOptions, Guidance};
+use sdlora::sample::pipeline::{decode, denoise, generate, generate_each, GenerateOptions, Guidance};
 use sdlora::sample::png::{encode_png, parse_fields, read_parameters};
 use sdlora::sample::{build, SCHEDULER_NAMES};
 use std::collections::HashMap;
@@ -136,6 +136,29 @@ fn same_seed_same_bytes_other_seed_other_image() {
     // a prompt of ~130 tokens is encoded in two chunks
     let long = vec!["red circle"; 65].join(" ");
     generate(&sd, &GenerateOptions { prompt: long, ..opts(1) }, &mut |_, _| {}).unwrap();
+}
+
+/// Many (prompt, seed) rows in one batch draw what one call per row draws.
+#[test]
+fn rows_of_different_prompts_batch_like_single_calls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = tiny(tmp.path());
+    let rows: Vec<(String, u64)> = vec![
+        ("a red circle on a blue background".into(), 7),
+        ("a green striped star on a white background".into(), 8),
+        ("a black ring on a yellow background".into(), 7),
+    ];
+    let many = generate_each(&sd, &opts(0), &rows).unwrap();
+    assert_eq!(many.len(), 3);
+    for (img, (prompt, seed)) in many.iter().zip(&rows) {
+        let one = generate(&sd, &GenerateOptions { prompt: prompt.clone(), ..opts(*seed) }, &mut |_, _| {})
+            .unwrap()
+            .0;
+        assert_eq!(img.seed, *seed);
+        let diff = img.rgb.iter().zip(&one[0].rgb).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(diff <= 1, "`{prompt}` seed {seed}: batched differs from alone by {diff}");
+    }
+    assert_ne!(many[0].rgb, many[2].rgb, "same seed, other prompt");
 }
 
 #[test]

@@ -178,11 +178,44 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-/// Prompt → images: the whole pipeline on a loaded model (LoRAs already applied).
-/// `progress(i, n)` after each denoising step.
+/// Prompt → images: the whole pipeline on a loaded model (LoRAs already applied), `opts.batch`
+/// images in one batch, image i with seed + i. `progress(i, n)` after each denoising step.
 pub fn generate(
     sd: &StableDiffusion,
     opts: &GenerateOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<GeneratedImage>, &'static str)> {
+    if opts.batch == 0 {
+        bail!("--steps and --batch must be at least 1");
+    }
+    let rows: Vec<(String, u64)> =
+        (0..opts.batch as u64).map(|i| (opts.prompt.clone(), opts.seed.wrapping_add(i))).collect();
+    generate_rows(sd, opts, &rows, progress)
+}
+
+/// One image per (prompt, seed), the rest of `opts` shared (its prompt, seed and batch are not
+/// used): the same pictures as one `generate` call per row, batched so that many small images
+/// cost far fewer U-Net calls. Batches hold up to 16 rows of a 64×64 image, one of 512×512. A
+/// prompt over 75 tokens pads the others of its batch to its chunk count, as Automatic1111 does.
+pub fn generate_each(
+    sd: &StableDiffusion,
+    opts: &GenerateOptions,
+    rows: &[(String, u64)],
+) -> Result<Vec<GeneratedImage>> {
+    let size_of = |v: usize| if v == 0 { default_size(sd) } else { v };
+    let px = size_of(opts.width) * size_of(opts.height);
+    let per_batch = (16 * 64 * 64 / px).clamp(1, 16);
+    let mut out = vec![];
+    for chunk in rows.chunks(per_batch) {
+        out.extend(generate_rows(sd, opts, chunk, &mut |_, _| {})?.0);
+    }
+    Ok(out)
+}
+
+fn generate_rows(
+    sd: &StableDiffusion,
+    opts: &GenerateOptions,
+    rows: &[(String, u64)],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<GeneratedImage>, &'static str)> {
     let (Some(unet), Some(vae)) = (&sd.unet, &sd.vae) else {
@@ -191,7 +224,7 @@ pub fn generate(
     if sd.text_encoders.is_empty() {
         bail!("generating needs the model's text encoder(s)");
     }
-    if opts.steps == 0 || opts.batch == 0 {
+    if opts.steps == 0 || rows.is_empty() {
         bail!("--steps and --batch must be at least 1");
     }
     let mut sched_cfg = sd.scheduler.clone();
@@ -210,26 +243,35 @@ pub fn generate(
         bail!("size {width}x{height}: width and height must be multiples of {multiple} for this model");
     }
 
+    // [negative, prompt of row 0, prompt of row 1, ...]
     let encoder = PromptEncoder::new(sd, opts.clip_skip)?;
-    let both = encoder
-        .encode_chunked(&sd.text_encoders, &[opts.negative.clone(), opts.prompt.clone()])
-        .context("encoding the prompt")?;
-    let pick = |row: usize| -> Result<Conditioning> {
-        let rep = |t: &Tensor| -> Result<Tensor> {
-            let r = t.narrow(0, row, 1)?;
-            let mut dims = vec![opts.batch];
+    let texts: Vec<String> =
+        std::iter::once(&opts.negative).chain(rows.iter().map(|r| &r.0)).cloned().collect();
+    let all = encoder.encode_chunked(&sd.text_encoders, &texts).context("encoding the prompt")?;
+    let n = rows.len();
+    let part = |t: &Tensor, negative: bool| -> Result<Tensor> {
+        Ok(if negative {
+            let r = t.narrow(0, 0, 1)?;
+            let mut dims = vec![n];
             dims.extend(&r.dims()[1..]);
-            Ok(r.broadcast_as(dims)?.contiguous()?)
-        };
-        Ok(Conditioning { context: rep(&both.context)?, pooled: both.pooled.as_ref().map(rep).transpose()? })
+            r.broadcast_as(dims)?.contiguous()?
+        } else {
+            t.narrow(0, 1, n)?
+        })
     };
-    let (uncond, cond) = (pick(0)?, pick(1)?);
+    let pick = |negative: bool| -> Result<Conditioning> {
+        Ok(Conditioning {
+            context: part(&all.context, negative)?,
+            pooled: all.pooled.as_ref().map(|p| part(p, negative)).transpose()?,
+        })
+    };
+    let (uncond, cond) = (pick(true)?, pick(false)?);
     let xl_size = (sd.family == Family::Sdxl).then_some((height, width));
     let guidance = Guidance::new(&cond, &uncond, opts.cfg_scale, xl_size)?;
 
-    let seeds: Vec<u64> = (0..opts.batch as u64).map(|i| opts.seed.wrapping_add(i)).collect();
+    let seeds: Vec<u64> = rows.iter().map(|r| r.1).collect();
     let mut noise = SeededNoise::new(&seeds);
-    let shape = [opts.batch, unet.config.in_channels, height / f, width / f];
+    let shape = [n, unet.config.in_channels, height / f, width / f];
     let latents = (noise.randn(&shape, unet.conv_in.weight.device())? * sched.init_noise_sigma())?;
     let latents = denoise(unet, sched.as_mut(), latents, &guidance, &mut noise, progress)?;
     let images = to_rgb8(&decode(vae, &latents)?)?;

@@ -7,7 +7,7 @@ use crate::demo::scores::{classify, forgotten, mean_abs_difference, Forgetting};
 use crate::demo::world::{Colour, Shape};
 use crate::model::load::{load, LoadOptions, StableDiffusion};
 use crate::report::html::{grid_rows, Scores};
-use crate::sample::pipeline::{generate, GenerateOptions};
+use crate::sample::pipeline::{generate_each, GenerateOptions};
 use anyhow::{Context, Result};
 use image::RgbImage;
 use std::path::Path;
@@ -27,22 +27,11 @@ pub fn parse_caption(prompt: &str) -> Option<(Shape, Colour)> {
 
 /// One image per (prompt, seed) with the model as it is (base, or base + applied LoRA).
 fn sample(sd: &StableDiffusion, prompts: &[(String, u64)], side: u32, steps: usize) -> Result<Vec<RgbImage>> {
-    let mut out = vec![];
-    for (p, seed) in prompts {
-        let opts = GenerateOptions {
-            prompt: p.clone(),
-            steps,
-            seed: *seed,
-            width: side as usize,
-            height: side as usize,
-            ..Default::default()
-        };
-        let (imgs, _) = generate(sd, &opts, &mut |_, _| {})?;
-        for g in imgs {
-            out.push(RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer")?);
-        }
-    }
-    Ok(out)
+    let opts = GenerateOptions { steps, width: side as usize, height: side as usize, ..Default::default() };
+    generate_each(sd, &opts, prompts)?
+        .into_iter()
+        .map(|g| RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer"))
+        .collect()
 }
 
 pub struct Evaluation {

@@ -3,7 +3,7 @@
 //! sampling step, written as `<output>-samples-stepNNNNNN.png` rows of [base | LoRA].
 use super::config::TrainConfig;
 use super::setup::Run;
-use crate::sample::pipeline::{generate, GenerateOptions};
+use crate::sample::pipeline::{generate_each, GenerateOptions};
 use anyhow::{Context, Result};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
@@ -25,22 +25,17 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
 
 /// One image per prompt with the run's current adapters, seed = training seed.
 pub fn render(run: &Run, cfg: &TrainConfig, prompts: &[String]) -> Result<Vec<RgbImage>> {
-    let mut out = vec![];
-    for p in prompts {
-        let opts = GenerateOptions {
-            prompt: p.clone(),
-            steps: 20,
-            seed: cfg.seed,
-            width: run.resolution as usize,
-            height: run.resolution as usize,
-            ..Default::default()
-        };
-        let (imgs, _) = generate(&run.sd, &opts, &mut |_, _| {})?;
-        for g in imgs {
-            out.push(RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer")?);
-        }
-    }
-    Ok(out)
+    let opts = GenerateOptions {
+        steps: 20,
+        width: run.resolution as usize,
+        height: run.resolution as usize,
+        ..Default::default()
+    };
+    let rows: Vec<(String, u64)> = prompts.iter().map(|p| (p.clone(), cfg.seed)).collect();
+    generate_each(&run.sd, &opts, &rows)?
+        .into_iter()
+        .map(|g| RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer"))
+        .collect()
 }
 
 /// Rows of [base | now], one per prompt.
