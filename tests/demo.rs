@@ -9,6 +9,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         images: 4,
         steps: 4,
         samples: 4,
+        controls: 4,
         sample_steps: 10,
         ..DemoOptions::new(tmp.path().join("demo"))
     };
@@ -56,6 +57,7 @@ fn pretraining_continues_from_the_embedded_base() {
         seconds: None,
         save_every: 0,
         init: Some(assets.clone()),
+        min_snr_gamma: None,
     };
     let load = |d: &std::path::Path, f: &str| {
         candle_core::safetensors::load(d.join(f), &candle_core::Device::Cpu).unwrap()
@@ -87,6 +89,12 @@ fn pretraining_continues_from_the_embedded_base() {
     assert!(losses.len() == 2 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
     assert!(!same(&assets, &two, unet), "the U-Net trained on");
     assert!(same(&assets, &two, vae) && same(&assets, &two, te), "VAE and text encoder kept");
+
+    // min-SNR-γ reweights the U-Net's loss per timestep (γ = 0.5 reaches about half of them): the
+    // same steps then train other weights
+    let snr = tmp.path().join("snr");
+    pretrain(&PretrainConfig { min_snr_gamma: Some(0.5), ..cfg(2) }, &snr, &mut |_, _, _, _| {}).unwrap();
+    assert!(!same(&two, &snr, unet), "min-SNR weighting changed nothing");
 }
 
 /// Every `sdlora train` run scores itself when given target/control prompts: tiny-world captions

@@ -46,6 +46,9 @@ pub struct DemoArgs {
     /// Pretraining: also write the folder every N U-Net steps.
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
+    /// Pretraining: min-SNR-γ weighting of the U-Net loss (e.g. 5; off when not given).
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
     /// The shape the LoRA learns; pretraining leaves it out (the embedded base never saw a star).
     #[arg(long, default_value = "star")]
     pub concept: String,
@@ -57,6 +60,12 @@ pub struct DemoArgs {
     /// LoRA learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lora_lr: f64,
+    /// LoRA rank (network dim)
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA layers, as `train --targets`: attn, attn-mlp, or full (adds the ResNet convolutions, "LoCon")
+    #[arg(long, default_value = "attn-mlp")]
+    pub targets: String,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -82,6 +91,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             },
             save_every: a.save_every,
             init: a.init.clone(),
+            min_snr_gamma: a.min_snr_gamma,
         };
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -117,6 +127,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         steps: a.steps,
         seed: a.seed,
         lr: a.lora_lr,
+        rank: a.rank,
+        targets: a.targets.clone(),
         ..crate::demo::run::DemoOptions::new(a.out.clone())
     };
     let bar = ProgressBar::new(0);

@@ -62,6 +62,9 @@ pub struct PretrainConfig {
     /// init; with `vae_steps` 0 its VAE and latent scaling are kept as they are, so the U-Net's
     /// training adds up across runs.
     pub init: Option<std::path::PathBuf>,
+    /// min-SNR-γ weighting of the U-Net loss (as `train --min-snr-gamma`): lowers the weight of
+    /// nearly clean timesteps, so more of each step goes to the layout decided at high noise.
+    pub min_snr_gamma: Option<f64>,
 }
 
 /// Cuts a time-boxed phase to the steps that fit, paced on steps 20–40 (the first ones include
@@ -267,8 +270,13 @@ pub fn pretrain(
         let (pred, saved) = unet.forward_train(&input)?;
         let diff = (pred - &noise)?;
         let loss = diff.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        let w: Vec<f32> = t
+            .iter()
+            .map(|&ti| cfg.min_snr_gamma.map_or(1.0, |gm| sched.min_snr_weight(ti, gm)) as f32)
+            .collect();
+        let w = Tensor::from_vec(w, (cfg.batch, 1, 1, 1), &dev)?;
         let mut g = AdapterGrads::default();
-        unet.backward(saved, &(&diff * (2.0 / diff.elem_count() as f64))?, &mut g)?;
+        unet.backward(saved, &(diff.broadcast_mul(&w)? * (2.0 / diff.elem_count() as f64))?, &mut g)?;
         step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, n_unet, 100))?;
         i += 1;
         n_unet = pace.fit(n_unet, i);

@@ -21,8 +21,13 @@ pub struct DemoOptions {
     pub seed: u64,
     /// LoRA learning rate.
     pub lr: f64,
-    /// Target and control prompts sampled (each, base and LoRA).
+    /// LoRA rank and layers (`train --targets`: attn, attn-mlp, full).
+    pub rank: usize,
+    pub targets: String,
+    /// Samples of the concept's prompts and of the control prompts (each drawn by base and LoRA):
+    /// 10 and 20 make one sample 10 % of "learned" and 5 points of "forgotten".
     pub samples: usize,
+    pub controls: usize,
     /// Sampler steps per image.
     pub sample_steps: usize,
 }
@@ -37,7 +42,10 @@ impl DemoOptions {
             side: super::pretrain::SIDE,
             seed: 1,
             lr: 1e-3,
-            samples: 8,
+            rank: 8,
+            targets: "attn-mlp".into(),
+            samples: 10,
+            controls: 20,
             sample_steps: 20,
         }
     }
@@ -91,7 +99,8 @@ pub fn run(
         output: Some(lora.clone()),
         steps: Some(o.steps),
         batch_size: Some(4),
-        rank: Some(8),
+        rank: Some(o.rank),
+        targets: Some(o.targets.clone()),
         lr: Some(o.lr),
         resolution: Some(o.side),
         seed: Some(o.seed),
@@ -107,7 +116,7 @@ pub fn run(
 
     progress("sampling base and LoRA with the same seeds", 0, 0);
     let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != o.concept).collect();
-    let controls: Vec<Scene> = scenes(o.seed + 200, o.samples, &known);
+    let controls: Vec<Scene> = scenes(o.seed + 200, o.controls, &known);
     let control_prompts: Vec<(String, u64)> =
         controls.iter().enumerate().map(|(i, s)| (s.caption(), o.seed + 50 + i as u64)).collect();
     let model_id = model.display().to_string();
@@ -152,9 +161,11 @@ pub fn run(
     report.grids.insert(0, ("training images".into(), grid(&train_imgs, 8)));
     report.grids.extend(eval.grids);
     report.settings.push(("LoRA learning rate".into(), o.lr.to_string()));
-    report
-        .settings
-        .push(("samples per prompt set".into(), format!("{} × {} steps", o.samples, o.sample_steps)));
+    report.settings.push(("LoRA rank, layers".into(), format!("{}, {}", o.rank, o.targets)));
+    report.settings.push((
+        "samples".into(),
+        format!("{} target + {} control, {} sampler steps each", o.samples, o.controls, o.sample_steps),
+    ));
     report.settings.push((
         "base model on the control prompts".into(),
         format!(

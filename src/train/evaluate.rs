@@ -42,6 +42,12 @@ pub struct Evaluation {
     pub base_knows: (f64, f64),
 }
 
+/// A grid's title with its prompts, column by column, so the reader knows what was asked for.
+fn titled(what: &str, prompts: &[(String, u64)]) -> String {
+    let cols: Vec<String> = prompts.iter().enumerate().map(|(i, (p, _))| format!("{}. {p}", i + 1)).collect();
+    format!("{what} — {}", cols.join("; "))
+}
+
 /// Samples `target` and `control` prompts (seed = `seed` + index) with and without the LoRA.
 pub fn evaluate(
     model: &str,
@@ -75,7 +81,7 @@ pub fn evaluate(
             scores.target = names.join(", ");
         }
         grids.push((
-            "target prompts: base (top) vs LoRA (bottom), same seeds".into(),
+            titled("target prompts: base (top) vs LoRA (bottom), same seeds", target),
             grid_rows(&[base, with]),
         ));
     }
@@ -99,7 +105,7 @@ pub fn evaluate(
         }
         scores.forgetting = Some(f);
         grids.push((
-            "control prompts: base (top) vs LoRA (bottom), same seeds".into(),
+            titled("control prompts: base (top) vs LoRA (bottom), same seeds", control),
             grid_rows(&[base, with]),
         ));
     }
