@@ -26,7 +26,12 @@ pub fn parse_caption(prompt: &str) -> Option<(Shape, Colour)> {
 }
 
 /// One image per (prompt, seed) with the model as it is (base, or base + applied LoRA).
-fn sample(sd: &StableDiffusion, prompts: &[(String, u64)], side: u32, steps: usize) -> Result<Vec<RgbImage>> {
+pub(crate) fn sample(
+    sd: &StableDiffusion,
+    prompts: &[(String, u64)],
+    side: u32,
+    steps: usize,
+) -> Result<Vec<RgbImage>> {
     let opts = GenerateOptions { steps, width: side as usize, height: side as usize, ..Default::default() };
     generate_each(sd, &opts, prompts)?
         .into_iter()

@@ -3,7 +3,6 @@
 //! sampling step, written as `<output>-samples-stepNNNNNN.png` rows of [base | LoRA].
 use super::config::TrainConfig;
 use super::setup::Run;
-use crate::sample::pipeline::{generate_each, GenerateOptions};
 use anyhow::{Context, Result};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
@@ -25,17 +24,8 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
 
 /// One image per prompt with the run's current adapters, seed = training seed.
 pub fn render(run: &Run, cfg: &TrainConfig, prompts: &[String]) -> Result<Vec<RgbImage>> {
-    let opts = GenerateOptions {
-        steps: 20,
-        width: run.resolution as usize,
-        height: run.resolution as usize,
-        ..Default::default()
-    };
     let rows: Vec<(String, u64)> = prompts.iter().map(|p| (p.clone(), cfg.seed)).collect();
-    generate_each(&run.sd, &opts, &rows)?
-        .into_iter()
-        .map(|g| RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer"))
-        .collect()
+    super::evaluate::sample(&run.sd, &rows, run.resolution, 20)
 }
 
 /// Rows of [base | now], one per prompt.
