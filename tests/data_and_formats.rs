@@ -58,7 +58,7 @@ fn image_kinds_are_converted_and_exif_orientation_honoured() {
     assert_eq!(r.dimensions(), (20, 40), "EXIF orientation 6 turns 40×20 into 20×40");
     // rotated 90° clockwise: the left (red) half of the original is now the top half
     assert!(r.get_pixel(10, 5).0[0] > 200 && r.get_pixel(10, 35).0[0] < 50);
-    let items = scan(d, Some("trigger")).unwrap();
+    let items = scan(d, Some("trigger"), "--data").unwrap();
     assert_eq!(items.len(), 4);
     assert!(items.iter().all(|i| i.caption == "trigger"), "the default caption fills in");
     assert_eq!(items.iter().find(|i| i.image.ends_with("rotated.jpg")).unwrap().size, (20, 40));

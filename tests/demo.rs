@@ -11,6 +11,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         samples: 4,
         controls: 4,
         sample_steps: 10,
+        reg: 3,
         ..DemoOptions::new(tmp.path().join("demo"))
     };
     let r = run(&o, None, &mut |_, _, _| {}).unwrap();
@@ -21,16 +22,21 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png"))
         .count();
     assert_eq!(pngs, 4);
-    // The embedded base was pretrained on the world: it paints shapes in the prompt's colour far
-    // more often than chance (1 in 8); a random or broken base does not.
-    let colour = r.base_knows.0;
-    assert!(colour >= 0.5, "base paints the prompt's colour in {:.0} % of control samples", 100.0 * colour);
+    let reg: Vec<_> = std::fs::read_dir(o.out.join("reg")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "png")).count(), 3);
+    assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "txt")).count(), 3);
+    // The embedded base was pretrained on the world: it paints the prompt's shape in its colour
+    // (chance: 1 in 5 shapes, 1 in 8 colours); a random or broken base does not.
+    let (colour, shape) = r.base_knows;
+    assert!(colour >= 0.75, "base paints the prompt's colour in {:.0} % of control samples", 100.0 * colour);
+    assert!(shape >= 0.75, "base draws the prompt's shape in {:.0} % of control samples", 100.0 * shape);
     let html = std::fs::read_to_string(&r.report).unwrap();
     assert!(html.contains("<svg"), "loss plot");
-    // training images, grids during training (before, steps 1..4 every one, after), the concept's
-    // prompts, the control prompts
+    // training and regularization images, grids during training (before, steps 1..4 every one,
+    // after), the concept's prompts, the control prompts
     let grids = html.matches("data:image/png;base64,").count();
-    assert!(grids >= 5, "{grids} images in the report");
+    assert!(grids >= 6, "{grids} images in the report");
+    assert!(html.contains("regularization images: known shapes drawn by the base"), "reg grid");
     assert!(
         html.contains("before training: [base | base]") && html.contains("step 4: [base | LoRA]"),
         "grids during"

@@ -203,3 +203,37 @@ fn sample_grids_before_during_and_after_training() {
     let html = report.html().unwrap();
     assert_eq!(html.matches("data:image/png;base64,").count(), 3);
 }
+
+/// kohya's regularization images: as many per epoch as training images (here 2 reg images for
+/// 2 training images), their loss weighted by --prior-loss-weight. At weight 0 a step on a reg
+/// image reports loss 0, so the zero-loss steps count the reg images the batches drew.
+#[test]
+fn regularization_images_share_the_epoch_at_their_weight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data, reg) = (tmp.path().join("model"), tmp.path().join("data"), tmp.path().join("reg"));
+    tiny_model(&model);
+    tiny_dataset(&data, 2);
+    tiny_dataset(&reg, 5);
+    let out = tmp.path().join("reg.safetensors");
+    let mut a = args(&model, &data, &out, 8);
+    a.reg_data = Some(reg.clone());
+    a.prior_loss_weight = Some(0.0);
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+    assert_eq!(run.items.iter().filter(|i| i.reg).count(), 2, "2 of the 5 reg images balance 2 images");
+    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    assert_eq!(s.losses.iter().filter(|&&l| l == 0.0).count(), 4, "{:?}", s.losses);
+    let meta = std::fs::read(&out).unwrap();
+    let (_, m) = safetensors::SafeTensors::read_metadata(&meta).unwrap();
+    let m = m.metadata().clone().unwrap();
+    assert_eq!((m["ss_num_train_images"].as_str(), m["ss_num_reg_images"].as_str()), ("2", "2"));
+
+    a.prior_loss_weight = Some(1.0);
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let s = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
+    assert!(s.losses.iter().all(|&l| l > 0.0), "{:?}", s.losses);
+
+    a.reg_data = Some(tmp.path().join("missing"));
+    let err = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
+    assert!(err.contains("missing: not a folder — --reg-data takes"), "{err}");
+}

@@ -46,7 +46,8 @@ pub struct DemoArgs {
     /// Pretraining: also write the folder every N U-Net steps.
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
-    /// Pretraining: min-SNR-γ weighting of the U-Net loss (e.g. 5; off when not given).
+    /// min-SNR-γ weighting of the U-Net loss: the LoRA's [default: 5], or with --pretrain the
+    /// base's [default: off].
     #[arg(long)]
     pub min_snr_gamma: Option<f64>,
     /// The shape the LoRA learns; pretraining leaves it out (the embedded base never saw a star).
@@ -55,17 +56,27 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// LoRA training steps.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 400)]
     pub steps: usize,
+    /// LoRA batch size.
+    #[arg(long, default_value_t = 4)]
+    pub lora_batch: usize,
     /// LoRA learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lora_lr: f64,
+    /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 5e-4].
+    #[arg(long)]
+    pub text_encoder_lr: Option<f64>,
     /// LoRA rank (network dim)
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
     /// LoRA layers, as `train --targets`: attn, attn-mlp, or full (adds the ResNet convolutions, "LoCon")
-    #[arg(long, default_value = "attn-mlp")]
+    #[arg(long, default_value = "full")]
     pub targets: String,
+    /// Regularization images the base draws of the shapes it knows, mixed into training
+    /// (`train --reg-data`); 0 trains on the concept's images alone.
+    #[arg(long, default_value_t = 20)]
+    pub reg: usize,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -122,6 +133,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         println!("wrote {} in {:.0} s", out.display(), t0.elapsed().as_secs_f64());
         return Ok(());
     }
+    let d = crate::demo::run::DemoOptions::new(a.out.clone());
     let opts = crate::demo::run::DemoOptions {
         concept,
         steps: a.steps,
@@ -129,7 +141,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         lr: a.lora_lr,
         rank: a.rank,
         targets: a.targets.clone(),
-        ..crate::demo::run::DemoOptions::new(a.out.clone())
+        reg: a.reg,
+        min_snr_gamma: a.min_snr_gamma.or(d.min_snr_gamma),
+        text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
+        batch: a.lora_batch,
+        ..d
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

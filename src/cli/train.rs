@@ -22,10 +22,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let n_params: usize = run.params.iter().map(|p| p.elem_count()).sum();
+    let n_reg = run.items.iter().filter(|i| i.reg).count();
     eprintln!(
-        "{} model, {} images at {} px, {} adapters ({} parameters), {} steps",
+        "{} model, {} images{} at {} px, {} adapters ({} parameters), {} steps",
         run.sd.family.name(),
-        run.items.len(),
+        run.items.len() - n_reg,
+        if n_reg > 0 { format!(" + {n_reg} regularization images") } else { String::new() },
         run.resolution,
         run.adapters.len(),
         n_params,

@@ -13,6 +13,8 @@ pub struct Item {
     pub repeats: usize,
     /// Pixel size after EXIF orientation.
     pub size: (u32, u32),
+    /// A regularization image (`--reg-data`): its loss counts `--prior-loss-weight` times.
+    pub reg: bool,
 }
 
 fn is_image(p: &Path) -> bool {
@@ -29,10 +31,11 @@ fn repeats_of(dir: &Path) -> Option<(usize, String)> {
 }
 
 /// Scans `root` (and its `N_name` sub-folders). `default_caption` is used for images without a
-/// caption file; kohya's folder name (after `N_`) is the fallback.
-pub fn scan(root: &Path, default_caption: Option<&str>) -> Result<Vec<Item>> {
+/// caption file; kohya's folder name (after `N_`) is the fallback. `flag` names the option that
+/// gave `root`, for the errors.
+pub fn scan(root: &Path, default_caption: Option<&str>, flag: &str) -> Result<Vec<Item>> {
     if !root.is_dir() {
-        bail!("{}: not a folder — --data takes a folder of images with .txt captions", root.display());
+        bail!("{}: not a folder — {flag} takes a folder of images with .txt captions", root.display());
     }
     let mut dirs = vec![(root.to_path_buf(), 1usize, None::<String>)];
     for e in std::fs::read_dir(root).with_context(|| format!("{}: cannot list", root.display()))? {
@@ -71,17 +74,36 @@ pub fn scan(root: &Path, default_caption: Option<&str>) -> Result<Vec<Item>> {
                 default_caption.map(String::from).or(class.clone()).unwrap_or_default()
             };
             let size = image_size(&p)?;
-            items.push(Item { image: p, caption, repeats, size });
+            items.push(Item { image: p, caption, repeats, size, reg: false });
         }
     }
     if items.is_empty() {
-        bail!(
-            "{}: no images found ({}) — put your training images there",
-            root.display(),
-            IMAGE_EXTS.join(", ")
-        );
+        bail!("{}: no images found ({}) — put images (with .txt captions) there, or point {flag} at another folder", root.display(), IMAGE_EXTS.join(", "));
     }
     Ok(items)
+}
+
+/// kohya's balance of regularization images: an epoch shows as many of them as training images
+/// (repeats counted). The reg images are taken in order with their own repeats; if they fall
+/// short, each gets one more repeat in turn until they match; if they are more, the rest sit out.
+pub fn balance_reg(train: &[Item], mut reg: Vec<Item>) -> Vec<Item> {
+    let want: usize = train.iter().map(|i| i.repeats).sum();
+    let (mut n, mut used) = (0, 0);
+    while used < reg.len() && n < want {
+        n += reg[used].repeats;
+        used += 1;
+    }
+    reg.truncate(used);
+    let mut k = 0;
+    while n < want && !reg.is_empty() {
+        reg[k % used].repeats += 1;
+        n += 1;
+        k += 1;
+    }
+    for r in &mut reg {
+        r.reg = true;
+    }
+    reg
 }
 
 fn unreadable(p: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
@@ -131,4 +153,39 @@ pub fn load_rgb(p: &Path) -> Result<image::RgbImage> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{balance_reg, Item};
+
+    fn items(repeats: &[usize]) -> Vec<Item> {
+        let it = |(i, &r): (usize, &usize)| Item {
+            image: format!("{i}.png").into(),
+            caption: String::new(),
+            repeats: r,
+            size: (8, 8),
+            reg: false,
+        };
+        repeats.iter().enumerate().map(it).collect()
+    }
+
+    fn repeats(v: &[Item]) -> Vec<usize> {
+        v.iter().map(|i| i.repeats).collect()
+    }
+
+    /// The three cases of kohya's loop: too few reg images (repeated in turn), too many (the
+    /// first ones used), and reg folders with their own repeats (may overshoot, as kohya does).
+    #[test]
+    fn reg_images_balance_like_kohya() {
+        let r = balance_reg(&items(&[10, 10, 10]), items(&[1, 1, 1, 1]));
+        assert_eq!(repeats(&r), [8, 8, 7, 7]);
+        assert!(r.iter().all(|i| i.reg));
+        let r = balance_reg(&items(&[1, 1]), items(&[1, 1, 1, 1, 1]));
+        assert_eq!(
+            r.iter().map(|i| i.image.to_string_lossy().to_string()).collect::<Vec<_>>(),
+            ["0.png", "1.png"]
+        );
+        assert_eq!(repeats(&balance_reg(&items(&[5]), items(&[3, 3, 3]))), [3, 3]);
+    }
 }

@@ -23,12 +23,12 @@ const FILES: [(&str, &[u8]); 8] = [
     file!("vae/diffusion_pytorch_model.safetensors"),
 ];
 
-/// Writes the embedded base into `dir` (skipping files already there with the same size) and
-/// returns it.
+/// Writes the embedded base into `dir` (skipping files already there with the same bytes: a base
+/// from an older binary is replaced) and returns it.
 pub fn write(dir: &Path) -> Result<PathBuf> {
     for (rel, bytes) in FILES {
         let p = dir.join(rel);
-        if std::fs::metadata(&p).is_ok_and(|m| m.len() == bytes.len() as u64) {
+        if std::fs::read(&p).is_ok_and(|b| b == bytes) {
             continue;
         }
         let parent = p.parent().context("file in a folder")?;

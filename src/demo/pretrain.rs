@@ -41,7 +41,12 @@ pub fn demo_config() -> PipelineConfig {
             "max_position_embeddings":77,"hidden_act":"quick_gelu","eos_token_id":49407,"architectures":["CLIPTextModel"]}"#,
     )
     .expect("valid config");
-    PipelineConfig { unet, vae, text_encoders: vec![te], scheduler: SchedulerConfig::default() }
+    // DPM++ 2M Karras, the sampler the demo's figures were measured with
+    let scheduler: SchedulerConfig = serde_json::from_str(
+        r#"{"_class_name":"DPMSolverMultistepScheduler","steps_offset":1,"use_karras_sigmas":true}"#,
+    )
+    .expect("valid config");
+    PipelineConfig { unet, vae, text_encoders: vec![te], scheduler }
 }
 
 pub struct PretrainConfig {
@@ -312,11 +317,5 @@ fn save(out: &Path, pc: &PipelineConfig, comps: &[(&str, &BTreeMap<String, Var>)
         };
         std::fs::write(d.join("config.json"), cfg)?;
     }
-    std::fs::create_dir_all(out.join("scheduler"))?;
-    std::fs::write(
-        out.join("scheduler/scheduler_config.json"),
-        serde_json::to_string_pretty(&pc.scheduler)?,
-    )?;
-    std::fs::write(out.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#)?;
-    Ok(())
+    crate::model::tiny::write_index(out, pc)
 }

@@ -5,6 +5,7 @@
 //! The base model is the embedded one (`base`), pretrained on the world without stars, or any
 //! folder given with `--base` (e.g. one made by `sdlora demo --pretrain`).
 use super::world::{scenes, write_dataset, Scene, Shape};
+use crate::model::load::{load, LoadOptions};
 use crate::report::html::{grid, Report};
 use crate::train::config::{TrainArgs, TrainConfig};
 use crate::train::{setup, trainer};
@@ -30,6 +31,15 @@ pub struct DemoOptions {
     pub controls: usize,
     /// Sampler steps per image.
     pub sample_steps: usize,
+    /// Regularization images the base draws of known shapes before training (`train --reg-data`,
+    /// DreamBooth's prior preservation); 0: none.
+    pub reg: usize,
+    /// min-SNR-γ weighting of the LoRA's loss (`train --min-snr-gamma`).
+    pub min_snr_gamma: Option<f64>,
+    /// Also train the text encoder's LoRA at this rate (`train --text-encoder-lr`).
+    pub text_encoder_lr: Option<f64>,
+    /// LoRA batch size.
+    pub batch: usize,
 }
 
 impl DemoOptions {
@@ -38,15 +48,19 @@ impl DemoOptions {
             out,
             concept: super::base::MISSING,
             images: 20,
-            steps: 200,
+            steps: 400,
             side: super::pretrain::SIDE,
             seed: 1,
             lr: 1e-3,
             rank: 8,
-            targets: "attn-mlp".into(),
+            targets: "full".into(),
             samples: 10,
             controls: 20,
             sample_steps: 20,
+            reg: 20,
+            min_snr_gamma: Some(5.0),
+            text_encoder_lr: Some(5e-4),
+            batch: 4,
         }
     }
 }
@@ -91,6 +105,28 @@ pub fn run(
     std::fs::write(&during, lines.join("\n") + "\n")
         .with_context(|| format!("{}: cannot write", during.display()))?;
 
+    // the base's own pictures of what it knows, so the LoRA keeps drawing them
+    let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != o.concept).collect();
+    let reg_dir = o.out.join("reg");
+    let _ = std::fs::remove_dir_all(&reg_dir);
+    let mut reg_imgs = vec![];
+    if o.reg > 0 {
+        progress("drawing regularization images with the base", 0, 0);
+        let rows: Vec<(String, u64)> = scenes(o.seed + 300, o.reg, &known)
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.caption(), o.seed + 400 + i as u64))
+            .collect();
+        let sd = load(&model.display().to_string(), &LoadOptions::default())?;
+        reg_imgs = crate::train::evaluate::sample(&sd, &rows, o.side, o.sample_steps)?;
+        std::fs::create_dir_all(&reg_dir).with_context(|| format!("{}: cannot create", reg_dir.display()))?;
+        for (i, ((caption, _), img)) in rows.iter().zip(&reg_imgs).enumerate() {
+            let png = reg_dir.join(format!("{i:04}.png"));
+            img.save(&png).with_context(|| format!("{}: cannot write", png.display()))?;
+            std::fs::write(png.with_extension("txt"), caption)?;
+        }
+    }
+
     progress("training the LoRA", 0, o.steps);
     let lora = o.out.join("demo_lora.safetensors");
     let args = TrainArgs {
@@ -98,13 +134,16 @@ pub fn run(
         data: Some(data.clone()),
         output: Some(lora.clone()),
         steps: Some(o.steps),
-        batch_size: Some(4),
+        batch_size: Some(o.batch),
         rank: Some(o.rank),
         targets: Some(o.targets.clone()),
         lr: Some(o.lr),
         resolution: Some(o.side),
         seed: Some(o.seed),
         flip: Some(true),
+        reg_data: (o.reg > 0).then(|| reg_dir.clone()),
+        min_snr_gamma: o.min_snr_gamma,
+        text_encoder_lr: o.text_encoder_lr,
         sample_prompts: Some(during),
         sample_every: Some((o.steps / 4).max(1)),
         ..Default::default()
@@ -115,7 +154,6 @@ pub fn run(
     })?;
 
     progress("sampling base and LoRA with the same seeds", 0, 0);
-    let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != o.concept).collect();
     let controls: Vec<Scene> = scenes(o.seed + 200, o.controls, &known);
     let control_prompts: Vec<(String, u64)> =
         controls.iter().enumerate().map(|(i, s)| (s.caption(), o.seed + 50 + i as u64)).collect();
@@ -159,9 +197,18 @@ pub fn run(
     let train_imgs: Vec<RgbImage> =
         scenes(o.seed, o.images.min(8), &[o.concept]).iter().map(|s| s.render(o.side)).collect();
     report.grids.insert(0, ("training images".into(), grid(&train_imgs, 8)));
+    if !reg_imgs.is_empty() {
+        let title = "regularization images: known shapes drawn by the base (train --reg-data)";
+        report.grids.insert(1, (title.into(), grid(&reg_imgs[..reg_imgs.len().min(10)], 10)));
+    }
     report.grids.extend(eval.grids);
-    report.settings.push(("LoRA learning rate".into(), o.lr.to_string()));
+    report.settings.push(("LoRA learning rate, batch".into(), format!("{}, {}", o.lr, o.batch)));
     report.settings.push(("LoRA rank, layers".into(), format!("{}, {}", o.rank, o.targets)));
+    let te = o.text_encoder_lr.map_or("not trained".into(), |l| format!("LoRA at learning rate {l}"));
+    report.settings.push(("text encoder".into(), te));
+    let snr = o.min_snr_gamma.map_or("off".into(), |g| g.to_string());
+    report.settings.push(("min-SNR-γ".into(), snr));
+    report.settings.push(("regularization images (prior loss weight 1)".into(), o.reg.to_string()));
     report.settings.push((
         "samples".into(),
         format!("{} target + {} control, {} sampler steps each", o.samples, o.controls, o.sample_steps),

@@ -466,7 +466,7 @@ mod tests {
             assert_eq!(std::fs::read_to_string(p.with_extension("txt")).unwrap(), s.caption());
         }
         // The training loader accepts the folder as-is.
-        let items = crate::data::dataset::scan(dir.path(), None).unwrap();
+        let items = crate::data::dataset::scan(dir.path(), None, "--data").unwrap();
         assert_eq!(items.len(), 4);
         assert_eq!(items[0].caption, sc[0].caption());
     }

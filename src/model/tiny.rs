@@ -90,6 +90,11 @@ pub fn write_random_pipeline(dir: &Path, cfg: &PipelineConfig, seed: u64, dtype:
             dtype,
         )?;
     }
+    write_index(dir, cfg)
+}
+
+/// The folder's scheduler/scheduler_config.json and model_index.json.
+pub fn write_index(dir: &Path, cfg: &PipelineConfig) -> Result<()> {
     std::fs::create_dir_all(dir.join("scheduler"))?;
     std::fs::write(
         dir.join("scheduler/scheduler_config.json"),

@@ -110,6 +110,17 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caption: Option<String>,
+    /// Regularization images (kohya's reg_data_dir, DreamBooth's class images): a folder like
+    /// --data of what the base should keep drawing, e.g. the base model's own images of the class
+    /// ("a dog"). Mixed into the batches, as many per epoch as training images; they keep the
+    /// LoRA from changing prompts it was not trained on.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reg_data: Option<PathBuf>,
+    /// Weight of the regularization images' loss (kohya's prior_loss_weight) [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prior_loss_weight: Option<f64>,
     /// Probability of training a step on the empty caption [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -252,6 +263,10 @@ pub struct TrainConfig {
     pub target_prompts: Option<PathBuf>,
     #[serde(default)]
     pub control_prompts: Option<PathBuf>,
+    #[serde(default)]
+    pub reg_data: Option<PathBuf>,
+    #[serde(default = "d_prior")]
+    pub prior_loss_weight: f64,
 }
 
 fn d_steps() -> usize {
@@ -280,6 +295,9 @@ fn d_format() -> String {
 }
 fn d_save_dtype() -> String {
     "f16".into()
+}
+fn d_prior() -> f64 {
+    1.0
 }
 fn d_clip() -> f64 {
     1.0
@@ -339,6 +357,9 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad("--lora-dropout is a probability in [0, 1)".into());
+        }
+        if !(self.prior_loss_weight >= 0.0 && self.prior_loss_weight.is_finite()) {
+            return bad(format!("--prior-loss-weight {} must be 0 or more", self.prior_loss_weight));
         }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return bad("--caption-dropout is a probability between 0 and 1".into());

@@ -9,7 +9,7 @@ pub fn kohya_metadata(
     family: Family,
     v_prediction: bool,
     resolution: u32,
-    num_images: usize,
+    (num_images, num_reg_images): (usize, usize),
     tag_frequency: &BTreeMap<String, BTreeMap<String, usize>>,
     steps_done: usize,
 ) -> HashMap<String, String> {
@@ -51,6 +51,8 @@ pub fn kohya_metadata(
     put("ss_gradient_accumulation_steps", cfg.grad_accum.to_string());
     put("ss_resolution", format!("({resolution}, {resolution})"));
     put("ss_num_train_images", num_images.to_string());
+    put("ss_num_reg_images", num_reg_images.to_string());
+    put("ss_prior_loss_weight", cfg.prior_loss_weight.to_string());
     put("ss_seed", cfg.seed.to_string());
     put("ss_min_snr_gamma", cfg.min_snr_gamma.map(|g| g.to_string()).unwrap_or_else(|| "None".into()));
     put("ss_noise_offset", cfg.noise_offset.to_string());

@@ -2,7 +2,7 @@
 use super::config::{parse_dtype, TrainConfig};
 use super::noise::NoiseSchedule;
 use super::optim::AdamW;
-use crate::data::dataset::{scan, Item};
+use crate::data::dataset::{balance_reg, scan, Item};
 use crate::data::prepare::{prepare, Encoder, Sample};
 use crate::lora::targets::{text_encoder_selects, unet_selects, Preset};
 use crate::lora::{attach, AdapterInfo, Init, LoraSpec};
@@ -97,7 +97,11 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
             "--dtype bf16: candle's CPU backend has no bf16 matmul — use f32 (or f16) on CPU, bf16 on CUDA"
         );
     }
-    let items = scan(&cfg.data, cfg.caption.as_deref())?;
+    let mut items = scan(&cfg.data, cfg.caption.as_deref(), "--data")?;
+    if let Some(dir) = &cfg.reg_data {
+        let reg = scan(dir, None, "--reg-data")?;
+        items.extend(balance_reg(&items, reg));
+    }
     let opts = LoadOptions {
         dtype,
         device: device.clone(),

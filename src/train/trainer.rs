@@ -127,9 +127,15 @@ fn micro_step(
     // per-sample MSE, min-SNR weighted, averaged over the batch
     let diff = (pred.to_dtype(DType::F32)? - &target)?;
     let n_el = diff.elem_count() / idx.len();
+    // min-SNR-γ, times --prior-loss-weight for regularization images (kohya's loss_weights)
     let w: Vec<f32> = t
         .iter()
-        .map(|&ti| cfg.min_snr_gamma.map(|gm| sched.min_snr_weight(ti, gm)).unwrap_or(1.0) as f32)
+        .zip(&samples)
+        .map(|(&ti, s)| {
+            let snr = cfg.min_snr_gamma.map(|gm| sched.min_snr_weight(ti, gm)).unwrap_or(1.0);
+            let prior = if run.items[s.item].reg { cfg.prior_loss_weight } else { 1.0 };
+            (snr * prior) as f32
+        })
         .collect();
     let w = Tensor::from_vec(w, (idx.len(), 1, 1, 1), dev)?;
     let per = diff.sqr()?.mean((1, 2, 3))?;
@@ -174,12 +180,15 @@ fn random_crop_latent(
     Ok((z.to_dtype(DType::F32)? * vae.config.scaling_factor)?.squeeze(0)?)
 }
 
-/// Fixed-seed evaluation loss over (up to) 4 samples, 2 timesteps each.
+/// Fixed-seed evaluation loss over (up to) 4 training samples (no regularization images), 2
+/// timesteps each.
 pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
     let mut text = HashMap::new();
-    let n = run.samples.len().min(4);
+    let picked: Vec<usize> =
+        (0..run.samples.len()).filter(|&i| !run.items[run.samples[i].item].reg).take(4).collect();
+    let n = picked.len();
     let mut total = 0.0;
-    for i in 0..n {
+    for (i, &s) in picked.iter().enumerate() {
         for j in 0..2u64 {
             let cfg2 = TrainConfig {
                 flip: false,
@@ -188,7 +197,7 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
                 seed: cfg.seed ^ 0x5eed,
                 ..cfg.clone()
             };
-            total += micro_step_eval(run, &cfg2, i, 1000 + 2 * i as u64 + j, &mut text)?;
+            total += micro_step_eval(run, &cfg2, s, 1000 + 2 * i as u64 + j, &mut text)?;
         }
     }
     Ok(total / (2 * n) as f64)
@@ -326,10 +335,11 @@ pub fn step_path(out: &Path, step: usize) -> PathBuf {
 
 fn save(run: &Run, cfg: &TrainConfig, path: &Path, steps_done: usize) -> Result<()> {
     let format: LoraFormat = cfg.format.parse().map_err(anyhow::Error::msg)?;
-    let tags = metadata::tag_frequency(&run.items);
+    let train_items: Vec<_> = run.items.iter().filter(|i| !i.reg).cloned().collect();
+    let tags = metadata::tag_frequency(&train_items);
     let v = run.sd.scheduler.prediction_type == "v_prediction";
-    let meta =
-        metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, run.items.len(), &tags, steps_done);
+    let counts = (train_items.len(), run.items.len() - train_items.len());
+    let meta = metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, counts, &tags, steps_done);
     write(
         path,
         &run.adapters,
