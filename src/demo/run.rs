@@ -26,7 +26,7 @@ pub struct DemoOptions {
     pub rank: usize,
     pub targets: String,
     /// Samples of the concept's prompts and of the control prompts (each drawn by base and LoRA):
-    /// 10 and 20 make one sample 10 % of "learned" and 5 points of "forgotten".
+    /// 20 and 20 make one sample 5 % of "learned" and 5 points of "forgotten".
     pub samples: usize,
     pub controls: usize,
     /// Sampler steps per image.
@@ -54,7 +54,7 @@ impl DemoOptions {
             lr: 1e-3,
             rank: 8,
             targets: "full".into(),
-            samples: 10,
+            samples: 20,
             controls: 20,
             sample_steps: 20,
             reg: 20,

@@ -112,8 +112,8 @@ pub struct TrainArgs {
     pub caption: Option<String>,
     /// Regularization images (kohya's reg_data_dir, DreamBooth's class images): a folder like
     /// --data of what the base should keep drawing, e.g. the base model's own images of the class
-    /// ("a dog"). Mixed into the batches, as many per epoch as training images; they keep the
-    /// LoRA from changing prompts it was not trained on.
+    /// ("a dog"). Mixed into the batches, as many per epoch as training images; they pull the
+    /// LoRA close to what the base drew for prompts it is not about.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reg_data: Option<PathBuf>,
