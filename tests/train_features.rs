@@ -233,6 +233,10 @@ fn regularization_images_share_the_epoch_at_their_weight() {
     let s = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
     assert!(s.losses.iter().all(|&l| l > 0.0), "{:?}", s.losses);
 
+    a.prior_loss_weight = Some(2.0);
+    a.reg_data = None;
+    let err = TrainConfig::resolve(&a).err().unwrap().to_string();
+    assert!(err.contains("--prior-loss-weight") && err.contains("--reg-data"), "{err}");
     a.reg_data = Some(tmp.path().join("missing"));
     let err = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
     assert!(err.contains("missing: not a folder — --reg-data takes"), "{err}");

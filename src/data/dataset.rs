@@ -78,7 +78,11 @@ pub fn scan(root: &Path, default_caption: Option<&str>, flag: &str) -> Result<Ve
         }
     }
     if items.is_empty() {
-        bail!("{}: no images found ({}) — put images (with .txt captions) there, or point {flag} at another folder", root.display(), IMAGE_EXTS.join(", "));
+        bail!(
+            "{}: no images found ({}) — put images (with .txt captions) there, or point {flag} elsewhere",
+            root.display(),
+            IMAGE_EXTS.join(", ")
+        );
     }
     Ok(items)
 }

@@ -123,7 +123,8 @@ pub fn run(
         for (i, ((caption, _), img)) in rows.iter().zip(&reg_imgs).enumerate() {
             let png = reg_dir.join(format!("{i:04}.png"));
             img.save(&png).with_context(|| format!("{}: cannot write", png.display()))?;
-            std::fs::write(png.with_extension("txt"), caption)?;
+            let txt = png.with_extension("txt");
+            std::fs::write(&txt, caption).with_context(|| format!("{}: cannot write", txt.display()))?;
         }
     }
 

@@ -361,6 +361,9 @@ impl TrainConfig {
         if !(self.prior_loss_weight >= 0.0 && self.prior_loss_weight.is_finite()) {
             return bad(format!("--prior-loss-weight {} must be 0 or more", self.prior_loss_weight));
         }
+        if self.reg_data.is_none() && self.prior_loss_weight != d_prior() {
+            return bad("--prior-loss-weight weighs regularization images: give them with --reg-data".into());
+        }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return bad("--caption-dropout is a probability between 0 and 1".into());
         }

@@ -76,7 +76,9 @@ pub fn kohya_metadata(
 }
 
 /// kohya's ss_tag_frequency: per dataset folder, how often each comma-separated tag occurs.
-pub fn tag_frequency(items: &[crate::data::dataset::Item]) -> BTreeMap<String, BTreeMap<String, usize>> {
+pub fn tag_frequency<'a>(
+    items: impl IntoIterator<Item = &'a crate::data::dataset::Item>,
+) -> BTreeMap<String, BTreeMap<String, usize>> {
     let mut out: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for it in items {
         let dir = it

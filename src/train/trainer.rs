@@ -335,10 +335,10 @@ pub fn step_path(out: &Path, step: usize) -> PathBuf {
 
 fn save(run: &Run, cfg: &TrainConfig, path: &Path, steps_done: usize) -> Result<()> {
     let format: LoraFormat = cfg.format.parse().map_err(anyhow::Error::msg)?;
-    let train_items: Vec<_> = run.items.iter().filter(|i| !i.reg).cloned().collect();
-    let tags = metadata::tag_frequency(&train_items);
+    let tags = metadata::tag_frequency(run.items.iter().filter(|i| !i.reg));
     let v = run.sd.scheduler.prediction_type == "v_prediction";
-    let counts = (train_items.len(), run.items.len() - train_items.len());
+    let n_reg = run.items.iter().filter(|i| i.reg).count();
+    let counts = (run.items.len() - n_reg, n_reg);
     let meta = metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, counts, &tags, steps_done);
     write(
         path,
