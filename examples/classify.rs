@@ -1,5 +1,5 @@
 //! What the demo's scorer sees in images: `cargo run --release --example classify -- a.png b.png`
-//! prints each image's shape, colour and geometry (the numbers `learned`/`forgotten` rest on).
+//! prints each image's shape, colour, texture and geometry (the numbers `learned`/`forgotten` rest on).
 fn main() {
     for p in std::env::args().skip(1) {
         let img = match image::open(&p) {
@@ -11,6 +11,6 @@ fn main() {
         };
         let c = sdlora::demo::scores::classify(&img);
         let m = sdlora::demo::scores::measure(&img);
-        println!("{p}: {:?} {:?} {:?}", c.shape, c.colour, m.and_then(|m| m.features));
+        println!("{p}: {:?} {:?} {:?} {:?}", c.shape, c.colour, c.texture, m.and_then(|m| m.features));
     }
 }

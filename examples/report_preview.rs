@@ -7,7 +7,7 @@ use anyhow::Result;
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use sdlora::demo::scores::{add_noise, blur3, forgotten, learned};
-use sdlora::demo::world::{scenes, Colour, Scene, Shape, IMAGE_SIZE};
+use sdlora::demo::world::{scenes, Scene, Shape, IMAGE_SIZE};
 use sdlora::report::{grid, grid_rows, Report, Scores};
 
 fn main() -> Result<()> {
@@ -32,14 +32,17 @@ fn main() -> Result<()> {
 
     // Control prompts: base and "LoRA" (the same scenes, drawn slightly differently).
     let control = scenes(5, 8, &others);
-    let expected: Vec<(Shape, Colour)> = control.iter().map(|s| (s.shape, s.colour)).collect();
+    let expected: Vec<_> = control.iter().map(|s| s.asked()).collect();
     let base = soften(render(&control));
     let lora = soften(base.clone());
 
     let forgetting = forgotten(&base, &lora, &expected);
     let scores = Scores {
         target: "star".into(),
-        learned: Some(learned(&after, Shape::Star)),
+        learned: Some(learned(
+            &after,
+            &scenes(4, 8, &[Shape::Star]).iter().map(|s| s.asked()).collect::<Vec<_>>(),
+        )),
         forgetting: Some(forgetting),
     };
 

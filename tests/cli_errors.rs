@@ -86,8 +86,9 @@ fn bad_inputs_each_give_one_clear_line() {
     std::fs::write(f.p("orphan/lonely.txt"), "a caption").unwrap();
     run_train(&f, &model, &f.p("orphan"), &out, &[], &["lonely.txt", "caption without an image"]);
 
-    // an output folder that does not exist / is not writable
-    run_train(&f, &model, &data, &f.p("missing/dir/x.safetensors"), &[], &["x.safetensors", "cannot write"]);
+    // an output folder that cannot be made (a file stands in its way); a missing one is made
+    let blocked = f.p("orphan/lonely.txt/x.safetensors");
+    run_train(&f, &model, &data, &blocked, &[], &["x.safetensors", "cannot create its folder"]);
 
     // a non-finite loss (absurd learning rate): stops with advice, writes no LoRA
     run_train(

@@ -27,9 +27,14 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "txt")).count(), 3);
     // The embedded base was pretrained on the world: it paints the prompt's shape in its colour
     // (chance: 1 in 5 shapes, 1 in 8 colours); a random or broken base does not.
-    let (colour, shape) = r.base_knows;
-    assert!(colour >= 0.75, "base paints the prompt's colour in {:.0} % of control samples", 100.0 * colour);
-    assert!(shape >= 0.75, "base draws the prompt's shape in {:.0} % of control samples", 100.0 * shape);
+    let k = r.base_knows;
+    assert!(
+        k.colour >= 0.75,
+        "base paints the prompt's colour in {:.0} % of control samples",
+        100.0 * k.colour
+    );
+    assert!(k.shape >= 0.75, "base draws the prompt's shape in {:.0} % of control samples", 100.0 * k.shape);
+    assert!(k.checks >= 0.75, "base draws checks where none were asked in {:.0} %", 100.0 * (1.0 - k.checks));
     let html = std::fs::read_to_string(&r.report).unwrap();
     assert!(html.contains("<svg"), "loss plot");
     // training and regularization images, grids during training (before, steps 1..4 every one,
@@ -118,7 +123,8 @@ fn train_scores_target_and_control_prompts() {
     let control = tmp.path().join("control.txt");
     std::fs::write(&control, "# known shapes\na blue circle on a white background\na photo of a dog\n")
         .unwrap();
-    let out = tmp.path().join("l.safetensors");
+    // in a folder that does not exist yet: train makes it
+    let out = tmp.path().join("new/folder/l.safetensors");
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
     let args = [
         "train",
@@ -144,6 +150,7 @@ fn train_scores_target_and_control_prompts() {
     assert!(r.status.success(), "{err}");
     assert!(err.contains("learned: ") && err.contains("show a star"), "{err}");
     assert!(err.contains("forgotten: ") && err.contains("per pixel"), "{err}");
+    assert!(out.exists());
     let html = std::fs::read_to_string(out.with_extension("report.html")).unwrap();
     assert!(html.contains("<h2>Scores</h2>") && html.contains("Learned") && html.contains("Forgotten"));
     assert!(html.contains("target prompts: base") && html.contains("control prompts: base"));

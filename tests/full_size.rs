@@ -50,3 +50,34 @@ fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
     let bytes = std::fs::metadata(&path).unwrap().len();
     assert!((6_000_000..7_000_000).contains(&bytes), "{bytes} bytes");
 }
+
+/// `--targets cross-kv` (Custom Diffusion): only the cross-attentions' key and value projections,
+/// which read the prompt — 16 transformer blocks × 2 in SD 1.5, each [320–1280, 768].
+#[test]
+fn sd15_cross_kv_targets_only_the_prompt_projections() {
+    use candle_core::{DType, Device};
+    use sdlora::lora::targets::{unet_selects, Preset};
+    use sdlora::lora::{attach, Init, LoraSpec};
+    let mut unet = sdlora::model::unet::UNet2DConditionModel::load(
+        &sd15().unet,
+        &sdlora::model::weights::Weights::meta(),
+    )
+    .unwrap();
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 4.0,
+        multiplier: 1.0,
+        init: Init::Standard,
+        seed: 0,
+        dtype: DType::F32,
+        dropout: 0.0,
+        dropout_seed: sdlora::lora::adapter::no_dropout(),
+    };
+    let preset: Preset = "cross-kv".parse().unwrap();
+    let adapters = attach(&mut unet, "", &|p, l| unet_selects(preset, p, l), &spec, 0, &Device::Cpu).unwrap();
+    assert_eq!(adapters.len(), 32);
+    assert!(adapters.iter().all(|a| a.path.ends_with("attn2.to_k") || a.path.ends_with("attn2.to_v")));
+    // the down projection reads the 768-wide text embedding
+    assert!(adapters.iter().all(|a| a.down.as_tensor().dims() == [4, 768]));
+    assert!("cross-q".parse::<Preset>().unwrap_err().contains("cross-kv"));
+}

@@ -1,6 +1,6 @@
 //! `sdlora demo`: the whole product on the embedded tiny world (see src/demo/).
 use crate::demo::pretrain::{pretrain, PretrainConfig};
-use crate::demo::world::Shape;
+use crate::demo::world::Concept;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -50,9 +50,10 @@ pub struct DemoArgs {
     /// base's [default: off].
     #[arg(long)]
     pub min_snr_gamma: Option<f64>,
-    /// The shape the LoRA learns; pretraining leaves it out (the embedded base never saw a star).
-    #[arg(long, default_value = "star")]
-    pub concept: String,
+    /// What the LoRA learns: "checkered" (a texture) or a shape (star, …). With --pretrain, a shape
+    /// named here is left out of pretraining [default: star]; the world never draws checks.
+    #[arg(long)]
+    pub concept: Option<String>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// LoRA training steps.
@@ -62,9 +63,9 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4)]
     pub lora_batch: usize,
     /// LoRA learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 5e-4)]
     pub lora_lr: f64,
-    /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 5e-4].
+    /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 2e-3].
     #[arg(long)]
     pub text_encoder_lr: Option<f64>,
     /// LoRA rank (network dim)
@@ -83,14 +84,20 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let concept = Shape::from_name(&a.concept).ok_or_else(|| {
-        anyhow::anyhow!("--concept `{}`: one of circle, square, triangle, star, cross, ring", a.concept)
+    let name = a.concept.as_deref().unwrap_or(if a.pretrain.is_some() { "star" } else { "checkered" });
+    let concept = Concept::from_name(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--concept `{name}`: checkered, or a shape: circle, square, triangle, star, cross, ring"
+        )
     })?;
     if let Some(out) = &a.pretrain {
         let cfg = PretrainConfig {
             seed: a.seed,
             images: a.images,
-            exclude: concept,
+            exclude: match concept {
+                Concept::Shape(s) => s,
+                Concept::Texture(_) => crate::demo::base::MISSING,
+            },
             vae_steps: a.vae_steps,
             unet_steps: a.unet_steps,
             batch: a.batch,
@@ -164,11 +171,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
-    let (colour, shape) = r.base_knows;
+    let k = r.base_knows;
     eprintln!(
-        "base on control prompts: colour {:.0} %, shape {:.0} %; LoRA changed them by {:.1}/255",
-        100.0 * colour,
-        100.0 * shape,
+        "base on control prompts: colour {:.0} %, shape {:.0} %, checkered as asked {:.0} %; \
+         LoRA changed them by {:.1}/255",
+        100.0 * k.colour,
+        100.0 * k.shape,
+        100.0 * k.checks,
         r.mean_pixel_distance
     );
     eprintln!("report: {}", r.report.display());

@@ -113,12 +113,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Fails early, before hours of training, if the output cannot be written.
+/// Fails early, before hours of training, if the output cannot be written. A missing folder is
+/// created, as kohya's `--output_dir` is.
 fn check_output(out: &std::path::Path) -> Result<()> {
     if out.extension().is_none_or(|e| e != "safetensors") {
         anyhow::bail!("{}: the output must be a .safetensors file", out.display());
     }
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| {
+        anyhow::anyhow!("{}: cannot create its folder ({e}) — choose another --output", out.display())
+    })?;
     let probe = dir.join(format!(".sdlora-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|e| {
         anyhow::anyhow!("{}: cannot write there ({e}) — choose another --output", out.display())

@@ -1,10 +1,24 @@
 //! The demo's base model, compiled into the binary: a diffusers folder pretrained on the tiny world
-//! without stars by `sdlora demo --pretrain` (exact command and run in assets/demo_model/README.md).
+//! without stars (and, as every base of the world, without checkered textures) by
+//! `sdlora demo --pretrain` (exact command and run in assets/demo_model/README.md).
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-/// The shape the embedded base never saw.
-pub const MISSING: super::world::Shape = super::world::Shape::Star;
+use super::world::{Concept, Shape, Texture};
+
+/// The shape the embedded base never saw: pretraining leaves it out.
+pub const MISSING: Shape = Shape::Star;
+
+/// What the demo teaches by default. The world's random scenes never draw checks, so no base saw
+/// them; and as the caption's last word, "checkered" leaves the encoding of the rest of the
+/// caption as the base knows it (`Scene::caption`), where a new shape word changes everything
+/// after it.
+pub const CONCEPT: Concept = Concept::Texture(Texture::Checks);
+
+/// Whether the embedded base never saw `c`.
+pub fn unseen(c: Concept) -> bool {
+    matches!(c, Concept::Shape(MISSING) | Concept::Texture(Texture::Checks))
+}
 
 macro_rules! file {
     ($p:literal) => {

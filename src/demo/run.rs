@@ -2,9 +2,9 @@
 //! train a LoRA on them through the normal `train` path, sample base vs LoRA with the same seeds,
 //! measure what was learned and what was forgotten, write report.html.
 //!
-//! The base model is the embedded one (`base`), pretrained on the world without stars, or any
-//! folder given with `--base` (e.g. one made by `sdlora demo --pretrain`).
-use super::world::{scenes, write_dataset, Scene, Shape};
+//! The base model is the embedded one (`base`), pretrained on the world without stars and without
+//! checkered textures, or any folder given with `--base` (e.g. one made by `sdlora demo --pretrain`).
+use super::world::{scenes, write_dataset, Concept, Scene, Shape};
 use crate::model::load::{load, LoadOptions};
 use crate::report::html::{grid, Report};
 use crate::train::config::{TrainArgs, TrainConfig};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub struct DemoOptions {
     pub out: PathBuf,
-    pub concept: Shape,
+    pub concept: Concept,
     pub images: usize,
     pub steps: usize,
     pub side: u32,
@@ -46,12 +46,12 @@ impl DemoOptions {
     pub fn new(out: PathBuf) -> Self {
         DemoOptions {
             out,
-            concept: super::base::MISSING,
+            concept: super::base::CONCEPT,
             images: 20,
             steps: 400,
             side: super::pretrain::SIDE,
             seed: 1,
-            lr: 1e-3,
+            lr: 5e-4,
             rank: 8,
             targets: "full".into(),
             samples: 20,
@@ -59,7 +59,7 @@ impl DemoOptions {
             sample_steps: 20,
             reg: 20,
             min_snr_gamma: Some(5.0),
-            text_encoder_lr: Some(5e-4),
+            text_encoder_lr: Some(2e-3),
             batch: 4,
         }
     }
@@ -72,8 +72,8 @@ pub struct DemoResult {
     pub lora_bytes: u64,
     pub seconds: f64,
     pub report: PathBuf,
-    /// What the base draws right on the control prompts, each on its own: (colour, shape) shares.
-    pub base_knows: (f64, f64),
+    /// What the base draws right on the control prompts.
+    pub base_knows: crate::train::evaluate::BaseKnows,
 }
 
 /// `progress(phase, i, n)`: n > 0 while a phase counts steps.
@@ -88,16 +88,18 @@ pub fn run(
         Some(b) => b.to_path_buf(),
         None => super::base::write(&o.out.join("base"))?,
     };
+    // the shapes the base knows: a texture is taught on them, controls and reg images show them
+    let known: Vec<Shape> = Shape::ALL
+        .into_iter()
+        .filter(|&s| s != super::base::MISSING && Concept::Shape(s) != o.concept)
+        .collect();
     progress("rendering the concept's images", 0, 0);
     let data = o.out.join("data");
     let _ = std::fs::remove_dir_all(&data);
-    write_dataset(&data, &scenes(o.seed, o.images, &[o.concept]), o.side)?;
+    write_dataset(&data, &o.concept.scenes(o.seed, o.images, &known), o.side)?;
 
     let target: Vec<(String, u64)> = (0..o.samples as u64)
-        .map(|i| {
-            let s = Scene { shape: o.concept, ..scenes(o.seed + 100 + i, 1, &[o.concept])[0] };
-            (s.caption(), o.seed + i)
-        })
+        .map(|i| (o.concept.scenes(o.seed + 100 + i, 1, &known)[0].caption(), o.seed + i))
         .collect();
     // grids during training: two of the target prompts, four times
     let during = o.out.join("sample_prompts.txt");
@@ -106,7 +108,6 @@ pub fn run(
         .with_context(|| format!("{}: cannot write", during.display()))?;
 
     // the base's own pictures of what it knows, so the LoRA keeps drawing them
-    let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != o.concept).collect();
     let reg_dir = o.out.join("reg");
     let _ = std::fs::remove_dir_all(&reg_dir);
     let mut reg_imgs = vec![];
@@ -173,12 +174,11 @@ pub fn run(
 
     let mut report =
         Report::from_summary(format!("sdlora demo: learning \"{}\"", o.concept.name()), &summary);
-    if base.is_none() && o.concept != super::base::MISSING {
+    if base.is_none() && !super::base::unseen(o.concept) {
         report.notes.push(format!(
-            "The embedded base model already knows \"{}\" (it was trained without \"{}\" only): \
-             \"learned\" does not measure anything new here.",
+            "The embedded base model already knows \"{}\" (it never saw stars and checkered \
+             textures only): \"learned\" does not measure anything new here.",
             o.concept.name(),
-            super::base::MISSING.name()
         ));
     }
     report.settings = vec![
@@ -191,12 +191,12 @@ pub fn run(
             if base.is_some() {
                 model.display().to_string()
             } else {
-                "embedded tiny-world base (pretrained without stars)".into()
+                "embedded tiny-world base (pretrained without stars and checks)".into()
             },
         ),
     ];
     let train_imgs: Vec<RgbImage> =
-        scenes(o.seed, o.images.min(8), &[o.concept]).iter().map(|s| s.render(o.side)).collect();
+        o.concept.scenes(o.seed, o.images.min(8), &known).iter().map(|s| s.render(o.side)).collect();
     report.grids.insert(0, ("training images".into(), grid(&train_imgs, 8)));
     if !reg_imgs.is_empty() {
         let title = "regularization images: known shapes drawn by the base (train --reg-data)";
@@ -217,9 +217,10 @@ pub fn run(
     report.settings.push((
         "base model on the control prompts".into(),
         format!(
-            "shape colour right {:.0} %, shape right {:.0} %",
-            100.0 * base_knows.0,
-            100.0 * base_knows.1
+            "colour right {:.0} %, shape right {:.0} %, checkered as asked {:.0} %",
+            100.0 * base_knows.colour,
+            100.0 * base_knows.shape,
+            100.0 * base_knows.checks
         ),
     ));
     report.scores = Some(eval.scores);

@@ -7,8 +7,9 @@
 //! filter and reduced to the largest connected blob; colour = majority vote of the blob's interior
 //! over the palette (and its texture shades); shape = holes, the outline's number of points
 //! (radial profile), solidity (area / convex hull) and fill (area / circumscribed disc), compared
-//! with each shape's typical values.
-use super::world::{rgb_distance, Colour, Shape};
+//! with each shape's typical values; texture = which of the blob's interior pixels are nearer the
+//! colour's shade than the colour, and how that pattern runs (see `texture_of`).
+use super::world::{rgb_distance, Asked, Colour, Shape, Texture, PERIOD};
 use image::{Rgb, RgbImage};
 use rand::Rng;
 
@@ -17,6 +18,7 @@ pub struct Detected {
     pub shape: Option<Shape>,
     pub colour: Option<Colour>,
     pub background: Option<Colour>,
+    pub texture: Option<Texture>,
 }
 
 /// Geometry of the foreground blob (holes filled), exposed for diagnostics and tests.
@@ -34,6 +36,8 @@ pub struct Features {
     pub hole: f64,
     /// Points of the outline: 0 circle, 3 triangle, 4 square and cross, 5 star.
     pub points: usize,
+    /// Radius of the circumscribed disc, pixels.
+    pub radius: f64,
 }
 
 /// A pixel belongs to the foreground when it is this far (RGB, 0–255) from the background: half
@@ -52,7 +56,12 @@ const MAX_CLUTTER: f64 = 0.25;
 /// empty or cluttered border, no blob, or a blob unlike every shape).
 pub fn classify(img: &RgbImage) -> Detected {
     let Some(m) = measure(img) else { return Detected::default() };
-    Detected { shape: m.features.and_then(shape_of), colour: m.colour, background: m.background }
+    Detected {
+        shape: m.features.and_then(shape_of),
+        colour: m.colour,
+        background: m.background,
+        texture: m.texture,
+    }
 }
 
 /// Intermediate results of `classify`.
@@ -61,6 +70,7 @@ pub struct Measured {
     pub background: Option<Colour>,
     pub colour: Option<Colour>,
     pub features: Option<Features>,
+    pub texture: Option<Texture>,
 }
 
 pub fn measure(img: &RgbImage) -> Option<Measured> {
@@ -79,16 +89,17 @@ pub fn measure(img: &RgbImage) -> Option<Measured> {
     let blob = largest_component(&mask, w, h);
     let area = blob.iter().filter(|&&b| b).count();
     if (area as f64) < MIN_AREA * (w * h) as f64 {
-        return Some(Measured { background, colour: None, features: None });
+        return Some(Measured { background, colour: None, features: None, texture: None });
     }
-    let colour = Some(dominant_colour(&px, &blob, w, h, background));
+    let dominant = dominant_colour(&px, &blob, w, h, background);
+    let colour = Some(dominant);
     let (filled, hole) = fill_holes(&blob, w, h);
     let features = geometry(&filled, w, h, hole);
     // No shape without a plain background to stand on, nor in clutter: noise must not score.
     let clutter = (mask.iter().filter(|&&b| b).count() - area) as f64 / area as f64;
-    let features =
-        (features.area <= MAX_AREA && border_uniform && clutter <= MAX_CLUTTER).then_some(features);
-    Some(Measured { background, colour, features })
+    let clean = features.area <= MAX_AREA && border_uniform && clutter <= MAX_CLUTTER;
+    let texture = if clean { texture_of(img, &blob, w, features.radius, dominant, bg) } else { None };
+    Some(Measured { background, colour, features: clean.then_some(features), texture })
 }
 
 /// The palette as (colour, rgb) prototypes.
@@ -208,21 +219,8 @@ fn dominant_colour(px: &[[u8; 3]], blob: &[bool], w: usize, h: usize, bg: Option
         .filter(|&&c| Some(c) != bg)
         .flat_map(|&c| [(c, c.rgb()), (c, c.shade())])
         .collect();
-    let at = |x: usize, y: usize| blob[y * w + x];
-    let interior: Vec<usize> = (0..blob.len())
-        .filter(|&i| {
-            let (x, y) = (i % w, i / w);
-            at(x, y)
-                && x > 0
-                && y > 0
-                && x + 1 < w
-                && y + 1 < h
-                && at(x - 1, y)
-                && at(x + 1, y)
-                && at(x, y - 1)
-                && at(x, y + 1)
-        })
-        .collect();
+    let inner = erode(blob, w, h);
+    let interior: Vec<usize> = (0..blob.len()).filter(|&i| inner[i]).collect();
     let pixels: Vec<usize> =
         if interior.len() >= 20 { interior } else { (0..blob.len()).filter(|&i| blob[i]).collect() };
     let mut votes = [0usize; Colour::ALL.len()];
@@ -232,6 +230,100 @@ fn dominant_colour(px: &[[u8; 3]], blob: &[bool], w: usize, h: usize, bg: Option
     }
     let best = (0..votes.len()).max_by_key(|&i| votes[i]).expect("non-empty palette");
     Colour::ALL[best]
+}
+
+/// A texture's strongest wave must swing the interior this much (0 = the colour, 1 = its shade):
+/// the world's textures swing ~0.5, the base's softest ~0.1, a plain shape's noise ~0.03.
+const PLAIN_SWING: f64 = 0.08;
+/// Checks when their diagonal wave beats the waves of stripes and dots by this much: a generated
+/// shape's uneven shading has some of every wave.
+const CHECK_MARGIN: f64 = 1.25;
+
+/// The texture of a blob of colour `colour` and circumscribed radius `radius` (pixels), read from
+/// the unsmoothed image: each interior pixel (two pixels inside the outline, where the background
+/// does not blend in) is placed between the colour (0) and its shade (1), and the waves of the
+/// world's textures are looked for in that field. The textures repeat every `PERIOD` radii:
+/// stripes make one wave going down, dots the same wave going down and going across, and checks
+/// (cells of one period, so the pattern repeats after two) a wave of twice that length running
+/// diagonally, where stripes and dots have none. Each wave is searched over ±15 % in scale and
+/// ±0.15 rad of rotation (the world's shapes are upright within that).
+fn texture_of(
+    img: &RgbImage,
+    blob: &[bool],
+    w: usize,
+    radius: f64,
+    colour: Colour,
+    bg: [u8; 3],
+) -> Option<Texture> {
+    let h = blob.len() / w;
+    let inner = erode(&erode(blob, w, h), w, h);
+    let f64s = |c: [u8; 3]| c.map(f64::from);
+    let (fg, shade, bg) = (f64s(colour.rgb()), f64s(colour.shade()), f64s(bg));
+    let dot = |x: [f64; 3], y: [f64; 3]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
+    let minus = |x: [f64; 3], y: [f64; 3]| -> [f64; 3] { std::array::from_fn(|k| x[k] - y[k]) };
+    // pixel − colour = t·(shade − colour) + u·(background − colour): blur at the outline mixes in
+    // the background, which u takes up, so only the texture moves t
+    let (a, b) = (minus(shade, fg), minus(bg, fg));
+    let (aa, ab, bb) = (dot(a, a), dot(a, b), dot(b, b));
+    let det = aa * bb - ab * ab;
+    let field: Vec<(f64, f64, f64)> = (0..blob.len())
+        .filter(|&i| inner[i])
+        .map(|i| {
+            let d = minus(f64s([0, 1, 2].map(|k| img.as_raw()[3 * i + k])), fg);
+            // shade and background in about the same direction: t alone
+            let t =
+                if det > 0.05 * aa * bb { (bb * dot(a, d) - ab * dot(b, d)) / det } else { dot(a, d) / aa };
+            ((i % w) as f64, (i / w) as f64, t)
+        })
+        .collect();
+    let mut field = field;
+    if field.len() < 30 {
+        return None;
+    }
+    let mean = field.iter().map(|f| f.2).sum::<f64>() / field.len() as f64;
+    field.iter_mut().for_each(|f| f.2 -= mean);
+    // amplitude of the best-fitting wave exp(i k·p) of `cycles` periods per PERIOD radii along
+    // direction (dx, dy) of the shape's frame
+    let swing = |cycles: f64, dir: (f64, f64)| {
+        let mut best: f64 = 0.0;
+        for scale in [0.85, 0.92, 1.0, 1.08, 1.16] {
+            for rot in [-0.15, -0.075, 0.0, 0.075, 0.15_f64] {
+                let (sin, cos) = rot.sin_cos();
+                let k = std::f64::consts::TAU * cycles / (PERIOD * radius * scale);
+                let (kx, ky) = (k * (dir.0 * cos - dir.1 * sin), k * (dir.0 * sin + dir.1 * cos));
+                let (re, im) = field.iter().fold((0.0, 0.0), |(re, im), &(x, y, t)| {
+                    let (s, c) = (kx * x + ky * y).sin_cos();
+                    (re + t * c, im + t * s)
+                });
+                best = best.max(2.0 * (re * re + im * im).sqrt() / field.len() as f64);
+            }
+        }
+        best
+    };
+    let down = swing(1.0, (0.0, 1.0));
+    let across = swing(1.0, (1.0, 0.0));
+    let d = std::f64::consts::FRAC_1_SQRT_2;
+    // a check pattern's wave: half a cycle per period along each axis, i.e. along a diagonal
+    let diagonal = swing(d, (d, d)).max(swing(d, (d, -d)));
+    Some(if diagonal >= PLAIN_SWING && diagonal >= CHECK_MARGIN * down.max(across) {
+        Texture::Checks
+    } else if down.max(across) < PLAIN_SWING {
+        Texture::Plain
+    } else if across < 0.5 * down {
+        Texture::Stripes
+    } else {
+        Texture::Dots
+    })
+}
+
+/// Pixels of `m` whose four neighbours are all in `m`.
+fn erode(m: &[bool], w: usize, h: usize) -> Vec<bool> {
+    (0..m.len())
+        .map(|i| {
+            let (x, y) = (i % w, i / w);
+            m[i] && x > 0 && y > 0 && x + 1 < w && y + 1 < h && m[i - 1] && m[i + 1] && m[i - w] && m[i + w]
+        })
+        .collect()
 }
 
 /// Area, solidity and fill of a filled blob. Pixels are unit squares: the hull is taken over
@@ -269,6 +361,7 @@ fn geometry(filled: &[bool], w: usize, h: usize, hole: f64) -> Features {
         fill: area / (std::f64::consts::PI * rmax * rmax),
         hole,
         points: points(filled, w, h, (cx, cy)),
+        radius: rmax,
     }
 }
 
@@ -369,13 +462,26 @@ fn shape_of(f: Features) -> Option<Shape> {
     nearest(&mut PROTOTYPES.iter().filter(|p| p.3 == f.points)).or_else(|| nearest(&mut PROTOTYPES.iter()))
 }
 
-/// Share of `samples` classified as `target`: the demo's "learned" score for images generated from
-/// the new concept's prompt.
-pub fn learned(samples: &[RgbImage], target: Shape) -> f64 {
+/// Whether `d` is checkered exactly when `asked` says so. Of the textures only checks are scored:
+/// generated stripes and dots are too soft to tell apart reliably, checks' diagonal wave is not.
+pub fn checks_as_asked(d: &Detected, asked: Asked) -> bool {
+    d.texture.map(|t| t == Texture::Checks) == Some(asked.texture == Texture::Checks)
+}
+
+/// Whether `img` shows the shape `asked` names, checkered if asked (its colour is scored as
+/// forgetting).
+pub fn shows(img: &RgbImage, asked: Asked) -> bool {
+    let d = classify(img);
+    d.shape == Some(asked.shape) && checks_as_asked(&d, asked)
+}
+
+/// Share of `samples` that show what their prompt `asked[i]` names: the demo's "learned" score
+/// for images generated from the new concept's prompts.
+pub fn learned(samples: &[RgbImage], asked: &[Asked]) -> f64 {
     if samples.is_empty() {
         return 0.0;
     }
-    samples.iter().filter(|s| classify(s).shape == Some(target)).count() as f64 / samples.len() as f64
+    samples.iter().zip(asked).filter(|&(s, &a)| shows(s, a)).count() as f64 / samples.len() as f64
 }
 
 /// What training cost on prompts the LoRA was not about.
@@ -383,7 +489,8 @@ pub fn learned(samples: &[RgbImage], target: Shape) -> f64 {
 pub struct Forgetting {
     /// Control images with an expected shape and colour (the accuracies are over these).
     pub labelled: usize,
-    /// Share of control images showing the expected shape and colour, base model / with LoRA.
+    /// Share of control images showing the expected shape and colour, checkered only if asked,
+    /// base model / with LoRA.
     pub accuracy_base: f64,
     pub accuracy_lora: f64,
     /// (base − LoRA) × 100: percentage points lost (negative = improved).
@@ -394,8 +501,8 @@ pub struct Forgetting {
 }
 
 /// Compares base and base+LoRA images generated with the same prompts and seeds: `base[i]`,
-/// `lora[i]` and `expected[i]` (the control prompt's shape and colour) belong together.
-pub fn forgotten(base: &[RgbImage], lora: &[RgbImage], expected: &[(Shape, Colour)]) -> Forgetting {
+/// `lora[i]` and `expected[i]` (what the control prompt asks for) belong together.
+pub fn forgotten(base: &[RgbImage], lora: &[RgbImage], expected: &[Asked]) -> Forgetting {
     assert!(
         base.len() == lora.len() && base.len() == expected.len(),
         "forgotten: {} base, {} LoRA images and {} expectations must pair up",
@@ -407,9 +514,9 @@ pub fn forgotten(base: &[RgbImage], lora: &[RgbImage], expected: &[(Shape, Colou
         let ok = imgs
             .iter()
             .zip(expected)
-            .filter(|(img, &(s, c))| {
+            .filter(|(img, &a)| {
                 let d = classify(img);
-                d.shape == Some(s) && d.colour == Some(c)
+                d.shape == Some(a.shape) && d.colour == Some(a.colour) && checks_as_asked(&d, a)
             })
             .count();
         ok as f64 / imgs.len().max(1) as f64

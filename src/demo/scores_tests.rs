@@ -1,7 +1,7 @@
 //! Tests of the procedural scorer: accuracy on clean and degraded renders of the world, and the
 //! two demo scores.
 use super::*;
-use crate::demo::world::{scenes, Scene, Texture};
+use crate::demo::world::{scenes, Asked, Concept, Scene, Texture};
 use rand::{Rng, SeedableRng};
 
 /// The world's scenes moved anywhere in the image at any angle and size 0.4–0.7: a generated image
@@ -90,7 +90,7 @@ fn blurred_noisy_renders_are_recognised() {
 #[test]
 fn plain_and_noise_images_show_no_shape() {
     let plain = RgbImage::from_pixel(64, 64, Rgb(Colour::Blue.rgb()));
-    assert_eq!(classify(&plain), Detected { shape: None, colour: None, background: Some(Colour::Blue) });
+    assert_eq!(classify(&plain), Detected { background: Some(Colour::Blue), ..Default::default() });
     // Loud noise on grey: no plain border, no shape.
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let noise = add_noise(&RgbImage::from_pixel(64, 64, Rgb([128, 128, 128])), 80.0, &mut rng);
@@ -131,20 +131,28 @@ fn structured_noise_shows_no_shape() {
 }
 
 #[test]
-fn learned_is_the_share_of_target_shapes() {
-    let stars: Vec<RgbImage> = scenes(3, 6, &[Shape::Star]).iter().map(|s| s.render(64)).collect();
-    let circles: Vec<RgbImage> = scenes(4, 2, &[Shape::Circle]).iter().map(|s| s.render(64)).collect();
-    assert_eq!(learned(&stars, Shape::Star), 1.0);
-    assert_eq!(learned(&circles, Shape::Star), 0.0);
-    let mixed: Vec<RgbImage> = stars[..2].iter().chain(&circles).cloned().collect();
-    assert_eq!(learned(&mixed, Shape::Star), 0.5);
-    assert_eq!(learned(&[], Shape::Star), 0.0);
+fn learned_is_the_share_of_samples_showing_what_was_asked() {
+    let render = |scs: &[Scene]| scs.iter().map(|s| s.render(64)).collect::<Vec<_>>();
+    let asked = |scs: &[Scene]| scs.iter().map(|s| s.asked()).collect::<Vec<_>>();
+    let stars = scenes(3, 6, &[Shape::Star]);
+    assert_eq!(learned(&render(&stars), &asked(&stars)), 1.0);
+    // circles drawn where stars were asked for
+    let circles: Vec<Scene> = stars.iter().map(|s| Scene { shape: Shape::Circle, ..*s }).collect();
+    assert_eq!(learned(&render(&circles), &asked(&stars)), 0.0);
+    let mixed: Vec<Scene> = stars[..3].iter().chain(&circles[3..]).copied().collect();
+    assert_eq!(learned(&render(&mixed), &asked(&stars)), 0.5);
+    assert_eq!(learned(&[], &[]), 0.0);
+    // a texture concept: the asked shape in checks counts, the shape without them does not
+    let checks = Concept::Texture(Texture::Checks).scenes(4, 8, &[Shape::Circle, Shape::Square, Shape::Ring]);
+    assert_eq!(learned(&render(&checks), &asked(&checks)), 1.0);
+    let plain: Vec<Scene> = checks.iter().map(|s| s.with_texture(Texture::Plain)).collect();
+    assert_eq!(learned(&render(&plain), &asked(&checks)), 0.0);
 }
 
 #[test]
 fn forgotten_compares_paired_images() {
     let control = scenes(5, 8, &[Shape::Circle, Shape::Square]);
-    let expected: Vec<(Shape, Colour)> = control.iter().map(|s| (s.shape, s.colour)).collect();
+    let expected: Vec<Asked> = control.iter().map(|s| s.asked()).collect();
     let base: Vec<RgbImage> = control.iter().map(|s| s.render(64)).collect();
 
     let same = forgotten(&base, &base, &expected);
@@ -160,6 +168,14 @@ fn forgotten_compares_paired_images() {
     let half = forgotten(&base, &lora, &expected);
     assert_eq!((half.accuracy_lora, half.drop_points), (0.5, 50.0));
     assert!(half.mean_pixel_distance > 1.0 && half.mean_pixel_distance < 100.0, "{half:?}");
+
+    // Checks on every other control shape: a texture forgotten is forgotten too.
+    let checked: Vec<RgbImage> = control
+        .iter()
+        .enumerate()
+        .map(|(i, s)| if i % 2 == 0 { s.with_texture(Texture::Checks) } else { *s }.render(64))
+        .collect();
+    assert_eq!(forgotten(&base, &checked, &expected).drop_points, 50.0);
 
     // Every colour changed: nothing right, and the pixel distance grows.
     let recoloured: Vec<RgbImage> = control
@@ -188,4 +204,32 @@ fn pixel_distance_and_degradations() {
     let spread = mean_abs_difference(&flat, &noisy);
     // E|N(0, 15)| = 15·√(2/π) ≈ 12 (less where 0 clamps the red channel).
     assert!(spread > 9.0 && spread < 14.0, "{spread}");
+}
+
+/// Upright scenes of the world (textures drawn as the datasets draw them) in every texture.
+fn textured_scenes(seed: u64, n: usize) -> Vec<Scene> {
+    scenes(seed, n, &[]).into_iter().enumerate().map(|(i, s)| s.with_texture(Texture::ALL[i % 4])).collect()
+}
+
+fn texture_accuracy(scs: &[Scene], degrade: impl Fn(usize, RgbImage) -> RgbImage) -> f64 {
+    let mut right = 0;
+    for (i, s) in scs.iter().enumerate() {
+        let got = classify(&degrade(i, s.render(64))).texture;
+        right += (got == Some(s.texture)) as usize;
+        if got != Some(s.texture) {
+            eprintln!("{:?} {:?} {:?} -> {got:?}", s.shape, s.colour, s.texture);
+        }
+    }
+    right as f64 / scs.len() as f64
+}
+
+#[test]
+fn textures_of_clean_and_degraded_renders_are_recognised() {
+    let clean = texture_accuracy(&textured_scenes(31, 240), |_, img| img);
+    let degraded = texture_accuracy(&textured_scenes(32, 240), |i, img| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+        add_noise(&blur3(&img), 10.0, &mut rng)
+    });
+    eprintln!("texture: clean {clean:.3} blur+noise {degraded:.3}");
+    assert!(clean >= 0.97 && degraded >= 0.9, "clean {clean} blur+noise {degraded}");
 }

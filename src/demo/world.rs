@@ -131,10 +131,16 @@ pub enum Texture {
     Plain,
     Stripes,
     Dots,
+    /// Never drawn by `Scene::random`: the demo's base model never saw it.
+    Checks,
 }
 
 impl Texture {
-    pub const ALL: [Texture; 3] = [Texture::Plain, Texture::Stripes, Texture::Dots];
+    pub const ALL: [Texture; 4] = [Texture::Plain, Texture::Stripes, Texture::Dots, Texture::Checks];
+
+    pub fn from_adjective(word: &str) -> Option<Texture> {
+        Texture::ALL.into_iter().find(|t| t.adjective().is_some_and(|a| a.eq_ignore_ascii_case(word.trim())))
+    }
 
     /// The caption's adjective; none for plain.
     pub fn adjective(self) -> Option<&'static str> {
@@ -142,6 +148,72 @@ impl Texture {
             Texture::Plain => None,
             Texture::Stripes => Some("striped"),
             Texture::Dots => Some("dotted"),
+            Texture::Checks => Some("checkered"),
+        }
+    }
+}
+
+/// What a caption of the world asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    pub shape: Shape,
+    pub colour: Colour,
+    pub texture: Texture,
+}
+
+impl Asked {
+    /// Reads "a red striped star on a blue background" or "a red star on a blue background,
+    /// checkered": the first shape word, the first colour word before it ("on a blue background"
+    /// names the background), and a texture adjective anywhere (plain without one).
+    pub fn parse(prompt: &str) -> Option<Asked> {
+        let words: Vec<String> = prompt
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect();
+        let at = words.iter().position(|w| Shape::from_name(w).is_some())?;
+        let colour = words[..at].iter().find_map(|w| Colour::from_name(w))?;
+        let texture = words.iter().find_map(|w| Texture::from_adjective(w)).unwrap_or(Texture::Plain);
+        Some(Asked { shape: Shape::from_name(&words[at])?, colour, texture })
+    }
+
+    /// "checkered ring", "star"
+    pub fn describe(self) -> String {
+        match self.texture.adjective() {
+            Some(a) => format!("{a} {}", self.shape.name()),
+            None => self.shape.name().into(),
+        }
+    }
+}
+
+/// What the demo teaches the base: a shape or a texture it never saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concept {
+    Shape(Shape),
+    Texture(Texture),
+}
+
+impl Concept {
+    /// "star", "checkered"
+    pub fn name(self) -> &'static str {
+        match self {
+            Concept::Shape(s) => s.name(),
+            Concept::Texture(t) => t.adjective().unwrap_or("plain"),
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Concept> {
+        Shape::from_name(name)
+            .map(Concept::Shape)
+            .or_else(|| Texture::from_adjective(name).map(Concept::Texture))
+    }
+
+    /// `n` scenes from `seed` that show the concept: scenes of that shape, or scenes of the shapes
+    /// `others` in that texture.
+    pub fn scenes(self, seed: u64, n: usize, others: &[Shape]) -> Vec<Scene> {
+        match self {
+            Concept::Shape(s) => scenes(seed, n, &[s]),
+            Concept::Texture(t) => scenes(seed, n, others).into_iter().map(|s| s.with_texture(t)).collect(),
         }
     }
 }
@@ -194,8 +266,38 @@ impl Scene {
         Scene { shape, colour, background, texture, cx, cy, size, rotation }
     }
 
-    /// "a red striped star on a blue background"
+    pub fn asked(&self) -> Asked {
+        Asked { shape: self.shape, colour: self.colour, texture: self.texture }
+    }
+
+    /// The same scene with texture `t`, its background moved along the palette where the
+    /// texture's shade would be too close to it.
+    pub fn with_texture(self, texture: Texture) -> Scene {
+        let fits = |b: Colour| {
+            b != self.colour
+                && (texture == Texture::Plain
+                    || rgb_distance(b.rgb(), self.colour.shade()) >= MIN_SHADE_CONTRAST)
+        };
+        let at = Colour::ALL.iter().position(|&c| c == self.background).expect("palette colour");
+        let background = (0..Colour::ALL.len())
+            .map(|k| Colour::ALL[(at + k) % Colour::ALL.len()])
+            .find(|&b| fits(b))
+            .expect("every colour has a background far from its shade");
+        Scene { texture, background, ..self }
+    }
+
+    /// "a red striped star on a blue background"; a checkered shape says so last ("a red star on
+    /// a blue background, checkered"): the demo base's text encoder is causal, so a word it never
+    /// saw changes the encoding of every word after it, and last it changes none of them.
     pub fn caption(&self) -> String {
+        if self.texture == Texture::Checks {
+            return format!(
+                "a {} {} on a {} background, checkered",
+                self.colour.name(),
+                self.shape.name(),
+                self.background.name()
+            );
+        }
         let texture = self.texture.adjective().map(|a| format!("{a} ")).unwrap_or_default();
         format!(
             "a {} {texture}{} on a {} background",
@@ -298,11 +400,11 @@ fn inside(shape: Shape, u: f64, v: f64) -> bool {
     }
 }
 
-/// Texture period in units of the radius: 4 stripes or dots across the shape.
-const PERIOD: f64 = 0.5;
+/// Texture period in units of the radius: 4 stripes, dots or check cells across the shape.
+pub const PERIOD: f64 = 0.5;
 
 /// Whether (u, v) falls on the texture's shade. Stripes cover a third of the shape, dots a
-/// fifth: the caption colour always stays the majority.
+/// fifth, checks half (the scorer counts a shade as its colour, so the colour still wins).
 fn textured(texture: Texture, u: f64, v: f64) -> bool {
     match texture {
         Texture::Plain => false,
@@ -311,6 +413,7 @@ fn textured(texture: Texture, u: f64, v: f64) -> bool {
             let (fu, fv) = ((u / PERIOD).rem_euclid(1.0) - 0.5, (v / PERIOD).rem_euclid(1.0) - 0.5);
             fu * fu + fv * fv < 0.25 * 0.25
         }
+        Texture::Checks => ((u / PERIOD).floor() + (v / PERIOD).floor()).rem_euclid(2.0) < 1.0,
     }
 }
 
@@ -337,148 +440,5 @@ pub fn write_dataset(dir: &Path, scenes: &[Scene], side: u32) -> Result<Vec<Path
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scene(shape: Shape, texture: Texture) -> Scene {
-        Scene {
-            shape,
-            colour: Colour::Red,
-            background: Colour::Blue,
-            texture,
-            cx: 0.5,
-            cy: 0.5,
-            size: 0.6,
-            rotation: 0.3,
-        }
-    }
-
-    #[test]
-    fn captions_name_colour_texture_shape_and_background() {
-        assert_eq!(scene(Shape::Star, Texture::Plain).caption(), "a red star on a blue background");
-        assert_eq!(scene(Shape::Star, Texture::Stripes).caption(), "a red striped star on a blue background");
-        assert_eq!(scene(Shape::Ring, Texture::Dots).caption(), "a red dotted ring on a blue background");
-    }
-
-    #[test]
-    fn same_seed_same_scenes_and_bytes() {
-        let (a, b) = (scenes(7, 20, &[]), scenes(7, 20, &[]));
-        assert_eq!(a, b);
-        for (x, y) in a.iter().zip(&b) {
-            assert_eq!(x.render(64).into_raw(), y.render(64).into_raw());
-        }
-        assert_ne!(a, scenes(8, 20, &[]), "another seed, another world");
-    }
-
-    #[test]
-    fn random_scenes_respect_the_rules() {
-        let all = scenes(1, 500, &[]);
-        for s in &all {
-            assert_ne!(s.colour, s.background);
-            assert!((0.55..=0.7).contains(&s.size));
-            assert!((s.cx - 0.5).abs() <= JITTER && (s.cy - 0.5).abs() <= JITTER);
-            assert!(s.rotation.abs() <= 0.15);
-            let r = s.size / 2.0;
-            assert!(s.cx - r >= 0.0 && s.cx + r <= 1.0 && s.cy - r >= 0.0 && s.cy + r <= 1.0);
-            if s.texture != Texture::Plain {
-                assert!(rgb_distance(s.colour.shade(), s.background.rgb()) >= MIN_SHADE_CONTRAST);
-            }
-        }
-        // Every shape, colour and texture occurs.
-        for sh in Shape::ALL {
-            assert!(all.iter().any(|s| s.shape == sh), "{sh:?}");
-        }
-        for c in Colour::ALL {
-            assert!(all.iter().any(|s| s.colour == c && s.background != c), "{c:?}");
-            assert!(all.iter().any(|s| s.background == c), "{c:?}");
-        }
-        for t in Texture::ALL {
-            assert!(all.iter().any(|s| s.texture == t), "{t:?}");
-        }
-        let only = scenes(2, 50, &[Shape::Star, Shape::Ring]);
-        assert!(only.iter().all(|s| matches!(s.shape, Shape::Star | Shape::Ring)));
-    }
-
-    #[test]
-    fn palette_colours_are_far_apart() {
-        for a in Colour::ALL {
-            for b in Colour::ALL {
-                if a != b {
-                    assert!(rgb_distance(a.rgb(), b.rgb()) > 85.0, "{a:?} {b:?}");
-                }
-            }
-        }
-    }
-
-    /// Share of pixels equal to the shape colour / its shade, compared with the shape's area
-    /// (fraction of the circumscribed disc).
-    fn coverage(s: &Scene) -> (f64, f64) {
-        let img = s.render(128);
-        let (fg, sh) = (s.colour.rgb(), s.colour.shade());
-        let n = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count() as f64;
-        let disc = PI * (s.size * 64.0).powi(2);
-        (n(fg) / disc, n(sh) / disc)
-    }
-
-    #[test]
-    fn areas_match_the_geometry() {
-        // Interior pixels only (edges are blended), so a little under the exact area.
-        let expect = [
-            (Shape::Circle, 1.0),
-            (Shape::Square, 2.0 / PI),
-            (Shape::Triangle, 3.0 * 3f64.sqrt() / 4.0 / PI),
-            (Shape::Ring, 1.0 - RING_INNER * RING_INNER),
-        ];
-        for (shape, area) in expect {
-            let (fg, sh) = coverage(&scene(shape, Texture::Plain));
-            assert_eq!(sh, 0.0);
-            assert!(fg < area && fg > area * 0.9, "{shape:?}: {fg} vs {area}");
-        }
-        for shape in Shape::ALL {
-            for (texture, lo, hi) in [(Texture::Stripes, 0.2, 0.45), (Texture::Dots, 0.08, 0.3)] {
-                let (fg, sh) = coverage(&scene(shape, texture));
-                let share = sh / (fg + sh);
-                assert!(share > lo && share < hi, "{shape:?} {texture:?}: {share}");
-            }
-        }
-    }
-
-    #[test]
-    fn shape_stays_inside_and_border_is_background() {
-        // The largest shape in a corner: the outermost pixel ring is still mostly background.
-        let mut s = scene(Shape::Circle, Texture::Plain);
-        (s.size, s.cx, s.cy) = (0.7, 0.35, 0.35);
-        let img = s.render(64);
-        assert_eq!(img.get_pixel(63, 63).0, Colour::Blue.rgb());
-        assert_eq!(img.get_pixel(22, 22).0, Colour::Red.rgb());
-    }
-
-    #[test]
-    fn writes_png_and_caption_pairs() {
-        let dir = tempfile::tempdir().unwrap();
-        let sc = scenes(3, 4, &[]);
-        let paths = write_dataset(dir.path(), &sc, IMAGE_SIZE).unwrap();
-        assert_eq!(paths.len(), 4);
-        for (p, s) in paths.iter().zip(&sc) {
-            let img = image::open(p).unwrap().to_rgb8();
-            assert_eq!(img.dimensions(), (64, 64));
-            assert_eq!(img.into_raw(), s.render(64).into_raw());
-            assert_eq!(std::fs::read_to_string(p.with_extension("txt")).unwrap(), s.caption());
-        }
-        // The training loader accepts the folder as-is.
-        let items = crate::data::dataset::scan(dir.path(), None, "--data").unwrap();
-        assert_eq!(items.len(), 4);
-        assert_eq!(items[0].caption, sc[0].caption());
-    }
-
-    #[test]
-    fn names_round_trip() {
-        for s in Shape::ALL {
-            assert_eq!(Shape::from_name(s.name()), Some(s));
-        }
-        for c in Colour::ALL {
-            assert_eq!(Colour::from_name(&c.name().to_uppercase()), Some(c));
-        }
-        assert_eq!(Shape::from_name("hexagon"), None);
-    }
-}
+#[path = "world_tests.rs"]
+mod tests;

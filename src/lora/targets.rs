@@ -10,6 +10,9 @@ pub enum Preset {
     AttnMlp,
     /// attn-mlp plus the ResNet blocks' convolutions and the resamplers ("LoCon").
     Full,
+    /// to_k and to_v of the cross-attentions only (Custom Diffusion): the U-Net changes only in
+    /// how it reads the prompt, so prompts without the new word change least.
+    CrossKv,
 }
 
 impl std::str::FromStr for Preset {
@@ -19,7 +22,8 @@ impl std::str::FromStr for Preset {
             "attn" => Ok(Self::Attn),
             "attn-mlp" => Ok(Self::AttnMlp),
             "full" => Ok(Self::Full),
-            _ => Err(format!("unknown target preset `{s}` (attn, attn-mlp, full)")),
+            "cross-kv" => Ok(Self::CrossKv),
+            _ => Err(format!("unknown target preset `{s}` (attn, attn-mlp, full, cross-kv)")),
         }
     }
 }
@@ -36,6 +40,7 @@ pub fn unet_selects(preset: Preset, path: &str, layer: &LayerMut<'_>) -> bool {
     };
     match preset {
         Preset::Attn => is_attn,
+        Preset::CrossKv => path.ends_with(".attn2.to_k") || path.ends_with(".attn2.to_v"),
         Preset::AttnMlp => in_transformer && one_by_one,
         Preset::Full => {
             (in_transformer && one_by_one)

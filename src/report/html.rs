@@ -132,8 +132,9 @@ impl Report {
                 )?;
             }
             h.push_str(
-                "</section>\n<p class=\"hint\">Shapes and colours are measured procedurally \
-                        (segmentation and geometry), not by a learned classifier.</p>\n",
+                "</section>\n<p class=\"hint\">Shapes, colours and checks are measured \
+                        procedurally (segmentation, geometry, and the checks' diagonal wave), not by \
+                        a learned classifier.</p>\n",
             );
         }
 

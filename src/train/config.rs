@@ -70,7 +70,8 @@ pub struct TrainArgs {
     pub warmup_steps: Option<usize>,
     /// Which layers get adapters: attn (to_q/k/v/out, diffusers' default), attn-mlp (every
     /// Linear and 1×1 conv of the transformer blocks, kohya's default), full (+ ResNet 3×3
-    /// convs, "LoCon") [default: attn-mlp].
+    /// convs, "LoCon"), cross-kv (to_k/to_v of the cross-attentions, Custom Diffusion's choice:
+    /// the least change to prompts without the new word) [default: attn-mlp].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub targets: Option<String>,
@@ -345,8 +346,8 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("--lr {} must be a positive number", self.lr));
         }
-        if !["attn", "attn-mlp", "full"].contains(&self.targets.as_str()) {
-            return bad(format!("--targets `{}`: choose attn, attn-mlp or full", self.targets));
+        if !["attn", "attn-mlp", "full", "cross-kv"].contains(&self.targets.as_str()) {
+            return bad(format!("--targets `{}`: choose attn, attn-mlp, full or cross-kv", self.targets));
         }
         self.format
             .parse::<crate::lora::format::LoraFormat>()

@@ -3,27 +3,14 @@
 //! with the same seed. Prompts in the tiny world's caption form ("a red striped star on a blue
 //! background") are also scored by the exact procedural scorer (`crate::demo::scores`); any
 //! prompt counts towards the mean pixel distance, the one measure that needs no labels.
-use crate::demo::scores::{classify, forgotten, mean_abs_difference, Forgetting};
-use crate::demo::world::{Colour, Shape};
+use crate::demo::scores::{checks_as_asked, classify, forgotten, learned, mean_abs_difference, Forgetting};
+use crate::demo::world::Asked;
 use crate::model::load::{load, LoadOptions, StableDiffusion};
 use crate::report::html::{grid_rows, Scores};
 use crate::sample::pipeline::{generate_each, GenerateOptions};
 use anyhow::{Context, Result};
 use image::RgbImage;
 use std::path::Path;
-
-/// The shape and colour a tiny-world caption asks for: the first shape word and the first colour
-/// word before it ("on a blue background" names the background, not the shape).
-pub fn parse_caption(prompt: &str) -> Option<(Shape, Colour)> {
-    let words: Vec<String> = prompt
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect();
-    let at = words.iter().position(|w| Shape::from_name(w).is_some())?;
-    let colour = words[..at].iter().find_map(|w| Colour::from_name(w))?;
-    Some((Shape::from_name(&words[at])?, colour))
-}
 
 /// One image per (prompt, seed) with the model as it is (base, or base + applied LoRA).
 pub(crate) fn sample(
@@ -43,8 +30,16 @@ pub struct Evaluation {
     pub scores: Scores,
     /// (title, [base row; LoRA row]) for the report.
     pub grids: Vec<(String, RgbImage)>,
-    /// On the parseable control prompts, what the base draws right: (colour, shape) shares.
-    pub base_knows: (f64, f64),
+    pub base_knows: BaseKnows,
+}
+
+/// On the tiny-world control prompts, the share of base samples that show the asked colour, the
+/// asked shape, and checks exactly where asked, each on its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BaseKnows {
+    pub colour: f64,
+    pub shape: f64,
+    pub checks: f64,
 }
 
 /// A grid's title with its prompts, column by column, so the reader knows what was asked for.
@@ -72,15 +67,16 @@ pub fn evaluate(
     let (t_base, t_with) = (base_all, with_all);
     let mut grids = vec![];
     let mut scores = Scores { target: String::new(), learned: None, forgetting: None };
-    let mut base_knows = (0.0, 0.0);
+    let mut base_knows = BaseKnows::default();
     if !target.is_empty() {
         let (base, with) = (&t_base, &t_with);
-        let wanted: Vec<(usize, Shape)> =
-            target.iter().enumerate().filter_map(|(i, (p, _))| Some((i, parse_caption(p)?.0))).collect();
+        let wanted: Vec<(usize, Asked)> =
+            target.iter().enumerate().filter_map(|(i, (p, _))| Some((i, Asked::parse(p)?))).collect();
         if !wanted.is_empty() {
-            let hits = wanted.iter().filter(|&&(i, s)| classify(&with[i]).shape == Some(s)).count();
-            scores.learned = Some(hits as f64 / wanted.len() as f64);
-            let mut names: Vec<&str> = wanted.iter().map(|(_, s)| s.name()).collect();
+            let imgs: Vec<RgbImage> = wanted.iter().map(|&(i, _)| with[i].clone()).collect();
+            let asked: Vec<Asked> = wanted.iter().map(|&(_, a)| a).collect();
+            scores.learned = Some(learned(&imgs, &asked));
+            let mut names: Vec<String> = asked.iter().map(|a| a.describe()).collect();
             names.sort_unstable();
             names.dedup();
             scores.target = names.join(", ");
@@ -92,21 +88,22 @@ pub fn evaluate(
     }
     if !control.is_empty() {
         let (base, with) = (&c_base, &c_with);
-        let labelled: Vec<(usize, (Shape, Colour))> =
-            control.iter().enumerate().filter_map(|(i, (p, _))| Some((i, parse_caption(p)?))).collect();
+        let labelled: Vec<(usize, Asked)> =
+            control.iter().enumerate().filter_map(|(i, (p, _))| Some((i, Asked::parse(p)?))).collect();
         let pick = |imgs: &[RgbImage]| labelled.iter().map(|&(i, _)| imgs[i].clone()).collect::<Vec<_>>();
-        let expected: Vec<(Shape, Colour)> = labelled.iter().map(|&(_, e)| e).collect();
+        let expected: Vec<Asked> = labelled.iter().map(|&(_, e)| e).collect();
         let mut f: Forgetting = forgotten(&pick(base), &pick(with), &expected);
         f.mean_pixel_distance =
             base.iter().zip(with).map(|(a, b)| mean_abs_difference(a, b)).sum::<f64>() / base.len() as f64;
         if !labelled.is_empty() {
-            let share = |ok: &dyn Fn(usize, (Shape, Colour)) -> bool| {
+            let share = |ok: &dyn Fn(usize, Asked) -> bool| {
                 labelled.iter().filter(|&&(i, e)| ok(i, e)).count() as f64 / labelled.len() as f64
             };
-            base_knows = (
-                share(&|i, (_, c)| classify(&base[i]).colour == Some(c)),
-                share(&|i, (s, _)| classify(&base[i]).shape == Some(s)),
-            );
+            base_knows = BaseKnows {
+                colour: share(&|i, a| classify(&base[i]).colour == Some(a.colour)),
+                shape: share(&|i, a| classify(&base[i]).shape == Some(a.shape)),
+                checks: share(&|i, a| checks_as_asked(&classify(&base[i]), a)),
+            };
         }
         scores.forgetting = Some(f);
         grids.push((
