@@ -17,19 +17,19 @@ fn sdxl_parameter_counts() {
     assert_eq!(count(&clip_shapes(&c.text_encoders[1]).unwrap()), 694_659_840);
 }
 
-#[test]
-fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
+/// SD 1.5's U-Net without weights, with rank-`rank` adapters on the layers `preset` names.
+fn sd15_adapters(preset: &str, rank: usize) -> Vec<sdlora::lora::AdapterInfo> {
     use candle_core::{DType, Device};
     use sdlora::lora::targets::{unet_selects, Preset};
-    use sdlora::lora::{attach, format, Init, LoraSpec};
+    use sdlora::lora::{attach, Init, LoraSpec};
     let mut unet = sdlora::model::unet::UNet2DConditionModel::load(
         &sd15().unet,
         &sdlora::model::weights::Weights::meta(),
     )
     .unwrap();
     let spec = LoraSpec {
-        rank: 8,
-        alpha: 8.0,
+        rank,
+        alpha: rank as f64,
         multiplier: 1.0,
         init: Init::Standard,
         seed: 0,
@@ -37,8 +37,15 @@ fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
         dropout: 0.0,
         dropout_seed: sdlora::lora::adapter::no_dropout(),
     };
-    let adapters =
-        attach(&mut unet, "", &|p, l| unet_selects(Preset::AttnMlp, p, l), &spec, 0, &Device::Cpu).unwrap();
+    let preset: Preset = preset.parse().unwrap();
+    attach(&mut unet, "", &|p, l| unet_selects(preset, p, l), &spec, 0, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
+    use candle_core::DType;
+    use sdlora::lora::format;
+    let adapters = sd15_adapters("attn-mlp", 8);
     assert_eq!(adapters.len(), 192, "16 transformer blocks × 10 layers + 16 × proj_in/out");
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("sd15_r8.safetensors");
@@ -52,32 +59,14 @@ fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
 }
 
 /// `--targets cross-kv` (Custom Diffusion): only the cross-attentions' key and value projections,
-/// which read the prompt — 16 transformer blocks × 2 in SD 1.5, each [320–1280, 768].
+/// which read the prompt — 16 transformer blocks × 2 in SD 1.5.
 #[test]
 fn sd15_cross_kv_targets_only_the_prompt_projections() {
-    use candle_core::{DType, Device};
-    use sdlora::lora::targets::{unet_selects, Preset};
-    use sdlora::lora::{attach, Init, LoraSpec};
-    let mut unet = sdlora::model::unet::UNet2DConditionModel::load(
-        &sd15().unet,
-        &sdlora::model::weights::Weights::meta(),
-    )
-    .unwrap();
-    let spec = LoraSpec {
-        rank: 4,
-        alpha: 4.0,
-        multiplier: 1.0,
-        init: Init::Standard,
-        seed: 0,
-        dtype: DType::F32,
-        dropout: 0.0,
-        dropout_seed: sdlora::lora::adapter::no_dropout(),
-    };
-    let preset: Preset = "cross-kv".parse().unwrap();
-    let adapters = attach(&mut unet, "", &|p, l| unet_selects(preset, p, l), &spec, 0, &Device::Cpu).unwrap();
+    let adapters = sd15_adapters("cross-kv", 4);
     assert_eq!(adapters.len(), 32);
     assert!(adapters.iter().all(|a| a.path.ends_with("attn2.to_k") || a.path.ends_with("attn2.to_v")));
     // the down projection reads the 768-wide text embedding
     assert!(adapters.iter().all(|a| a.down.as_tensor().dims() == [4, 768]));
-    assert!("cross-q".parse::<Preset>().unwrap_err().contains("cross-kv"));
+    let unknown = "cross-q".parse::<sdlora::lora::targets::Preset>().unwrap_err();
+    assert!(unknown.contains("cross-kv"), "{unknown}");
 }
