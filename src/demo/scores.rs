@@ -266,7 +266,7 @@ fn texture_of(
     let (a, b) = (minus(shade, fg), minus(bg, fg));
     let (aa, ab, bb) = (dot(a, a), dot(a, b), dot(b, b));
     let det = aa * bb - ab * ab;
-    let field: Vec<(f64, f64, f64)> = (0..blob.len())
+    let mut field: Vec<(f64, f64, f64)> = (0..blob.len())
         .filter(|&i| inner[i])
         .map(|i| {
             let d = minus(f64s([0, 1, 2].map(|k| img.as_raw()[3 * i + k])), fg);
@@ -276,7 +276,6 @@ fn texture_of(
             ((i % w) as f64, (i / w) as f64, t)
         })
         .collect();
-    let mut field = field;
     if field.len() < 30 {
         return None;
     }
