@@ -22,6 +22,12 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png"))
         .count();
     assert_eq!(pngs, 4);
+    // the concept's word comes last, where the base's causal text encoder lets it change nothing
+    // before it
+    for i in 0..4 {
+        let caption = std::fs::read_to_string(o.out.join(format!("data/{i:04}.txt"))).unwrap();
+        assert!(caption.ends_with(" background, checkered"), "{caption}");
+    }
     let reg: Vec<_> = std::fs::read_dir(o.out.join("reg")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "png")).count(), 3);
     assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "txt")).count(), 3);
@@ -47,6 +53,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         "grids during"
     );
     assert!(html.contains("<h2>Scores</h2>") && html.contains("learned"), "scores section");
+    assert!(html.contains("learning &quot;checkered&quot;"), "title names the concept");
 }
 
 /// `--pretrain --init` continues from a model folder: with no steps it writes the same model back
