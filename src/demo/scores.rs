@@ -477,6 +477,7 @@ pub fn shows(img: &RgbImage, asked: Asked) -> bool {
 /// Share of `samples` that show what their prompt `asked[i]` names: the demo's "learned" score
 /// for images generated from the new concept's prompts.
 pub fn learned(samples: &[RgbImage], asked: &[Asked]) -> f64 {
+    assert_eq!(samples.len(), asked.len(), "learned: each sample pairs with what its prompt asked");
     if samples.is_empty() {
         return 0.0;
     }

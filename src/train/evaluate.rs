@@ -3,7 +3,9 @@
 //! with the same seed. Prompts in the tiny world's caption form ("a red striped star on a blue
 //! background") are also scored by the exact procedural scorer (`crate::demo::scores`); any
 //! prompt counts towards the mean pixel distance, the one measure that needs no labels.
-use crate::demo::scores::{checks_as_asked, classify, forgotten, learned, mean_abs_difference, Forgetting};
+use crate::demo::scores::{
+    checks_as_asked, classify, forgotten, learned, mean_abs_difference, Detected, Forgetting,
+};
 use crate::demo::world::Asked;
 use crate::model::load::{load, LoadOptions, StableDiffusion};
 use crate::report::html::{grid_rows, Scores};
@@ -96,13 +98,15 @@ pub fn evaluate(
         f.mean_pixel_distance =
             base.iter().zip(with).map(|(a, b)| mean_abs_difference(a, b)).sum::<f64>() / base.len() as f64;
         if !labelled.is_empty() {
-            let share = |ok: &dyn Fn(usize, Asked) -> bool| {
-                labelled.iter().filter(|&&(i, e)| ok(i, e)).count() as f64 / labelled.len() as f64
+            let seen: Vec<(Detected, Asked)> =
+                labelled.iter().map(|&(i, a)| (classify(&base[i]), a)).collect();
+            let share = |ok: &dyn Fn(&Detected, Asked) -> bool| {
+                seen.iter().filter(|(d, a)| ok(d, *a)).count() as f64 / seen.len() as f64
             };
             base_knows = BaseKnows {
-                colour: share(&|i, a| classify(&base[i]).colour == Some(a.colour)),
-                shape: share(&|i, a| classify(&base[i]).shape == Some(a.shape)),
-                checks: share(&|i, a| checks_as_asked(&classify(&base[i]), a)),
+                colour: share(&|d, a| d.colour == Some(a.colour)),
+                shape: share(&|d, a| d.shape == Some(a.shape)),
+                checks: share(&|d, a| checks_as_asked(d, a)),
             };
         }
         scores.forgetting = Some(f);
