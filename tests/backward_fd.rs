@@ -377,3 +377,44 @@ fn lora_dropout_backward() {
     let b = c.fwd(&x).unwrap();
     assert!(dot(&(&a - &b).unwrap(), &(&a - &b).unwrap()) > 1e-12, "a step seed turns dropout on");
 }
+
+/// The CPU f32 convolution builds its own im2col (`layers::conv::conv2d`): its output, and the
+/// input gradient that runs through it, equal candle's f64 convolution on the same numbers.
+#[test]
+fn f32_im2col_conv_matches_candle_f64() {
+    use sdlora::model::layers::conv::{conv2d, conv_input_grad};
+    let rel = |a: &Tensor, b: &Tensor| {
+        let d = (a.to_dtype(DType::F64).unwrap() - b).unwrap().abs().unwrap();
+        let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        d.max_all().unwrap().to_scalar::<f64>().unwrap() / m
+    };
+    // (n, cin, cout, k, stride, pad, h, w)
+    for (i, &(n, cin, cout, k, stride, pad, h, w)) in [
+        (2, 3, 4, 3, 1, 1, 6, 5),
+        (1, 5, 2, 3, 2, 1, 7, 8),
+        (3, 4, 3, 3, 2, 0, 7, 7),
+        (2, 3, 5, 1, 2, 0, 6, 6),
+        (1, 2, 3, 1, 1, 1, 4, 5),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = randn(&[n, cin, w, h], 20 + i as u64).transpose(2, 3).unwrap(); // not contiguous
+        let wt = randn(&[cout, cin, k, k], 40 + i as u64);
+        let want = x.conv2d(&wt, pad, stride, 1, 1).unwrap();
+        let (x32, w32) = (x.to_dtype(DType::F32).unwrap(), wt.to_dtype(DType::F32).unwrap());
+        let got = conv2d(&x32, &w32, pad, stride).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let e = rel(&got, &want);
+        assert!(e < 1e-5, "conv {n}x{cin}x{h}x{w} k{k} s{stride} p{pad}: rel err {e:e}");
+
+        if pad >= k {
+            continue; // no layer pads a kernel by its own size or more; conv_input_grad needs pad < k
+        }
+        let dy = randn(want.dims(), 60 + i as u64);
+        let dx_want = conv_input_grad(&dy, &wt, stride, pad, (h, w)).unwrap();
+        let dx = conv_input_grad(&dy.to_dtype(DType::F32).unwrap(), &w32, stride, pad, (h, w)).unwrap();
+        let e = rel(&dx, &dx_want);
+        assert!(e < 1e-5, "dx {n}x{cin}x{h}x{w} k{k} s{stride} p{pad}: rel err {e:e}");
+    }
+}

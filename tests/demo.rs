@@ -76,6 +76,7 @@ fn pretraining_continues_from_the_embedded_base() {
         save_every: 0,
         init: Some(assets.clone()),
         min_snr_gamma: None,
+        texture_last: false,
     };
     let load = |d: &std::path::Path, f: &str| {
         candle_core::safetensors::load(d.join(f), &candle_core::Device::Cpu).unwrap()
@@ -113,6 +114,29 @@ fn pretraining_continues_from_the_embedded_base() {
     let snr = tmp.path().join("snr");
     pretrain(&PretrainConfig { min_snr_gamma: Some(0.5), ..cfg(2) }, &snr, &mut |_, _, _, _| {}).unwrap();
     assert!(!same(&two, &snr, unet), "min-SNR weighting changed nothing");
+}
+
+/// `--pretrain --texture-last` names the texture last in every other caption (stage 6 of the
+/// committed base), so the base learns to read a texture where the demo's captions put checks.
+#[test]
+fn pretraining_names_textures_last_in_every_other_caption() {
+    use sdlora::demo::pretrain::captions;
+    use sdlora::demo::world::{scenes, Asked, Texture};
+    let world = scenes(1, 400, &[]);
+    let (plain, last) = (captions(&world, false), captions(&world, true));
+    let ends_with_texture = |c: &str| c.ends_with(", striped") || c.ends_with(", dotted");
+    assert!(!plain.iter().any(|c| ends_with_texture(c)));
+    let mut reworded = 0;
+    for (i, ((s, p), l)) in world.iter().zip(&plain).zip(&last).enumerate() {
+        assert_eq!(Asked::parse(l), Some(s.asked()), "{l}");
+        if i % 2 == 0 || s.texture == Texture::Plain {
+            assert_eq!(p, l);
+        } else {
+            assert!(ends_with_texture(l) && p != l, "{l}");
+            reworded += 1;
+        }
+    }
+    assert!(reworded > 50, "{reworded} of 400 reworded");
 }
 
 /// Every `sdlora train` run scores itself when given target/control prompts: tiny-world captions

@@ -46,10 +46,14 @@ pub struct DemoArgs {
     /// Pretraining: also write the folder every N U-Net steps.
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
-    /// min-SNR-γ weighting of the U-Net loss: the LoRA's [default: 5], or with --pretrain the
-    /// base's [default: off].
+    /// min-SNR-γ weighting of the U-Net loss: the LoRA's [default: 5; 0: off], or with --pretrain
+    /// the base's [default: off].
     #[arg(long)]
     pub min_snr_gamma: Option<f64>,
+    /// Pretraining: name the texture last ("…, striped") in every other caption, the slot where
+    /// the demo's captions name checks (how the committed base's stage 6 was trained).
+    #[arg(long)]
+    pub texture_last: bool,
     /// What the LoRA learns: "checkered" (a texture) or a shape (star, …). With --pretrain, a shape
     /// named here is left out of pretraining [default: star]; the world never draws checks.
     #[arg(long)]
@@ -110,6 +114,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             save_every: a.save_every,
             init: a.init.clone(),
             min_snr_gamma: a.min_snr_gamma,
+            texture_last: a.texture_last,
         };
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -149,7 +154,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         rank: a.rank,
         targets: a.targets.clone(),
         reg: a.reg,
-        min_snr_gamma: a.min_snr_gamma.or(d.min_snr_gamma),
+        min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
         batch: a.lora_batch,
         ..d

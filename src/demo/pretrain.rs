@@ -2,7 +2,7 @@
 //! shape: first the VAE (an autoencoder on the images), then the U-Net (ε-prediction) on its
 //! latents, every weight trainable (the layers' full-training path). The text encoder stays at
 //! its seeded random init: its outputs still tell every caption apart.
-use super::world::{scenes, Shape};
+use super::world::{scenes, Scene, Shape, Texture};
 use crate::data::prepare::to_tensor;
 use crate::lora::AdapterGrads;
 use crate::model::clip::ClipTextModel;
@@ -70,6 +70,9 @@ pub struct PretrainConfig {
     /// min-SNR-γ weighting of the U-Net loss (as `train --min-snr-gamma`): lowers the weight of
     /// nearly clean timesteps, so more of each step goes to the layout decided at high noise.
     pub min_snr_gamma: Option<f64>,
+    /// Name the texture last ("a red ring on a blue background, striped") in every other
+    /// caption: the slot where the demo's captions name checks (stage 6 on).
+    pub texture_last: bool,
 }
 
 /// Cuts a time-boxed phase to the steps that fit, paced on steps 20–40 (the first ones include
@@ -231,7 +234,7 @@ pub fn pretrain(
         source: "demo".into(),
     };
     let prompts = PromptEncoder::new(&sd, 1)?;
-    let captions: Vec<String> = world.iter().map(|s| s.caption()).collect();
+    let captions = captions(&world, cfg.texture_last);
     let mut ctx = vec![];
     for chunk in captions.chunks(64) {
         ctx.push(prompts.encode(std::slice::from_ref(&te), chunk)?.context);
@@ -293,6 +296,16 @@ pub fn pretrain(
 
     // 4. a diffusers folder in f16
     save(out, &cfg_out, &comps)
+}
+
+/// The pretraining captions of `world`; with `texture_last`, every other one names its texture
+/// last ("a red ring on a blue background, striped").
+pub fn captions(world: &[Scene], texture_last: bool) -> Vec<String> {
+    world
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.caption_with(s.texture == Texture::Checks || (texture_last && i % 2 == 1)))
+        .collect()
 }
 
 fn save(out: &Path, pc: &PipelineConfig, comps: &[(&str, &BTreeMap<String, Var>)]) -> Result<()> {

@@ -290,21 +290,19 @@ impl Scene {
     /// a blue background, checkered"): the demo base's text encoder is causal, so a word it never
     /// saw changes the encoding of every word after it, and last it changes none of them.
     pub fn caption(&self) -> String {
-        if self.texture == Texture::Checks {
-            return format!(
-                "a {} {} on a {} background, checkered",
-                self.colour.name(),
-                self.shape.name(),
-                self.background.name()
-            );
+        self.caption_with(self.texture == Texture::Checks)
+    }
+
+    /// The caption, with the texture named last ("…, striped") when `texture_last`. Pretraining
+    /// with `--texture-last` names known textures last in every other caption, so the base learns
+    /// to read a texture there, where the demo's captions put checks.
+    pub fn caption_with(&self, texture_last: bool) -> String {
+        let (colour, shape, bg) = (self.colour.name(), self.shape.name(), self.background.name());
+        match self.texture.adjective() {
+            None => format!("a {colour} {shape} on a {bg} background"),
+            Some(t) if texture_last => format!("a {colour} {shape} on a {bg} background, {t}"),
+            Some(t) => format!("a {colour} {t} {shape} on a {bg} background"),
         }
-        let texture = self.texture.adjective().map(|a| format!("{a} ")).unwrap_or_default();
-        format!(
-            "a {} {texture}{} on a {} background",
-            self.colour.name(),
-            self.shape.name(),
-            self.background.name()
-        )
     }
 
     /// Renders at `side`×`side` pixels with 4×4 supersampling (anti-aliased edges, like a photo

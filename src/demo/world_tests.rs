@@ -20,6 +20,11 @@ fn captions_name_colour_texture_shape_and_background() {
     assert_eq!(scene(Shape::Star, Texture::Stripes).caption(), "a red striped star on a blue background");
     assert_eq!(scene(Shape::Ring, Texture::Dots).caption(), "a red dotted ring on a blue background");
     assert_eq!(scene(Shape::Ring, Texture::Checks).caption(), "a red ring on a blue background, checkered");
+    assert_eq!(
+        scene(Shape::Ring, Texture::Dots).caption_with(true),
+        "a red ring on a blue background, dotted"
+    );
+    assert_eq!(scene(Shape::Ring, Texture::Plain).caption_with(true), "a red ring on a blue background");
 }
 
 #[test]
@@ -27,6 +32,7 @@ fn captions_parse_back_into_what_they_ask() {
     for (i, s) in scenes(12, 40, &[]).into_iter().enumerate() {
         let s = s.with_texture(Texture::ALL[i % 4]);
         assert_eq!(Asked::parse(&s.caption()), Some(s.asked()), "{}", s.caption());
+        assert_eq!(Asked::parse(&s.caption_with(i % 3 == 0)), Some(s.asked()), "{}", s.caption());
     }
     let a = Asked::parse("A Blue  square on a red background").unwrap();
     assert_eq!((a.shape, a.colour, a.texture), (Shape::Square, Colour::Blue, Texture::Plain));

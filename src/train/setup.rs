@@ -69,10 +69,14 @@ impl TextCache {
     }
 }
 
+/// The first CUDA GPU where the build has the `cuda` feature and one is there, else the CPU;
+/// `SDLORA_DEVICE=cpu` keeps a CUDA build on the CPU.
 pub fn device() -> Device {
     #[cfg(feature = "cuda")]
-    if let Ok(d) = Device::new_cuda(0) {
-        return d;
+    if std::env::var("SDLORA_DEVICE").map_or(true, |d| !d.eq_ignore_ascii_case("cpu")) {
+        if let Ok(d) = Device::new_cuda(0) {
+            return d;
+        }
     }
     Device::Cpu
 }

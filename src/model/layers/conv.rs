@@ -3,8 +3,13 @@
 //! The input gradient is a plain convolution of the (stride-dilated) output gradient with the
 //! flipped, transposed kernel, so it runs on the same im2col+GEMM path as the forward instead
 //! of candle's naive conv_transpose2d.
+//!
+//! On the CPU in f32, k×k convolutions build their im2col matrix here, one contiguous run of
+//! channels per kernel tap, and hand it to one GEMM: candle 0.11's tiled im2col writes every
+//! element with a stride of its tile, which made it a third of a sampling step.
 use crate::lora::{AdapterGrads, Lora};
 use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
 
 pub struct Conv2d {
     /// [out, in, kh, kw], frozen.
@@ -41,7 +46,7 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Conv2dSaved)> {
         // detached: candle would otherwise record a graph for variable (trainable) tensors
-        let mut y = x.conv2d(&self.weight.detach(), self.padding, self.stride, 1, 1)?;
+        let mut y = conv2d(x, &self.weight.detach(), self.padding, self.stride)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.detach().reshape((1, (), 1, 1))?)?;
         }
@@ -56,8 +61,8 @@ impl Conv2d {
                     None => xf.clone(),
                 };
                 masks.push(mask);
-                let h = xd.conv2d(&a.down.as_tensor().detach(), self.padding, self.stride, 1, 1)?;
-                let delta = (h.conv2d(&a.up.as_tensor().detach(), 0, 1, 1, 1)? * a.scale)?;
+                let h = conv2d(&xd, &a.down.as_tensor().detach(), self.padding, self.stride)?;
+                let delta = (conv2d(&h, &a.up.as_tensor().detach(), 0, 1)? * a.scale)?;
                 let dt = y.dtype();
                 y = (y + delta.to_dtype(dt)?)?;
                 hidden.push(h);
@@ -92,7 +97,7 @@ impl Conv2d {
                 let d_up = (channels_by_rest(&dyf)?.matmul(&channels_by_rest(h)?.t()?)? * a.scale)?
                     .reshape((out, rank, 1, 1))?;
                 let up_t = a.up.as_tensor().detach().transpose(0, 1)?.contiguous()?;
-                let dh = (dyf.conv2d(&up_t, 0, 1, 1, 1)? * a.scale)?;
+                let dh = (conv2d(&dyf, &up_t, 0, 1)? * a.scale)?;
                 let d_down = kernel_grad(&xf, &dh, a.down.dims4()?, self.stride, self.padding)?;
                 let mut dxa =
                     conv_input_grad(&dh, &a.down.as_tensor().detach(), self.stride, self.padding, s.in_hw)?;
@@ -140,7 +145,82 @@ pub fn conv_input_grad(
     let pad_hi_w = in_hw.1 + padding - (wo - 1) * stride - 1;
     let d = d.pad_with_zeros(2, pad_lo, pad_hi_h)?.pad_with_zeros(3, kw - 1 - padding, pad_hi_w)?;
     let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-    d.conv2d(&wf.to_dtype(d.dtype())?, 0, 1, 1, 1)
+    conv2d(&d, &wf.to_dtype(d.dtype())?, 0, 1)
+}
+
+/// y = conv(x, w) with x [N, C, H, W] and w [O, C, KH, KW], no groups or dilation.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    if !cpu_f32 || (kh == 1 && kw == 1 && stride == 1 && padding == 0) {
+        // 1×1: candle's conv is already one GEMM
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let (n, c, h, wd) = x.dims4()?;
+    let (o, c2, _, _) = w.dims4()?;
+    if c != c2 || h + 2 * padding < kh || wd + 2 * padding < kw {
+        // let candle word the shape error
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let (ho, wo) = ((h + 2 * padding - kh) / stride + 1, (wd + 2 * padding - kw) / stride + 1);
+    let (p, k) = (ho * wo, kh * kw * c);
+    // channels last, so that each tap of each output pixel is one slice copy of c values
+    let xl: Vec<f32> = x.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
+    // [O, KH, KW, C]: rows in the columns' tap-major order
+    let wr: Vec<f32> = w.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
+    let mut y = vec![0f32; n * o * p];
+    // one image per task: its im2col matrix [P, K] stays in cache for its GEMM
+    y.par_chunks_mut(o * p).enumerate().for_each(|(b, yb)| {
+        let mut col = vec![0f32; p * k];
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let row = &mut col[(oy * wo + ox) * k..][..k];
+                for i in 0..kh {
+                    let iy = (oy * stride + i) as isize - padding as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for j in 0..kw {
+                        let ix = (ox * stride + j) as isize - padding as isize;
+                        if ix < 0 || ix >= wd as isize {
+                            continue;
+                        }
+                        let src = ((b * h + iy as usize) * wd + ix as usize) * c;
+                        row[(i * kw + j) * c..][..c].copy_from_slice(&xl[src..src + c]);
+                    }
+                }
+            }
+        }
+        // a lone image (the VAE decodes one at a time) lets the GEMM use the threads instead
+        let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: yb is [O, P] row-major, wr [O, K] row-major, col [P, K] row-major read as
+        // colᵀ [K, P] (row stride 1, column stride K); every pointer covers the strides given.
+        unsafe {
+            gemm::gemm(
+                o,
+                p,
+                k,
+                yb.as_mut_ptr(),
+                1,
+                p as isize,
+                false,
+                wr.as_ptr(),
+                1,
+                k as isize,
+                col.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    });
+    Tensor::from_vec(y, (n, o, ho, wo), x.device())
 }
 
 /// Gradient of a conv kernel of shape `wdims` from its input x and output gradient dy:
