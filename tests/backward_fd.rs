@@ -378,11 +378,12 @@ fn lora_dropout_backward() {
     assert!(dot(&(&a - &b).unwrap(), &(&a - &b).unwrap()) > 1e-12, "a step seed turns dropout on");
 }
 
-/// The CPU f32 convolution builds its own im2col (`layers::conv::conv2d`): its output, and the
-/// input gradient that runs through it, equal candle's f64 convolution on the same numbers.
+/// The CPU f32 convolution builds its own im2col (`layers::conv::conv2d`): its output, the input
+/// gradient that runs through it and the kernel gradient equal candle's f64 path on the same
+/// numbers.
 #[test]
 fn f32_im2col_conv_matches_candle_f64() {
-    use sdlora::model::layers::conv::{conv2d, conv_input_grad};
+    use sdlora::model::layers::conv::{conv2d, conv_input_grad, kernel_grad};
     let rel = |a: &Tensor, b: &Tensor| {
         let d = (a.to_dtype(DType::F64).unwrap() - b).unwrap().abs().unwrap();
         let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
@@ -416,5 +417,10 @@ fn f32_im2col_conv_matches_candle_f64() {
         let dx = conv_input_grad(&dy.to_dtype(DType::F32).unwrap(), &w32, stride, pad, (h, w)).unwrap();
         let e = rel(&dx, &dx_want);
         assert!(e < 1e-5, "dx {n}x{cin}x{h}x{w} k{k} s{stride} p{pad}: rel err {e:e}");
+        let dw_want = kernel_grad(&x, &dy, wt.dims4().unwrap(), stride, pad).unwrap();
+        let dw =
+            kernel_grad(&x32, &dy.to_dtype(DType::F32).unwrap(), wt.dims4().unwrap(), stride, pad).unwrap();
+        let e = rel(&dw, &dw_want);
+        assert!(e < 1e-5, "dW {n}x{cin}x{h}x{w} k{k} s{stride} p{pad}: rel err {e:e}");
     }
 }

@@ -61,7 +61,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// LoRA training steps.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 700)]
     pub steps: usize,
     /// LoRA batch size.
     #[arg(long, default_value_t = 4)]

@@ -48,7 +48,7 @@ impl DemoOptions {
             out,
             concept: super::base::CONCEPT,
             images: 20,
-            steps: 400,
+            steps: 700,
             side: super::pretrain::SIDE,
             seed: 1,
             lr: 5e-4,

@@ -4,12 +4,9 @@
 //! flipped, transposed kernel, so it runs on the same im2col+GEMM path as the forward instead
 //! of candle's naive conv_transpose2d.
 //!
-//! On the CPU in f32, k×k convolutions build their im2col matrix here, one contiguous run of
-//! channels per kernel tap, and hand it to one GEMM: candle 0.11's tiled im2col writes every
-//! element with a stride of its tile, which made it a third of a sampling step.
+//! On the CPU in f32, k×k convolutions and kernel gradients go through `im2col`.
 use crate::lora::{AdapterGrads, Lora};
 use candle_core::{DType, Result, Tensor};
-use rayon::prelude::*;
 
 pub struct Conv2d {
     /// [out, in, kh, kw], frozen.
@@ -156,82 +153,27 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         // 1×1: candle's conv is already one GEMM
         return x.conv2d(w, padding, stride, 1, 1);
     }
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, c2, _, _) = w.dims4()?;
+    let (_, c, h, wd) = x.dims4()?;
+    let (_, c2, _, _) = w.dims4()?;
     if c != c2 || h + 2 * padding < kh || wd + 2 * padding < kw {
         // let candle word the shape error
         return x.conv2d(w, padding, stride, 1, 1);
     }
-    let (ho, wo) = ((h + 2 * padding - kh) / stride + 1, (wd + 2 * padding - kw) / stride + 1);
-    let (p, k) = (ho * wo, kh * kw * c);
-    // channels last, so that each tap of each output pixel is one slice copy of c values
-    let xl: Vec<f32> = x.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
-    // [O, KH, KW, C]: rows in the columns' tap-major order
-    let wr: Vec<f32> = w.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
-    let mut y = vec![0f32; n * o * p];
-    // one image per task: its im2col matrix [P, K] stays in cache for its GEMM
-    y.par_chunks_mut(o * p).enumerate().for_each(|(b, yb)| {
-        let mut col = vec![0f32; p * k];
-        for oy in 0..ho {
-            for ox in 0..wo {
-                let row = &mut col[(oy * wo + ox) * k..][..k];
-                for i in 0..kh {
-                    let iy = (oy * stride + i) as isize - padding as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    for j in 0..kw {
-                        let ix = (ox * stride + j) as isize - padding as isize;
-                        if ix < 0 || ix >= wd as isize {
-                            continue;
-                        }
-                        let src = ((b * h + iy as usize) * wd + ix as usize) * c;
-                        row[(i * kw + j) * c..][..c].copy_from_slice(&xl[src..src + c]);
-                    }
-                }
-            }
-        }
-        // a lone image (the VAE decodes one at a time) lets the GEMM use the threads instead
-        let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
-        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        // SAFETY: yb is [O, P] row-major, wr [O, K] row-major, col [P, K] row-major read as
-        // colᵀ [K, P] (row stride 1, column stride K); every pointer covers the strides given.
-        unsafe {
-            gemm::gemm(
-                o,
-                p,
-                k,
-                yb.as_mut_ptr(),
-                1,
-                p as isize,
-                false,
-                wr.as_ptr(),
-                1,
-                k as isize,
-                col.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
-    });
-    Tensor::from_vec(y, (n, o, ho, wo), x.device())
+    super::im2col::conv2d(x, w, padding, stride)
 }
 
 /// Gradient of a conv kernel of shape `wdims` from its input x and output gradient dy:
 /// dW[:, :, i, j] = dy · window(i, j)ᵀ, one GEMM per kernel tap.
-fn kernel_grad(
+pub fn kernel_grad(
     x: &Tensor,
     dy: &Tensor,
     wdims: (usize, usize, usize, usize),
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && dy.dtype() == DType::F32 {
+        return super::im2col::kernel_grad(x, dy, wdims, stride, padding);
+    }
     let (o, c, kh, kw) = wdims;
     let (_, _, ho, wo) = dy.dims4()?;
     let xp = x.pad_with_zeros(2, padding, padding + stride)?.pad_with_zeros(3, padding, padding + stride)?;

@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv;
+mod im2col;
 pub mod linear;
 pub mod norm;
 pub mod resample;

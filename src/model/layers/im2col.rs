@@ -1,0 +1,166 @@
+//! The CPU f32 convolution: an im2col matrix built one contiguous run of channels per kernel tap
+//! (from a channels-last copy of the input) and one GEMM per image, for the forward and for the
+//! kernel gradient. candle 0.11's tiled im2col writes every element with a stride of its tile,
+//! which made it a third of a sampling step; this path trains the demo's LoRA 1.4× faster.
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+/// The geometry of one convolution: input [N, C, H, W], kernel KH×KW, output [N, ·, HO, WO].
+struct Im2Col {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Im2Col {
+    /// Output pixels per image: the im2col matrix's rows.
+    fn p(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// Taps × channels: its columns, tap-major as [KH, KW, C].
+    fn k(&self) -> usize {
+        self.kh * self.kw * self.c
+    }
+
+    /// Image `b` of the channels-last input `xl` as [P, K] into `col` (zero where padded).
+    fn fill(&self, xl: &[f32], b: usize, col: &mut [f32]) {
+        let (c, k) = (self.c, self.k());
+        col.fill(0.0);
+        for oy in 0..self.ho {
+            for ox in 0..self.wo {
+                let row = &mut col[(oy * self.wo + ox) * k..][..k];
+                for i in 0..self.kh {
+                    let Some(iy) = (oy * self.stride + i).checked_sub(self.padding).filter(|&y| y < self.h)
+                    else {
+                        continue;
+                    };
+                    for j in 0..self.kw {
+                        let Some(ix) =
+                            (ox * self.stride + j).checked_sub(self.padding).filter(|&x| x < self.w)
+                        else {
+                            continue;
+                        };
+                        let src = ((b * self.h + iy) * self.w + ix) * c;
+                        row[(i * self.kw + j) * c..][..c].copy_from_slice(&xl[src..src + c]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Row-major dst [m, n] = lhs [m, k] · rhs [k, n], where lhs and rhs are given by their row and
+/// column strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    threads: usize,
+) {
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        dst.len() >= m * n
+            && lhs.len() > last(lhs_rs, lhs_cs, m, k)
+            && rhs.len() > last(rhs_rs, rhs_cs, k, n)
+    );
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the assert above keeps every element the strides reach inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+fn geometry(x: &Tensor, (kh, kw): (usize, usize), stride: usize, padding: usize) -> Result<Im2Col> {
+    let (_, c, h, w) = x.dims4()?;
+    let (ho, wo) = ((h + 2 * padding - kh) / stride + 1, (w + 2 * padding - kw) / stride + 1);
+    Ok(Im2Col { c, h, w, kh, kw, stride, padding, ho, wo })
+}
+
+/// [N, C, H, W] → channels-last values.
+fn channels_last(x: &Tensor) -> Result<Vec<f32>> {
+    x.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()
+}
+
+/// y = conv(x, w), x [N, C, H, W] f32 on the CPU, w [O, C, KH, KW]; shapes already checked.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (o, _, kh, kw) = w.dims4()?;
+    let n = x.dim(0)?;
+    let g = geometry(x, (kh, kw), stride, padding)?;
+    let (p, k) = (g.p(), g.k());
+    let xl = channels_last(x)?;
+    let wr = channels_last(w)?; // [O, KH, KW, C]: the columns' order
+    let mut y = vec![0f32; n * o * p];
+    // one image per task: its [P, K] matrix stays in cache for its GEMM; a lone image (the VAE
+    // decodes one at a time) gives the threads to the GEMM instead
+    let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
+    y.par_chunks_mut(o * p).enumerate().for_each(|(b, yb)| {
+        let mut col = vec![0f32; p * k];
+        g.fill(&xl, b, &mut col);
+        gemm((o, p, k), yb, &wr, (k, 1), &col, (1, k), threads);
+    });
+    Tensor::from_vec(y, (n, o, g.ho, g.wo), x.device())
+}
+
+/// dW [O, C, KH, KW] of y = conv(x, w) from x and dy [N, O, HO, WO]: Σ over images of dy · col.
+pub fn kernel_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    (o, _, kh, kw): (usize, usize, usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let g = geometry(x, (kh, kw), stride, padding)?;
+    let (p, k, c) = (g.p(), g.k(), g.c);
+    let xl = channels_last(x)?;
+    let dyv: Vec<f32> = dy.flatten_all()?.to_vec1()?;
+    let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
+    let dw = (0..n)
+        .into_par_iter()
+        .map(|b| {
+            let mut col = vec![0f32; p * k];
+            g.fill(&xl, b, &mut col);
+            let mut dwb = vec![0f32; o * k];
+            gemm((o, k, p), &mut dwb, &dyv[b * o * p..], (p, 1), &col, (k, 1), threads);
+            dwb
+        })
+        .reduce(
+            || vec![0f32; o * k],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    Tensor::from_vec(dw, (o, kh, kw, c), x.device())?.permute((0, 3, 1, 2))?.contiguous()
+}
