@@ -73,7 +73,7 @@ impl TextCache {
 /// `SDLORA_DEVICE=cpu` keeps a CUDA build on the CPU.
 pub fn device() -> Device {
     #[cfg(feature = "cuda")]
-    if std::env::var("SDLORA_DEVICE").map_or(true, |d| !d.eq_ignore_ascii_case("cpu")) {
+    if !std::env::var("SDLORA_DEVICE").is_ok_and(|d| d.eq_ignore_ascii_case("cpu")) {
         if let Ok(d) = Device::new_cuda(0) {
             return d;
         }

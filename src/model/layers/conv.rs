@@ -162,8 +162,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     super::im2col::conv2d(x, w, padding, stride)
 }
 
-/// Gradient of a conv kernel of shape `wdims` from its input x and output gradient dy:
-/// dW[:, :, i, j] = dy · window(i, j)ᵀ, one GEMM per kernel tap.
+/// Gradient of a conv kernel of shape `wdims` from its input x and output gradient dy: on the
+/// CPU in f32 one GEMM per image over its im2col matrix, else dW[:, :, i, j] = dy · window(i, j)ᵀ,
+/// one GEMM per kernel tap.
 pub fn kernel_grad(
     x: &Tensor,
     dy: &Tensor,

@@ -143,6 +143,9 @@ pub fn kernel_grad(
     let n = x.dim(0)?;
     let g = geometry(x, (kh, kw), stride, padding)?;
     let (p, k, c) = (g.p(), g.k(), g.c);
+    if dy.dims4()? != (n, o, g.ho, g.wo) {
+        candle_core::bail!("kernel_grad: dy {:?} is not the output of this convolution", dy.dims());
+    }
     let xl = channels_last(x)?;
     let dyv: Vec<f32> = dy.flatten_all()?.to_vec1()?;
     let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
