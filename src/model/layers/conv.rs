@@ -145,11 +145,15 @@ pub fn conv_input_grad(
     conv2d(&d, &wf.to_dtype(d.dtype())?, 0, 1)
 }
 
+/// Whether the own im2col path applies: both operands f32 on the CPU.
+fn cpu_f32(a: &Tensor, b: &Tensor) -> bool {
+    a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32
+}
+
 /// y = conv(x, w) with x [N, C, H, W] and w [O, C, KH, KW], no groups or dilation.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
-    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
-    if !cpu_f32 || (kh == 1 && kw == 1 && stride == 1 && padding == 0) {
+    if !cpu_f32(x, w) || (kh == 1 && kw == 1 && stride == 1 && padding == 0) {
         // 1×1: candle's conv is already one GEMM
         return x.conv2d(w, padding, stride, 1, 1);
     }
@@ -172,7 +176,7 @@ pub fn kernel_grad(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && dy.dtype() == DType::F32 {
+    if cpu_f32(x, dy) {
         return super::im2col::kernel_grad(x, dy, wdims, stride, padding);
     }
     let (o, c, kh, kw) = wdims;

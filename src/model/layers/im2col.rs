@@ -1,7 +1,8 @@
 //! The CPU f32 convolution: an im2col matrix built one contiguous run of channels per kernel tap
 //! (from a channels-last copy of the input) and one GEMM per image, for the forward and for the
 //! kernel gradient. candle 0.11's tiled im2col writes every element with a stride of its tile,
-//! which made it a third of a sampling step; this path trains the demo's LoRA 1.4× faster.
+//! which made it a third of a sampling step; this path trains the demo's LoRA 1.35× faster
+//! (BENCHMARKS.md).
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
@@ -29,10 +30,10 @@ impl Im2Col {
         self.kh * self.kw * self.c
     }
 
-    /// Image `b` of the channels-last input `xl` as [P, K] into `col` (zero where padded).
-    fn fill(&self, xl: &[f32], b: usize, col: &mut [f32]) {
+    /// Image `b` of the channels-last input `xl` as a [P, K] matrix, zero where padded.
+    fn matrix(&self, xl: &[f32], b: usize) -> Vec<f32> {
         let (c, k) = (self.c, self.k());
-        col.fill(0.0);
+        let mut col = vec![0f32; self.p() * k];
         for oy in 0..self.ho {
             for ox in 0..self.wo {
                 let row = &mut col[(oy * self.wo + ox) * k..][..k];
@@ -53,6 +54,7 @@ impl Im2Col {
                 }
             }
         }
+        col
     }
 }
 
@@ -125,8 +127,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     // decodes one at a time) gives the threads to the GEMM instead
     let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
     y.par_chunks_mut(o * p).enumerate().for_each(|(b, yb)| {
-        let mut col = vec![0f32; p * k];
-        g.fill(&xl, b, &mut col);
+        let col = g.matrix(&xl, b);
         gemm((o, p, k), yb, &wr, (k, 1), &col, (1, k), threads);
     });
     Tensor::from_vec(y, (n, o, g.ho, g.wo), x.device())
@@ -152,8 +153,7 @@ pub fn kernel_grad(
     let dw = (0..n)
         .into_par_iter()
         .map(|b| {
-            let mut col = vec![0f32; p * k];
-            g.fill(&xl, b, &mut col);
+            let col = g.matrix(&xl, b);
             let mut dwb = vec![0f32; o * k];
             gemm((o, k, p), &mut dwb, &dyv[b * o * p..], (p, 1), &col, (k, 1), threads);
             dwb
