@@ -23,7 +23,7 @@ fn lora_spec(rank: usize) -> LoraSpec {
         seed: 5,
         dtype: DType::F64,
         dropout: 0.0,
-        dropout_seed: sdlora::lora::adapter::no_dropout(),
+        switch: sdlora::lora::adapter::switch(),
     }
 }
 
@@ -347,9 +347,9 @@ fn vae_encoder_and_decoder_backward() {
 /// LoRA dropout: with the step's seed fixed the masks are fixed, so the backward is checkable.
 #[test]
 fn lora_dropout_backward() {
-    let seed = sdlora::lora::adapter::no_dropout();
-    let spec = LoraSpec { dropout: 0.5, dropout_seed: seed.clone(), ..lora_spec(2) };
-    seed.store(1234, std::sync::atomic::Ordering::Relaxed);
+    let switch = sdlora::lora::adapter::switch();
+    let spec = LoraSpec { dropout: 0.5, switch: switch.clone(), ..lora_spec(2) };
+    switch.set_dropout_seed(1234);
     let mut l = linear(&weights(80).pp("l"), 6, 5, true).unwrap();
     let infos = attach(&mut l, "", &|_, _| true, &spec, 0, &CPU).unwrap();
     let x = var(&[2, 3, 6], 81);
@@ -371,11 +371,41 @@ fn lora_dropout_backward() {
     fd_check("conv+dropout dx", &x, &dx, &loss, 20);
     check_adapters(&infos, &g, &loss);
     // with no step seed (inference) dropout is off: the output is deterministic and unmasked
-    seed.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    switch.set_dropout_seed(u64::MAX);
     let a = c.fwd(&x).unwrap();
-    seed.store(99, std::sync::atomic::Ordering::Relaxed);
+    switch.set_dropout_seed(99);
     let b = c.fwd(&x).unwrap();
     assert!(dot(&(&a - &b).unwrap(), &(&a - &b).unwrap()) > 1e-12, "a step seed turns dropout on");
+}
+
+/// A switched-off adapter (the base prediction of `train --prior-preservation output`) adds
+/// nothing and collects no gradient; switched back on, the layer is the LoRA's again.
+#[test]
+fn switched_off_adapters_leave_the_base_layer() {
+    let switch = sdlora::lora::adapter::switch();
+    let spec = LoraSpec { switch: switch.clone(), ..lora_spec(2) };
+    let base = linear(&weights(90).pp("l"), 6, 5, true).unwrap();
+    let mut l = linear(&weights(90).pp("l"), 6, 5, true).unwrap();
+    attach(&mut l, "", &|_, _| true, &spec, 0, &CPU).unwrap();
+    let c0 = conv(&weights(91).pp("c"), 3, 4, 3, 1, 1).unwrap();
+    let mut c = conv(&weights(91).pp("c"), 3, 4, 3, 1, 1).unwrap();
+    attach(&mut c, "", &|_, _| true, &spec, 1, &CPU).unwrap();
+    let (x, xc) = (randn(&[2, 3, 6], 92), randn(&[2, 3, 5, 5], 93));
+    let diff = |a: &Tensor, b: &Tensor| {
+        let d = (a - b).unwrap();
+        dot(&d, &d)
+    };
+    assert!(diff(&l.fwd(&x).unwrap(), &base.fwd(&x).unwrap()) > 1e-6, "adapters on");
+    switch.set_off(true);
+    assert_eq!(diff(&l.fwd(&x).unwrap(), &base.fwd(&x).unwrap()), 0.0);
+    assert_eq!(diff(&c.fwd(&xc).unwrap(), &c0.fwd(&xc).unwrap()), 0.0);
+    let mut g = AdapterGrads::default();
+    let (y, s) = c.forward(&xc).unwrap();
+    let dx = c.backward(s, &randn(y.dims(), 94), &mut g).unwrap();
+    assert_eq!(dx.dims(), xc.dims());
+    assert!(g.get(1).is_none(), "no gradient for a switched-off adapter");
+    switch.set_off(false);
+    assert!(diff(&c.fwd(&xc).unwrap(), &c0.fwd(&xc).unwrap()) > 1e-6, "adapters back on");
 }
 
 /// The CPU f32 convolution builds its own im2col (`layers::conv::conv2d`): its output, the input

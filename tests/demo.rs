@@ -10,7 +10,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         steps: 4,
         samples: 4,
         controls: 4,
-        sample_steps: 10,
+        sampling: sdlora::train::evaluate::Sampling { steps: 10, cfg: 5.0 },
         reg: 3,
         ..DemoOptions::new(tmp.path().join("demo"))
     };
@@ -57,16 +57,16 @@ fn demo_runs_end_to_end_and_writes_its_report() {
 }
 
 /// The demo at its defaults, as `sdlora demo` runs it (about 4 minutes on 2 cores): a guard at
-/// today's level, not the goal. Seeds 1–3 measured learned 40 / 30 / 35 %, forgotten 15 / 25 /
-/// 10 points (the goal: ≥ 90 %, ≤ 5); another CPU's float rounding can move a few
-/// samples, hence the margin.
+/// today's level, not the goal. Seeds 1–3 measured learned 65 / 50 / 55 %, forgotten 0 / 15 /
+/// 10 points (the goal: ≥ 90 %, ≤ 5); this test runs seed 1, and another CPU's float
+/// rounding can move a few samples, hence the margin.
 #[test]
 fn demo_at_its_defaults_learns_checks_and_keeps_most_controls() {
     let tmp = tempfile::tempdir().unwrap();
     let r = run(&DemoOptions::new(tmp.path().join("demo")), None, &mut |_, _, _| {}).unwrap();
     eprintln!("learned {} forgotten {} ({:?})", r.learned, r.forgotten_points, r.base_knows);
-    assert!(r.learned >= 0.25, "learned {:.0} %", 100.0 * r.learned);
-    assert!(r.forgotten_points <= 30.0, "forgotten {:.0} points", r.forgotten_points);
+    assert!(r.learned >= 0.45, "learned {:.0} %", 100.0 * r.learned);
+    assert!(r.forgotten_points <= 15.0, "forgotten {:.0} points", r.forgotten_points);
     assert!(r.base_knows.shape >= 0.9 && r.base_knows.colour >= 0.9, "{:?}", r.base_knows);
 }
 
@@ -91,6 +91,7 @@ fn pretraining_continues_from_the_embedded_base() {
         init: Some(assets.clone()),
         min_snr_gamma: None,
         texture_last: false,
+        decoder_only: false,
     };
     let load = |d: &std::path::Path, f: &str| {
         candle_core::safetensors::load(d.join(f), &candle_core::Device::Cpu).unwrap()
@@ -122,6 +123,24 @@ fn pretraining_continues_from_the_embedded_base() {
     assert!(losses.len() == 2 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
     assert!(!same(&assets, &two, unet), "the U-Net trained on");
     assert!(same(&assets, &two, vae) && same(&assets, &two, te), "VAE and text encoder kept");
+
+    // --decoder-only (stage 7): every tensor of the decoder learns, none of the encoder, and the
+    // latent scale is kept, so the U-Net's latents do not move
+    let dec = tmp.path().join("dec");
+    // (a large rate: two warm-up steps at 1e-3 move a norm weight of 1 less than f16 resolves)
+    let c = PretrainConfig { vae_steps: 2, decoder_only: true, lr: 1.0, ..cfg(0) };
+    pretrain(&c, &dec, &mut |_, _, _, _| {}).unwrap();
+    let (before, after) = (load(&assets, vae), load(&dec, vae));
+    for (k, t) in &before {
+        let d = (t.to_dtype(candle_core::DType::F32).unwrap()
+            - after[k].to_dtype(candle_core::DType::F32).unwrap())
+        .unwrap();
+        let moved = d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0;
+        let decoder = k.starts_with("decoder.") || k.starts_with("post_quant_conv.");
+        assert_eq!(moved, decoder, "{k}: moved {moved}");
+    }
+    assert_eq!(vae_cfg(&assets), vae_cfg(&dec), "the latent scaling is kept");
+    assert!(same(&assets, &dec, unet) && same(&assets, &dec, te));
 
     // min-SNR-γ reweights the U-Net's loss per timestep (γ = 0.5 reaches about half of them): the
     // same steps then train other weights

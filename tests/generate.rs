@@ -209,7 +209,7 @@ fn write_lora(dir: &Path, out: &Path) {
         seed: 3,
         dtype: DType::F32,
         dropout: 0.0,
-        dropout_seed: sdlora::lora::adapter::no_dropout(),
+        switch: sdlora::lora::adapter::switch(),
     };
     let unet = sd.unet.as_mut().unwrap();
     let infos = attach(unet, "", &|p, _| p.contains(".attn"), &spec, 0, &Device::Cpu).unwrap();

@@ -241,3 +241,64 @@ fn regularization_images_share_the_epoch_at_their_weight() {
     let err = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
     assert!(err.contains("missing: not a folder — --reg-data takes"), "{err}");
 }
+
+/// `--prior-preservation output`: a regularization image's target is the base model's own
+/// prediction. At the start the LoRA is the base, so their loss is 0 (against the noise it is
+/// not); once the U-Net's or the text encoder's adapters move, it is the change they make —
+/// which also proves the adapters are off for the base prediction and back on for the LoRA's.
+#[test]
+fn output_preservation_pulls_reg_images_to_the_base_prediction() {
+    use candle_core::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data, reg) = (tmp.path().join("model"), tmp.path().join("data"), tmp.path().join("reg"));
+    tiny_model(&model);
+    tiny_dataset(&data, 2);
+    tiny_dataset(&reg, 3);
+    let mut a = args(&model, &data, &tmp.path().join("o.safetensors"), 2);
+    a.reg_data = Some(reg.clone());
+    a.prior_preservation = Some("output".into());
+    a.text_encoder_lr = Some(1e-3);
+    a.batch_size = Some(2);
+    let output = TrainConfig::resolve(&a).unwrap();
+    let noise = TrainConfig { prior_preservation: "noise".into(), ..output.clone() };
+    let run = setup::setup(&output, &mut |_, _, _| {}).unwrap();
+    let is_reg = |i: &usize| run.items[run.samples[*i].item].reg;
+    let regs: Vec<usize> = (0..run.samples.len()).filter(is_reg).collect();
+    let trains: Vec<usize> = (0..run.samples.len()).filter(|i| !is_reg(i)).collect();
+    assert_eq!(regs.len(), 2);
+    let loss = |cfg: &TrainConfig, idx: &[usize]| trainer::loss_of(&run, cfg, idx, 7).unwrap();
+    assert!(loss(&output, &regs) < 1e-12, "the untrained LoRA is the base: {}", loss(&output, &regs));
+    assert!(loss(&noise, &regs) > 1e-3, "against the noise: {}", loss(&noise, &regs));
+    let train_rows = loss(&output, &trains);
+    assert!(train_rows > 1e-3 && (train_rows - loss(&noise, &trains)).abs() < 1e-12, "{train_rows}");
+
+    // one component's adapters moved at a time (`up` random, or back to 0)
+    let set_up = |component: &str, random: bool| {
+        for (c, info) in &run.adapters {
+            if c == component {
+                let up = info.up.as_tensor();
+                let v = match random {
+                    true => Tensor::randn(0f32, 0.5, up.dims(), up.device()).unwrap(),
+                    false => up.zeros_like().unwrap(),
+                };
+                info.up.set(&v).unwrap();
+            }
+        }
+    };
+    set_up("unet", true);
+    let unet_moved = loss(&output, &regs);
+    assert!(unet_moved > 1e-6, "the U-Net's LoRA changes the prediction: {unet_moved}");
+    set_up("unet", false);
+    assert!(loss(&output, &regs) < 1e-12, "back at the base");
+    set_up("text_encoder", true);
+    let te_moved = loss(&output, &regs);
+    assert!(te_moved > 1e-8, "the text encoder's LoRA changes the reg prompts' encoding: {te_moved}");
+
+    a.reg_data = None;
+    let err = TrainConfig::resolve(&a).err().unwrap().to_string();
+    assert!(err.contains("--prior-preservation") && err.contains("--reg-data"), "{err}");
+    a.reg_data = Some(reg);
+    a.prior_preservation = Some("base".into());
+    let err = TrainConfig::resolve(&a).err().unwrap().to_string();
+    assert!(err.contains("`base`: choose noise or output"), "{err}");
+}

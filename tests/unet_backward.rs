@@ -34,7 +34,7 @@ fn check(sdxl: bool) {
         seed: 9,
         dtype: DType::F64,
         dropout: 0.0,
-        dropout_seed: sdlora::lora::adapter::no_dropout(),
+        switch: sdlora::lora::adapter::switch(),
     };
     let infos = attach(&mut unet, "", &|_, _| true, &spec, 0, &Device::Cpu).unwrap();
     let sample = var(&[2, 4, 8, 8], 1);

@@ -54,6 +54,11 @@ pub struct DemoArgs {
     /// the demo's captions name checks (how the committed base's stage 6 was trained).
     #[arg(long)]
     pub texture_last: bool,
+    /// Pretraining, with --init: the VAE phase trains only the decoder, on every shape and
+    /// texture of the world (checks and stars included, as SD's VAE saw everything); the encoder
+    /// and latent scale are kept, so the U-Net's latents stay valid (--unet-steps 0 keeps it).
+    #[arg(long)]
+    pub decoder_only: bool,
     /// What the LoRA learns: "checkered" (a texture) or a shape (star, …). With --pretrain, a shape
     /// named here is left out of pretraining [default: star]; the world never draws checks.
     #[arg(long)]
@@ -82,6 +87,14 @@ pub struct DemoArgs {
     /// (`train --reg-data`); 0 trains on the concept's images alone.
     #[arg(long, default_value_t = 20)]
     pub reg: usize,
+    /// What the regularization images' loss pulls towards, as `train --prior-preservation`:
+    /// noise, or output (the base's own prediction).
+    #[arg(long, default_value = "noise", value_name = "noise|output")]
+    pub prior_preservation: String,
+    /// Classifier-free guidance of every image the demo draws (regularization images, target and
+    /// control samples).
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg: f64,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -94,6 +107,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             "--concept `{name}`: checkered, or a shape: circle, square, triangle, star, cross, ring"
         )
     })?;
+    if a.decoder_only && a.init.is_none() {
+        anyhow::bail!(
+            "--decoder-only fine-tunes a trained VAE: give the model with --init (e.g. assets/demo_model)"
+        );
+    }
     if let Some(out) = &a.pretrain {
         let cfg = PretrainConfig {
             seed: a.seed,
@@ -115,6 +133,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             init: a.init.clone(),
             min_snr_gamma: a.min_snr_gamma,
             texture_last: a.texture_last,
+            decoder_only: a.decoder_only,
         };
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -154,6 +173,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         rank: a.rank,
         targets: a.targets.clone(),
         reg: a.reg,
+        prior_preservation: a.prior_preservation.clone(),
+        sampling: crate::train::evaluate::Sampling { cfg: a.cfg, ..d.sampling },
         min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
         batch: a.lora_batch,

@@ -73,6 +73,10 @@ pub struct PretrainConfig {
     /// Name the texture last ("a red ring on a blue background, striped") in every other
     /// caption: the slot where the demo's captions name checks (stage 6 on).
     pub texture_last: bool,
+    /// Train only the VAE's decoder (`vae_steps` steps, with `init`), on every shape and texture
+    /// of the world, checks and stars included; the encoder and latent scale stay as they are,
+    /// so the U-Net's latents do not move (stage 7).
+    pub decoder_only: bool,
 }
 
 /// Cuts a time-boxed phase to the steps that fit, paced on steps 20–40 (the first ones include
@@ -175,25 +179,43 @@ pub fn pretrain(
         &dev,
     )?;
     let mut vae = AutoencoderKL::load(&pc.vae, &weights(&vae_vars, &dev))?;
-    let trainable: Vec<Var> = vae_vars.values().cloned().collect();
+    let trainable: Vec<Var> = vae_vars
+        .iter()
+        .filter(|(k, _)| !cfg.decoder_only || k.starts_with("decoder.") || k.starts_with("post_quant_conv."))
+        .map(|(_, v)| v.clone())
+        .collect();
     let mut opt = AdamW::new(&trainable, 0.0)?;
     let lat = pc.vae.latent_channels;
+    let decoder_images = match cfg.decoder_only {
+        true => Some(universal_images(cfg.seed + 7, cfg.images, &dev)?),
+        false => None,
+    };
+    let vae_images = decoder_images.as_ref().unwrap_or(&images);
     let (mut n_vae, mut pace) = (cfg.vae_steps, Pace::new(cfg.seconds.map(|s| s.0)));
     let mut i = 0;
     while i < n_vae {
         let mut rng = rng_for(cfg.seed, "vae", i as u64);
         let idx: Vec<u32> = (0..cfg.vae_batch).map(|_| rng.random_range(0..cfg.images as u32)).collect();
-        let x = images.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
-        let (moments, es) = vae.encode_train(&x)?;
-        let z = moments.narrow(1, 0, lat)?;
-        let (y, ds) = vae.decode_train(&z)?;
-        let diff = (&y - &x)?;
-        let loss = diff.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        let x = vae_images.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
         let mut g = AdapterGrads::default();
-        let dz = vae.decode_backward(ds, &(diff * (2.0 / y.elem_count() as f64))?, &mut g)?;
-        let dz = (dz + (&z * (2e-4 / z.elem_count() as f64))?)?;
-        let dm = Tensor::cat(&[&dz, &moments.narrow(1, lat, lat)?.zeros_like()?], 1)?;
-        vae.encode_backward(es, &dm, &mut g)?;
+        let loss = if cfg.decoder_only {
+            let z = vae.encode_mean(&x)?;
+            let (y, ds) = vae.decode_train(&z)?;
+            let diff = (&y - &x)?;
+            vae.decode_backward(ds, &(&diff * (2.0 / y.elem_count() as f64))?, &mut g)?;
+            diff.sqr()?.mean_all()?
+        } else {
+            let (moments, es) = vae.encode_train(&x)?;
+            let z = moments.narrow(1, 0, lat)?;
+            let (y, ds) = vae.decode_train(&z)?;
+            let diff = (&y - &x)?;
+            let dz = vae.decode_backward(ds, &(&diff * (2.0 / y.elem_count() as f64))?, &mut g)?;
+            let dz = (dz + (&z * (2e-4 / z.elem_count() as f64))?)?;
+            let dm = Tensor::cat(&[&dz, &moments.narrow(1, lat, lat)?.zeros_like()?], 1)?;
+            vae.encode_backward(es, &dm, &mut g)?;
+            diff.sqr()?.mean_all()?
+        };
+        let loss = loss.to_scalar::<f32>()? as f64;
         step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, n_vae, 50))?;
         i += 1;
         n_vae = pace.fit(n_vae, i);
@@ -206,8 +228,8 @@ pub fn pretrain(
         zs.push(vae.encode_mean(&images.narrow(0, c * 64, n)?)?);
     }
     let z = Tensor::cat(&zs, 0)?;
-    match (&cfg.init, cfg.vae_steps) {
-        (Some(d), 0) => {
+    match (&cfg.init, cfg.vae_steps == 0 || cfg.decoder_only) {
+        (Some(d), true) => {
             let p = d.join("vae/config.json");
             let c: VaeConfig = serde_json::from_str(&std::fs::read_to_string(&p)?)
                 .with_context(|| format!("{}: not a VAE config", p.display()))?;
@@ -296,6 +318,18 @@ pub fn pretrain(
 
     // 4. a diffusers folder in f16
     save(out, &cfg_out, &comps)
+}
+
+/// `n` images of every shape and texture, a quarter of them checkered: what a universal
+/// decoder learns from (SD's VAE was trained on everything; a LoRA draws through it).
+fn universal_images(seed: u64, n: usize, dev: &Device) -> Result<Tensor> {
+    let imgs: Vec<Tensor> = scenes(seed, n, &Shape::ALL)
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| if i % 4 == 0 { s.with_texture(Texture::Checks) } else { s })
+        .map(|s| to_tensor(&s.render(SIDE), dev))
+        .collect::<Result<_>>()?;
+    Ok(Tensor::cat(&imgs, 0)?)
 }
 
 /// The pretraining captions of `world`; with `texture_last`, every other one names its texture

@@ -8,6 +8,7 @@ use super::world::{scenes, write_dataset, Concept, Scene, Shape};
 use crate::model::load::{load, LoadOptions};
 use crate::report::html::{grid, Report};
 use crate::train::config::{TrainArgs, TrainConfig};
+use crate::train::evaluate::Sampling;
 use crate::train::{setup, trainer};
 use anyhow::{Context, Result};
 use image::RgbImage;
@@ -29,11 +30,14 @@ pub struct DemoOptions {
     /// 20 and 20 make one sample 5 % of "learned" and 5 points of "forgotten".
     pub samples: usize,
     pub controls: usize,
-    /// Sampler steps per image.
-    pub sample_steps: usize,
+    /// Sampler steps and guidance of every image the demo draws.
+    pub sampling: Sampling,
     /// Regularization images the base draws of known shapes before training (`train --reg-data`,
     /// DreamBooth's prior preservation); 0: none.
     pub reg: usize,
+    /// What the regularization images pull towards (`train --prior-preservation`): "noise" or
+    /// "output" (the base's own prediction).
+    pub prior_preservation: String,
     /// min-SNR-γ weighting of the LoRA's loss (`train --min-snr-gamma`).
     pub min_snr_gamma: Option<f64>,
     /// Also train the text encoder's LoRA at this rate (`train --text-encoder-lr`).
@@ -56,8 +60,9 @@ impl DemoOptions {
             targets: "full".into(),
             samples: 20,
             controls: 20,
-            sample_steps: 20,
+            sampling: Sampling { steps: 20, cfg: 5.0 },
             reg: 20,
+            prior_preservation: "noise".into(),
             min_snr_gamma: Some(5.0),
             text_encoder_lr: Some(2e-3),
             batch: 4,
@@ -119,7 +124,7 @@ pub fn run(
             .map(|(i, s)| (s.caption(), o.seed + 400 + i as u64))
             .collect();
         let sd = load(&model.display().to_string(), &LoadOptions::default())?;
-        reg_imgs = crate::train::evaluate::sample(&sd, &rows, o.side, o.sample_steps)?;
+        reg_imgs = crate::train::evaluate::sample(&sd, &rows, o.side, o.sampling)?;
         std::fs::create_dir_all(&reg_dir).with_context(|| format!("{}: cannot create", reg_dir.display()))?;
         for (i, ((caption, _), img)) in rows.iter().zip(&reg_imgs).enumerate() {
             let png = reg_dir.join(format!("{i:04}.png"));
@@ -144,6 +149,7 @@ pub fn run(
         seed: Some(o.seed),
         flip: Some(true),
         reg_data: (o.reg > 0).then(|| reg_dir.clone()),
+        prior_preservation: (o.reg > 0).then(|| o.prior_preservation.clone()),
         min_snr_gamma: o.min_snr_gamma,
         text_encoder_lr: o.text_encoder_lr,
         sample_prompts: Some(during),
@@ -160,14 +166,8 @@ pub fn run(
     let control_prompts: Vec<(String, u64)> =
         controls.iter().enumerate().map(|(i, s)| (s.caption(), o.seed + 50 + i as u64)).collect();
     let model_id = model.display().to_string();
-    let eval = crate::train::evaluate::evaluate(
-        &model_id,
-        &lora,
-        &target,
-        &control_prompts,
-        o.side,
-        o.sample_steps,
-    )?;
+    let eval =
+        crate::train::evaluate::evaluate(&model_id, &lora, &target, &control_prompts, o.side, o.sampling)?;
     let learned = eval.scores.learned.unwrap_or(0.0);
     let forgetting = eval.scores.forgetting.context("control prompts were sampled")?;
     let base_knows = eval.base_knows;
@@ -209,10 +209,20 @@ pub fn run(
     report.settings.push(("text encoder".into(), te));
     let snr = o.min_snr_gamma.map_or("off".into(), |g| g.to_string());
     report.settings.push(("min-SNR-γ".into(), snr));
-    report.settings.push(("regularization images (prior loss weight 1)".into(), o.reg.to_string()));
+    report.settings.push((
+        "regularization images (prior loss weight 1, loss against)".into(),
+        format!(
+            "{}, {}",
+            o.reg,
+            if o.prior_preservation == "output" { "the base's prediction" } else { "the noise" }
+        ),
+    ));
     report.settings.push((
         "samples".into(),
-        format!("{} target + {} control, {} sampler steps each", o.samples, o.controls, o.sample_steps),
+        format!(
+            "{} target + {} control, {} sampler steps each, guidance {}",
+            o.samples, o.controls, o.sampling.steps, o.sampling.cfg
+        ),
     ));
     report.settings.push((
         "base model on the control prompts".into(),

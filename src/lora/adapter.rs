@@ -13,18 +13,43 @@ pub struct Lora {
     pub up: Var,
     /// alpha / rank · multiplier.
     pub scale: f64,
-    /// LoRA dropout on the adapter's input (peft's lora_dropout), active only while `dropout_seed`
+    /// LoRA dropout on the adapter's input (peft's lora_dropout), active only while `switch`
     /// holds a step seed, i.e. inside a training step.
     pub dropout: f64,
-    pub dropout_seed: DropoutSeed,
+    pub switch: Switch,
 }
 
-/// The current training step's dropout seed, shared by every adapter of a run (`u64::MAX`:
-/// no dropout — inference, evaluation).
-pub type DropoutSeed = std::sync::Arc<std::sync::atomic::AtomicU64>;
+/// State shared by every adapter of a run: the current training step's dropout seed
+/// (`u64::MAX`: no dropout — inference, evaluation), and whether the adapters are switched off,
+/// so that the same layers compute the base model's prediction inside a training step
+/// (`train --prior-preservation output`).
+#[derive(Debug)]
+pub struct SwitchState {
+    pub dropout_seed: std::sync::atomic::AtomicU64,
+    pub off: std::sync::atomic::AtomicBool,
+}
+pub type Switch = std::sync::Arc<SwitchState>;
 
-pub fn no_dropout() -> DropoutSeed {
-    std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX))
+/// Adapters on, no dropout.
+pub fn switch() -> Switch {
+    std::sync::Arc::new(SwitchState {
+        dropout_seed: std::sync::atomic::AtomicU64::new(u64::MAX),
+        off: std::sync::atomic::AtomicBool::new(false),
+    })
+}
+
+impl SwitchState {
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.dropout_seed.store(seed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn set_off(&self, off: bool) {
+        self.off.store(off, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.off.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Lora {
@@ -32,10 +57,15 @@ impl Lora {
         self.down.dim(0).unwrap_or(0)
     }
 
+    /// Whether the adapter adds nothing right now (switched off for a base prediction).
+    pub fn is_off(&self) -> bool {
+        self.switch.is_off()
+    }
+
     /// The inverted-dropout mask for an input of `shape` in this step, or None.
     pub fn dropout_mask(&self, shape: &[usize], x: &Tensor) -> Result<Option<Tensor>> {
         use rand::{Rng, SeedableRng};
-        let seed = self.dropout_seed.load(std::sync::atomic::Ordering::Relaxed);
+        let seed = self.switch.dropout_seed.load(std::sync::atomic::Ordering::Relaxed);
         if self.dropout <= 0.0 || seed == u64::MAX {
             return Ok(None);
         }

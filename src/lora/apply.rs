@@ -99,7 +99,7 @@ fn add(layer: LayerMut<'_>, t: &LoraTensors, multiplier: f64, id: usize) -> Resu
         up: up.clone(),
         scale: t.scale() * multiplier,
         dropout: 0.0,
-        dropout_seed: super::adapter::no_dropout(),
+        switch: super::adapter::switch(),
     };
     match layer {
         LayerMut::Linear(l) => l.adapters.push(lora),

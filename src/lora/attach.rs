@@ -40,7 +40,7 @@ pub struct LoraSpec {
     pub dtype: DType,
     /// peft's lora_dropout on the adapter input during training.
     pub dropout: f64,
-    pub dropout_seed: super::adapter::DropoutSeed,
+    pub switch: super::adapter::Switch,
 }
 
 /// Attaches one adapter to every layer for which `select(path, layer)` holds; ids continue
@@ -109,7 +109,7 @@ fn make(
         up: up.clone(),
         scale: spec.alpha / r as f64 * spec.multiplier,
         dropout: spec.dropout,
-        dropout_seed: spec.dropout_seed.clone(),
+        switch: spec.switch.clone(),
     };
     match layer {
         LayerMut::Linear(l) => l.adapters.push(lora),

@@ -122,6 +122,14 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prior_loss_weight: Option<f64>,
+    /// What the regularization images' loss pulls towards [default: noise]. `noise`: the noise
+    /// added to them, as for training images (kohya, DreamBooth). `output`: what the base model
+    /// itself predicts for the same noisy latent and caption (the LoRA switched off for one extra
+    /// forward pass), so any change the LoRA makes on those prompts costs loss, and a perfect
+    /// LoRA can reach zero on them (distillation; ai-toolkit's output preservation).
+    #[arg(long, value_name = "noise|output")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prior_preservation: Option<String>,
     /// Probability of training a step on the empty caption [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -268,6 +276,8 @@ pub struct TrainConfig {
     pub reg_data: Option<PathBuf>,
     #[serde(default = "d_prior")]
     pub prior_loss_weight: f64,
+    #[serde(default = "d_preservation")]
+    pub prior_preservation: String,
 }
 
 fn d_steps() -> usize {
@@ -299,6 +309,9 @@ fn d_save_dtype() -> String {
 }
 fn d_prior() -> f64 {
     1.0
+}
+fn d_preservation() -> String {
+    "noise".into()
 }
 fn d_clip() -> f64 {
     1.0
@@ -364,6 +377,17 @@ impl TrainConfig {
         }
         if self.reg_data.is_none() && self.prior_loss_weight != d_prior() {
             return bad("--prior-loss-weight weighs regularization images: give them with --reg-data".into());
+        }
+        if !["noise", "output"].contains(&self.prior_preservation.as_str()) {
+            return bad(format!(
+                "--prior-preservation `{}`: choose noise or output",
+                self.prior_preservation
+            ));
+        }
+        if self.reg_data.is_none() && self.prior_preservation != d_preservation() {
+            return bad(
+                "--prior-preservation acts on regularization images: give them with --reg-data".into()
+            );
         }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return bad("--caption-dropout is a probability between 0 and 1".into());

@@ -14,14 +14,34 @@ use anyhow::{Context, Result};
 use image::RgbImage;
 use std::path::Path;
 
+/// How the evaluation samples: the model's own scheduler, `steps` steps, classifier-free
+/// guidance `cfg`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub steps: usize,
+    pub cfg: f64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { steps: 20, cfg: 7.0 }
+    }
+}
+
 /// One image per (prompt, seed) with the model as it is (base, or base + applied LoRA).
 pub(crate) fn sample(
     sd: &StableDiffusion,
     prompts: &[(String, u64)],
     side: u32,
-    steps: usize,
+    how: Sampling,
 ) -> Result<Vec<RgbImage>> {
-    let opts = GenerateOptions { steps, width: side as usize, height: side as usize, ..Default::default() };
+    let opts = GenerateOptions {
+        steps: how.steps,
+        cfg_scale: how.cfg,
+        width: side as usize,
+        height: side as usize,
+        ..Default::default()
+    };
     generate_each(sd, &opts, prompts)?
         .into_iter()
         .map(|g| RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer"))
@@ -57,14 +77,14 @@ pub fn evaluate(
     target: &[(String, u64)],
     control: &[(String, u64)],
     side: u32,
-    steps: usize,
+    how: Sampling,
 ) -> Result<Evaluation> {
     // one load: every prompt with the base, then the same prompts and seeds with the LoRA applied
     let mut sd = load(model, &LoadOptions::default())?;
     let all: Vec<(String, u64)> = target.iter().chain(control).cloned().collect();
-    let mut base_all = sample(&sd, &all, side, steps)?;
+    let mut base_all = sample(&sd, &all, side, how)?;
     crate::lora::apply::apply_file(&mut sd, lora, 1.0, 0)?;
-    let mut with_all = sample(&sd, &all, side, steps)?;
+    let mut with_all = sample(&sd, &all, side, how)?;
     let (c_base, c_with) = (base_all.split_off(target.len()), with_all.split_off(target.len()));
     let (t_base, t_with) = (base_all, with_all);
     let mut grids = vec![];

@@ -29,7 +29,7 @@ pub struct Run {
     pub latents_cached: (usize, usize),
     pub text_cache: TextCache,
     /// Set to the micro-step's seed while training so LoRA dropout draws reproducible masks.
-    pub dropout_seed: crate::lora::adapter::DropoutSeed,
+    pub switch: crate::lora::adapter::Switch,
 }
 
 /// Text conditioning of a caption, cached on disk while the text encoder is frozen.
@@ -137,7 +137,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let prompts = PromptEncoder::new(&sd, 1)?;
 
     let preset: Preset = cfg.targets.parse().map_err(anyhow::Error::msg)?;
-    let dropout_seed = crate::lora::adapter::no_dropout();
+    let switch = crate::lora::adapter::switch();
     let spec = LoraSpec {
         rank: cfg.rank,
         alpha: cfg.alpha(),
@@ -146,7 +146,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         seed: cfg.seed,
         dtype: DType::F32,
         dropout: cfg.lora_dropout,
-        dropout_seed: dropout_seed.clone(),
+        switch: switch.clone(),
     };
     let mut adapters = vec![];
     if let Some(u) = &mut sd.unet {
@@ -189,6 +189,6 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         sched,
         latents_cached,
         text_cache,
-        dropout_seed,
+        switch,
     })
 }

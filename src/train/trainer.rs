@@ -45,7 +45,7 @@ fn micro_step(
     let mut rng = rng_for(cfg.seed, "micro", k);
     // LoRA dropout masks for this micro-step (none while evaluating)
     let dseed = if scale == 0.0 { u64::MAX } else { rng_for(cfg.seed, "dropout", k).random::<u64>() >> 1 };
-    run.dropout_seed.store(dseed, std::sync::atomic::Ordering::Relaxed);
+    run.switch.set_dropout_seed(dseed);
     let dev = &run.device;
     let samples: Vec<&crate::data::prepare::Sample> = idx.iter().map(|&i| &run.samples[i]).collect();
     let latents: Vec<Tensor> = if cfg.random_crop {
@@ -60,9 +60,16 @@ fn micro_step(
             .collect()
     };
     let x0 = Tensor::stack(&latents, 0)?.to_device(dev)?;
+    let preserve =
+        |s: &&crate::data::prepare::Sample| cfg.prior_preservation == "output" && run.items[s.item].reg;
     let captions: Vec<String> = samples
         .iter()
         .map(|s| {
+            // guidance weighs the unconditional prediction (cfg − 1)×: output preservation keeps
+            // it too, on every other draw of a reg image
+            if preserve(s) && rng.random::<bool>() {
+                return String::new();
+            }
             augment_caption(&s.caption, &mut rng, cfg.caption_dropout, cfg.shuffle_tags, cfg.keep_tokens)
         })
         .collect();
@@ -73,39 +80,6 @@ fn micro_step(
     }
     let t: Vec<usize> = (0..idx.len()).map(|_| rng.random_range(0..sched.len())).collect();
     let xt = sched.add_noise(&x0, &noise, &t)?;
-    let target = sched.target(&x0, &noise, &t)?;
-
-    let encoders = &run.sd.text_encoders;
-    let (cond, te_saved) = if run.train_text {
-        let (c, s) = run.prompts.encode_train(encoders, &captions)?;
-        (c, Some(s))
-    } else {
-        for c in &captions {
-            if !text.contains_key(c) {
-                let cond = match run.text_cache.get(c, dev) {
-                    Some(x) => x,
-                    None => {
-                        let x = run.prompts.encode(encoders, std::slice::from_ref(c))?;
-                        run.text_cache.put(c, &x);
-                        x
-                    }
-                };
-                text.insert(c.clone(), cond);
-            }
-        }
-        let ctx = Tensor::cat(&captions.iter().map(|c| &text[c].context).collect::<Vec<_>>(), 0)?;
-        let pooled = text[&captions[0]]
-            .pooled
-            .as_ref()
-            .map(|_| {
-                Tensor::cat(
-                    &captions.iter().map(|c| text[c].pooled.as_ref().expect("sdxl")).collect::<Vec<_>>(),
-                    0,
-                )
-            })
-            .transpose()?;
-        (Conditioning { context: ctx, pooled }, None)
-    };
     let ids: Vec<f32> = samples
         .iter()
         .flat_map(|s| {
@@ -115,15 +89,22 @@ fn micro_step(
         .collect();
     let time_ids = Tensor::from_vec(ids, (idx.len(), 6), dev)?;
     let timestep = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), t.len(), dev)?;
-    let unet = run.sd.unet.as_ref().expect("loaded");
-    let input = UNetInput {
-        sample: &xt,
-        timestep: &timestep,
-        encoder_hidden_states: &cond.context,
-        text_embeds: cond.pooled.as_ref(),
-        time_ids: Some(&time_ids),
+    let mut target = sched.target(&x0, &noise, &t)?;
+    let preserved: Vec<usize> = (0..idx.len()).filter(|&i| preserve(&samples[i])).collect();
+    if !preserved.is_empty() {
+        let rows = BaseRows { rows: &preserved, xt: &xt, timestep: &timestep, time_ids: &time_ids };
+        target = rows.predict_into(run, &captions, text, &target)?;
+    }
+
+    let encoders = &run.sd.text_encoders;
+    let (cond, te_saved) = if run.train_text {
+        let (c, s) = run.prompts.encode_train(encoders, &captions)?;
+        (c, Some(s))
+    } else {
+        (base_conditioning(run, &captions, text)?, None)
     };
-    let (pred, saved) = unet.forward_train(&input)?;
+    let unet = run.sd.unet.as_ref().expect("loaded");
+    let (pred, saved) = unet.forward_train(&unet_input(&xt, &timestep, &cond, &time_ids))?;
     // per-sample MSE, min-SNR weighted, averaged over the batch
     let diff = (pred.to_dtype(DType::F32)? - &target)?;
     let n_el = diff.elem_count() / idx.len();
@@ -149,6 +130,105 @@ fn micro_step(
         run.prompts.backward_train(encoders, s, &d.encoder_hidden_states, d.text_embeds.as_ref(), g)?;
     }
     Ok(loss)
+}
+
+/// The base model's conditioning of `captions` (the text encoder's adapters switched off),
+/// cached in memory and on disk: it never changes during a run.
+fn base_conditioning(
+    run: &Run,
+    captions: &[String],
+    text: &mut HashMap<String, Conditioning>,
+) -> Result<Conditioning> {
+    let dev = &run.device;
+    for c in captions {
+        if !text.contains_key(c) {
+            let cond = match run.text_cache.get(c, dev) {
+                Some(x) => x,
+                None => {
+                    run.switch.set_off(true);
+                    let x = run.prompts.encode(&run.sd.text_encoders, std::slice::from_ref(c));
+                    run.switch.set_off(false);
+                    let x = x?;
+                    run.text_cache.put(c, &x);
+                    x
+                }
+            };
+            text.insert(c.clone(), cond);
+        }
+    }
+    let ctx = Tensor::cat(&captions.iter().map(|c| &text[c].context).collect::<Vec<_>>(), 0)?;
+    let pooled = text[&captions[0]]
+        .pooled
+        .as_ref()
+        .map(|_| {
+            Tensor::cat(
+                &captions.iter().map(|c| text[c].pooled.as_ref().expect("sdxl")).collect::<Vec<_>>(),
+                0,
+            )
+        })
+        .transpose()?;
+    Ok(Conditioning { context: ctx, pooled })
+}
+
+fn unet_input<'a>(
+    xt: &'a Tensor,
+    timestep: &'a Tensor,
+    cond: &'a Conditioning,
+    time_ids: &'a Tensor,
+) -> UNetInput<'a> {
+    UNetInput {
+        sample: xt,
+        timestep,
+        encoder_hidden_states: &cond.context,
+        text_embeds: cond.pooled.as_ref(),
+        time_ids: Some(time_ids),
+    }
+}
+
+/// Rows of a batch whose target is the base model's own prediction (`--prior-preservation
+/// output`), with the U-Net inputs they share with the LoRA's forward.
+struct BaseRows<'a> {
+    rows: &'a [usize],
+    xt: &'a Tensor,
+    timestep: &'a Tensor,
+    time_ids: &'a Tensor,
+}
+
+impl BaseRows<'_> {
+    /// `target` with its `rows` replaced by the base's prediction for the same noisy latent,
+    /// timestep and caption: one forward pass with every adapter switched off, no gradients.
+    fn predict_into(
+        &self,
+        run: &Run,
+        captions: &[String],
+        text: &mut HashMap<String, Conditioning>,
+        target: &Tensor,
+    ) -> Result<Tensor> {
+        let ix = Tensor::from_vec(
+            self.rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            self.rows.len(),
+            &run.device,
+        )?;
+        let caps: Vec<String> = self.rows.iter().map(|&r| captions[r].clone()).collect();
+        let cond = base_conditioning(run, &caps, text)?;
+        let (xt, timestep, time_ids) = (
+            self.xt.index_select(&ix, 0)?,
+            self.timestep.index_select(&ix, 0)?,
+            self.time_ids.index_select(&ix, 0)?,
+        );
+        run.switch.set_off(true);
+        let base =
+            run.sd.unet.as_ref().expect("loaded").forward(&unet_input(&xt, &timestep, &cond, &time_ids));
+        run.switch.set_off(false);
+        let base = base?.to_dtype(DType::F32)?;
+        let rows = (0..target.dim(0)?)
+            .map(|i| match self.rows.iter().position(|&r| r == i) {
+                Some(j) => base.get(j),
+                None => target.get(i),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
 }
 
 /// f16 has few exponent bits: gradients this small (1e-5…1e-7) would flush to zero on the way
@@ -183,7 +263,6 @@ fn random_crop_latent(
 /// Fixed-seed evaluation loss over (up to) 4 training samples (no regularization images), 2
 /// timesteps each.
 pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
-    let mut text = HashMap::new();
     let picked: Vec<usize> =
         (0..run.samples.len()).filter(|&i| !run.items[run.samples[i].item].reg).take(4).collect();
     let n = picked.len();
@@ -197,21 +276,16 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
                 seed: cfg.seed ^ 0x5eed,
                 ..cfg.clone()
             };
-            total += micro_step_eval(run, &cfg2, s, 1000 + 2 * i as u64 + j, &mut text)?;
+            total += loss_of(run, &cfg2, &[s], 1000 + 2 * i as u64 + j)?;
         }
     }
     Ok(total / (2 * n) as f64)
 }
 
-fn micro_step_eval(
-    run: &Run,
-    cfg: &TrainConfig,
-    i: usize,
-    k: u64,
-    text: &mut HashMap<String, Conditioning>,
-) -> Result<f64> {
-    // the same computation as training, gradients discarded
-    micro_step(run, cfg, &[i], k, text, &mut AdapterGrads::default(), 0.0)
+/// The loss of training samples `samples` as micro-step `k` would draw them (noise, timesteps),
+/// gradients discarded.
+pub fn loss_of(run: &Run, cfg: &TrainConfig, samples: &[usize], k: u64) -> Result<f64> {
+    micro_step(run, cfg, samples, k, &mut HashMap::new(), &mut AdapterGrads::default(), 0.0)
 }
 
 pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64, f64)) -> Result<Summary> {

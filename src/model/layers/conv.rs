@@ -51,7 +51,8 @@ impl Conv2d {
         let mut masks = vec![];
         if !self.adapters.is_empty() {
             let xf = x.to_dtype(self.adapter_dtype())?;
-            for a in &self.adapters {
+            // a switched-off adapter (a base prediction) adds nothing and saves nothing
+            for a in self.adapters.iter().filter(|a| !a.is_off()) {
                 let mask = a.dropout_mask(xf.dims(), &xf)?;
                 let xd = match &mask {
                     Some(m) => (&xf * m)?,
@@ -83,7 +84,7 @@ impl Conv2d {
         if let (false, Some(x)) = (self.adapters.is_empty(), &s.x) {
             let xf = x.to_dtype(self.adapter_dtype())?;
             let dyf = dy.to_dtype(self.adapter_dtype())?;
-            for ((a, h), mask) in self.adapters.iter().zip(&s.hidden).zip(&s.masks) {
+            for ((a, h), mask) in self.adapters.iter().filter(|a| !a.is_off()).zip(&s.hidden).zip(&s.masks) {
                 let xf = match mask {
                     Some(m) => (&xf * m)?,
                     None => xf.clone(),

@@ -48,7 +48,8 @@ impl Linear {
         let mut masks = Vec::with_capacity(self.adapters.len());
         if !self.adapters.is_empty() {
             let xf = x.to_dtype(self.adapter_dtype())?;
-            for a in &self.adapters {
+            // a switched-off adapter (a base prediction) adds nothing and saves nothing
+            for a in self.adapters.iter().filter(|a| !a.is_off()) {
                 let mask = a.dropout_mask(xf.dims(), &xf)?;
                 let xd = match &mask {
                     Some(m) => (&xf * m)?,
@@ -83,7 +84,7 @@ impl Linear {
         if let (false, Some(x)) = (self.adapters.is_empty(), &s.x) {
             let xf = flatten2(&x.to_dtype(self.adapter_dtype())?)?;
             let dyf = flatten2(&dy.to_dtype(self.adapter_dtype())?)?;
-            for ((a, h), mask) in self.adapters.iter().zip(&s.hidden).zip(&s.masks) {
+            for ((a, h), mask) in self.adapters.iter().filter(|a| !a.is_off()).zip(&s.hidden).zip(&s.masks) {
                 let h = flatten2(h)?;
                 let mask = mask.as_ref().map(flatten2).transpose()?;
                 let xf = match &mask {
