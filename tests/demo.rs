@@ -57,7 +57,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
 }
 
 /// The demo at its defaults, as `sdlora demo` runs it (about 4 minutes on 2 cores): a guard at
-/// today's level, not the goal. Seeds 1–3 measured learned 65 / 50 / 55 %, forgotten 0 / 15 /
+/// today's level, not the goal. Seeds 1–3 measured learned 80 / 55 / 55 %, forgotten 5 / 15 /
 /// 10 points (the goal: ≥ 90 %, ≤ 5); this test runs seed 1, and another CPU's float
 /// rounding can move a few samples, hence the margin.
 #[test]
@@ -65,7 +65,7 @@ fn demo_at_its_defaults_learns_checks_and_keeps_most_controls() {
     let tmp = tempfile::tempdir().unwrap();
     let r = run(&DemoOptions::new(tmp.path().join("demo")), None, &mut |_, _, _| {}).unwrap();
     eprintln!("learned {} forgotten {} ({:?})", r.learned, r.forgotten_points, r.base_knows);
-    assert!(r.learned >= 0.45, "learned {:.0} %", 100.0 * r.learned);
+    assert!(r.learned >= 0.6, "learned {:.0} %", 100.0 * r.learned);
     assert!(r.forgotten_points <= 15.0, "forgotten {:.0} points", r.forgotten_points);
     assert!(r.base_knows.shape >= 0.9 && r.base_knows.colour >= 0.9, "{:?}", r.base_knows);
 }

@@ -72,7 +72,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4)]
     pub lora_batch: usize,
     /// LoRA learning rate.
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 7e-4)]
     pub lora_lr: f64,
     /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 2e-3].
     #[arg(long)]

@@ -55,7 +55,7 @@ impl DemoOptions {
             steps: 700,
             side: super::pretrain::SIDE,
             seed: 1,
-            lr: 5e-4,
+            lr: 7e-4,
             rank: 8,
             targets: "full".into(),
             samples: 20,
