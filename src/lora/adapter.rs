@@ -50,6 +50,14 @@ impl SwitchState {
     pub fn is_off(&self) -> bool {
         self.off.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Runs `f` with every adapter switched off (the base model), then switches them back on.
+    pub fn off_while<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.set_off(true);
+        let r = f();
+        self.set_off(false);
+        r
+    }
 }
 
 impl Lora {

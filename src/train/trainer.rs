@@ -145,10 +145,8 @@ fn base_conditioning(
             let cond = match run.text_cache.get(c, dev) {
                 Some(x) => x,
                 None => {
-                    run.switch.set_off(true);
-                    let x = run.prompts.encode(&run.sd.text_encoders, std::slice::from_ref(c));
-                    run.switch.set_off(false);
-                    let x = x?;
+                    let encode = || run.prompts.encode(&run.sd.text_encoders, std::slice::from_ref(c));
+                    let x = run.switch.off_while(encode)?;
                     run.text_cache.put(c, &x);
                     x
                 }
@@ -216,11 +214,9 @@ impl BaseRows<'_> {
             self.timestep.index_select(&ix, 0)?,
             self.time_ids.index_select(&ix, 0)?,
         );
-        run.switch.set_off(true);
-        let base =
-            run.sd.unet.as_ref().expect("loaded").forward(&unet_input(&xt, &timestep, &cond, &time_ids));
-        run.switch.set_off(false);
-        let base = base?.to_dtype(DType::F32)?;
+        let unet = run.sd.unet.as_ref().expect("loaded");
+        let base = run.switch.off_while(|| unet.forward(&unet_input(&xt, &timestep, &cond, &time_ids)))?;
+        let base = base.to_dtype(DType::F32)?;
         let rows = (0..target.dim(0)?)
             .map(|i| match self.rows.iter().position(|&r| r == i) {
                 Some(j) => base.get(j),
