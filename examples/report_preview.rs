@@ -37,12 +37,11 @@ fn main() -> Result<()> {
     let lora = soften(base.clone());
 
     let forgetting = forgotten(&base, &lora, &expected);
+    let stars: Vec<_> = scenes(4, 8, &[Shape::Star]).iter().map(|s| s.asked()).collect();
     let scores = Scores {
         target: "star".into(),
-        learned: Some(learned(
-            &after,
-            &scenes(4, 8, &[Shape::Star]).iter().map(|s| s.asked()).collect::<Vec<_>>(),
-        )),
+        learned: Some(learned(&after, &stars)),
+        learned_base: Some(learned(&before, &stars)),
         forgetting: Some(forgetting),
     };
 

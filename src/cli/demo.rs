@@ -206,6 +206,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         100.0 * k.checks,
         r.mean_pixel_distance
     );
+    eprintln!("base shows the concept in {:.0} % of the same target samples", 100.0 * r.learned_base);
     eprintln!("report: {}", r.report.display());
     println!(
         "learned: {:.1}% forgotten: {:.1} lora_bytes: {} seconds: {:.1}",

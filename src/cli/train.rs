@@ -76,7 +76,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eprintln!("sampling {} target and {} control prompts, base and LoRA", target.len(), control.len());
         let e = evaluate(&cfg.model, &summary.lora_path, &target, &control, resolution, Default::default())?;
         if let Some(l) = e.scores.learned {
-            eprintln!("learned: {:.1} % of target samples show a {}", 100.0 * l, e.scores.target);
+            eprintln!(
+                "learned: {:.1} % of target samples show a {} (base model: {:.1} %)",
+                100.0 * l,
+                e.scores.target,
+                100.0 * e.scores.learned_base.unwrap_or(0.0)
+            );
         }
         if let Some(f) = &e.scores.forgetting {
             if f.labelled > 0 {

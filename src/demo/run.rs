@@ -63,6 +63,7 @@ impl DemoOptions {
             sampling: Sampling { steps: 20, cfg: 5.0 },
             reg: 20,
             prior_preservation: "noise".into(),
+            // off, seeds 1–5 learned 38 % / forgot 9 points on average, against 43 % / 12 at 5
             min_snr_gamma: Some(5.0),
             text_encoder_lr: Some(2e-3),
             batch: 4,
@@ -72,6 +73,8 @@ impl DemoOptions {
 
 pub struct DemoResult {
     pub learned: f64,
+    /// The base's samples of the same prompts and seeds, scored the same way.
+    pub learned_base: f64,
     pub forgotten_points: f64,
     pub mean_pixel_distance: f64,
     pub lora_bytes: u64,
@@ -147,6 +150,8 @@ pub fn run(
         lr: Some(o.lr),
         resolution: Some(o.side),
         seed: Some(o.seed),
+        // A mirrored checkerboard swaps its cells about the shape's centre, yet without flips
+        // seeds 1–5 learned 55/45/25/20/15 % against 45/35/50/30/30 % with them (min-SNR off).
         flip: Some(true),
         reg_data: (o.reg > 0).then(|| reg_dir.clone()),
         prior_preservation: (o.reg > 0).then(|| o.prior_preservation.clone()),
@@ -169,6 +174,7 @@ pub fn run(
     let eval =
         crate::train::evaluate::evaluate(&model_id, &lora, &target, &control_prompts, o.side, o.sampling)?;
     let learned = eval.scores.learned.unwrap_or(0.0);
+    let learned_base = eval.scores.learned_base.unwrap_or(0.0);
     let forgetting = eval.scores.forgetting.context("control prompts were sampled")?;
     let base_knows = eval.base_knows;
 
@@ -238,6 +244,7 @@ pub fn run(
     report.write(&path)?;
     Ok(DemoResult {
         learned,
+        learned_base,
         forgotten_points: forgetting.drop_points,
         mean_pixel_distance: forgetting.mean_pixel_distance,
         lora_bytes: summary.lora_bytes,

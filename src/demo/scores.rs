@@ -238,6 +238,10 @@ const PLAIN_SWING: f64 = 0.08;
 /// Checks when their diagonal wave beats the waves of stripes and dots by this much: a generated
 /// shape's uneven shading has some of every wave.
 const CHECK_MARGIN: f64 = 1.25;
+/// A checkerboard's two diagonal waves are equally strong; stripes running along one diagonal
+/// (what an undertrained LoRA draws for checks) have only one. In 79 of 80 of the base VAE's
+/// reconstructions of real checks the weaker is ≥ 0.54 of the stronger (a narrow cross: 0.35).
+const BOTH_DIAGONALS: f64 = 0.5;
 
 /// The texture of a blob of colour `colour` and circumscribed radius `radius` (pixels), read from
 /// the unsmoothed image: each interior pixel (two pixels inside the outline, where the background
@@ -245,8 +249,8 @@ const CHECK_MARGIN: f64 = 1.25;
 /// world's textures are looked for in that field. The textures repeat every `PERIOD` radii:
 /// stripes make one wave going down, dots the same wave going down and going across, and checks
 /// (cells of one period, so the pattern repeats after two) a wave of twice that length running
-/// diagonally, where stripes and dots have none. Each wave is searched over ±15 % in scale and
-/// ±0.15 rad of rotation (the world's shapes are upright within that).
+/// along each diagonal, where stripes and dots have none. Each wave is searched over ±15 % in scale
+/// and ±0.15 rad of rotation (the world's shapes are upright within that).
 fn texture_of(
     img: &RgbImage,
     blob: &[bool],
@@ -303,8 +307,12 @@ fn texture_of(
     let across = swing(1.0, (1.0, 0.0));
     let d = std::f64::consts::FRAC_1_SQRT_2;
     // a check pattern's wave: half a cycle per period along each axis, i.e. along a diagonal
-    let diagonal = swing(d, (d, d)).max(swing(d, (d, -d)));
-    Some(if diagonal >= PLAIN_SWING && diagonal >= CHECK_MARGIN * down.max(across) {
+    let (falling, rising) = (swing(d, (d, d)), swing(d, (d, -d)));
+    let diagonal = falling.max(rising);
+    let checkered = diagonal >= PLAIN_SWING
+        && diagonal >= CHECK_MARGIN * down.max(across)
+        && falling.min(rising) >= BOTH_DIAGONALS * diagonal;
+    Some(if checkered {
         Texture::Checks
     } else if down.max(across) < PLAIN_SWING {
         Texture::Plain

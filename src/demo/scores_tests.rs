@@ -233,3 +233,79 @@ fn textures_of_clean_and_degraded_renders_are_recognised() {
     eprintln!("texture: clean {clean:.3} blur+noise {degraded:.3}");
     assert!(clean >= 0.97 && degraded >= 0.9, "clean {clean} blur+noise {degraded}");
 }
+
+/// `s` with stripes along one diagonal of its frame, at the wave a checkerboard of the world has
+/// along that diagonal and covering half the shape as checks do: what an undertrained LoRA draws
+/// when asked for checks.
+fn diagonal_stripes(s: &Scene, rising: bool) -> RgbImage {
+    let plain = s.with_texture(Texture::Plain).render(64);
+    let (n, radius) = (64.0, s.size * 32.0);
+    let (sin, cos) = (-s.rotation).sin_cos();
+    RgbImage::from_fn(64, 64, |px, py| {
+        let p = *plain.get_pixel(px, py);
+        let (x, y) = (px as f64 + 0.5 - s.cx * n, py as f64 + 0.5 - s.cy * n);
+        let (u, v) = ((x * cos - y * sin) / radius, (x * sin + y * cos) / radius);
+        let along = if rising { u - v } else { u + v };
+        // the checks' diagonal wave has phase π(u ± v)/PERIOD: a period of 2·PERIOD
+        let shaded = (along / (2.0 * crate::demo::world::PERIOD)).rem_euclid(1.0) < 0.5;
+        if p.0 == s.colour.rgb() && shaded {
+            image::Rgb(s.colour.shade())
+        } else {
+            p
+        }
+    })
+}
+
+#[test]
+fn stripes_along_one_diagonal_are_not_checks() {
+    let scs: Vec<Scene> = scenes(41, 80, &[]).into_iter().map(|s| s.with_texture(Texture::Checks)).collect();
+    let blur_noise = |i: usize, img: &RgbImage| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
+        add_noise(&blur3(img), 10.0, &mut rng)
+    };
+    let (mut checks, mut striped_as_checks) = (0, 0);
+    for (i, s) in scs.iter().enumerate() {
+        let real = s.render(64);
+        let stripes = diagonal_stripes(s, i % 2 == 0);
+        for (img, k) in
+            [(real.clone(), 0), (blur_noise(i, &real), 0), (stripes.clone(), 1), (blur_noise(i, &stripes), 1)]
+        {
+            let got = classify(&img).texture == Some(Texture::Checks);
+            if k == 0 {
+                checks += got as usize;
+            } else {
+                striped_as_checks += got as usize;
+            }
+        }
+    }
+    eprintln!(
+        "real checks found {checks}/160, one-diagonal stripes taken for checks {striped_as_checks}/160"
+    );
+    assert!(checks >= 150, "{checks}/160 checkerboards recognised");
+    assert!(striped_as_checks <= 2, "{striped_as_checks}/160 one-diagonal stripes taken for checks");
+}
+
+/// The demo's LoRA draws through the base's VAE, so checks must be recognisable after it: real
+/// checkerboards of the known shapes, encoded and decoded by the embedded base's VAE.
+#[test]
+fn checks_through_the_base_vae_are_recognised() {
+    use crate::model::load::{load_folder, LoadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let base = crate::demo::base::write(dir.path()).unwrap();
+    let opts = LoadOptions { unet: false, text_encoders: false, ..Default::default() };
+    let sd = load_folder(&base, &opts).unwrap();
+    let vae = sd.vae.as_ref().unwrap();
+    let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != crate::demo::base::MISSING).collect();
+    let scs = Concept::Texture(Texture::Checks).scenes(1, 40, &known);
+    let mut right = 0;
+    for s in &scs {
+        let x = crate::data::prepare::to_tensor(&s.render(64), &candle_core::Device::Cpu).unwrap();
+        let y = vae.decode(&vae.encode_mean(&x).unwrap()).unwrap();
+        let y = ((y / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+        let rgb = crate::sample::pipeline::to_rgb8(&y).unwrap().remove(0);
+        let d = classify(&RgbImage::from_raw(64, 64, rgb).unwrap());
+        right += (d.shape == Some(s.shape) && d.texture == Some(Texture::Checks)) as usize;
+    }
+    eprintln!("shape and checks after the VAE: {right}/40");
+    assert!(right >= 37, "{right}/40 checkered shapes recognised after the base's VAE");
+}

@@ -17,6 +17,9 @@ pub struct Scores {
     /// Share (0–1) of the target prompt's samples classified as the target (none without
     /// target prompts in the tiny world's caption form).
     pub learned: Option<f64>,
+    /// The same share for the base model's samples of the same prompts and seeds: what
+    /// "learned" starts from (≈ 0 for a concept the base never saw).
+    pub learned_base: Option<f64>,
     pub forgetting: Option<Forgetting>,
 }
 
@@ -108,7 +111,13 @@ impl Report {
                     &mut h,
                     "Learned",
                     &format!("{:.1} %", l * 100.0),
-                    &format!("of samples for the new prompt show a {target}"),
+                    &match s.learned_base {
+                        Some(b) => format!(
+                            "of samples for the new prompt show a {target} (base: {:.1} %)",
+                            b * 100.0
+                        ),
+                        None => format!("of samples for the new prompt show a {target}"),
+                    },
                 )?;
             }
             if let Some(f) = s.forgetting.as_ref().filter(|f| f.labelled > 0) {
@@ -133,8 +142,8 @@ impl Report {
             }
             h.push_str(
                 "</section>\n<p class=\"hint\">Shapes, colours and checks are measured \
-                        procedurally (segmentation, geometry, and the checks' diagonal wave), not by \
-                        a learned classifier.</p>\n",
+                        procedurally (segmentation, geometry, and the checks' waves along both \
+                        diagonals), not by a learned classifier.</p>\n",
             );
         }
 

@@ -21,6 +21,7 @@ fn sample_report() -> Report {
         scores: Some(Scores {
             target: "star".into(),
             learned: Some(0.875),
+            learned_base: Some(0.05),
             forgetting: Some(Forgetting {
                 labelled: 8,
                 accuracy_base: 0.95,
@@ -66,9 +67,15 @@ fn written_page_has_plot_grids_scores_and_numbers() {
     for number in ["87.5 %", "1.5 points", "95.0 %", "93.5 %", "7.9 / 255", "3.2 MiB", "3,355,443 bytes"] {
         assert!(html.contains(number), "{number}");
     }
-    for text in
-        ["4 min 05 s", "75 steps", "4.25", "0.2500 → 0.2000", "-20.0 %", "show a star", "Preview only"]
-    {
+    for text in [
+        "4 min 05 s",
+        "75 steps",
+        "4.25",
+        "0.2500 → 0.2000",
+        "-20.0 %",
+        "show a star (base: 5.0 %)",
+        "Preview only",
+    ] {
         assert!(html.contains(text), "{text}");
     }
     assert!(html.contains("<th>rank</th><td>16</td>"));

@@ -88,16 +88,17 @@ pub fn evaluate(
     let (c_base, c_with) = (base_all.split_off(target.len()), with_all.split_off(target.len()));
     let (t_base, t_with) = (base_all, with_all);
     let mut grids = vec![];
-    let mut scores = Scores { target: String::new(), learned: None, forgetting: None };
+    let mut scores = Scores { target: String::new(), learned: None, learned_base: None, forgetting: None };
     let mut base_knows = BaseKnows::default();
     if !target.is_empty() {
         let (base, with) = (&t_base, &t_with);
         let wanted: Vec<(usize, Asked)> =
             target.iter().enumerate().filter_map(|(i, (p, _))| Some((i, Asked::parse(p)?))).collect();
         if !wanted.is_empty() {
-            let imgs: Vec<RgbImage> = wanted.iter().map(|&(i, _)| with[i].clone()).collect();
+            let pick = |imgs: &[RgbImage]| wanted.iter().map(|&(i, _)| imgs[i].clone()).collect::<Vec<_>>();
             let asked: Vec<Asked> = wanted.iter().map(|&(_, a)| a).collect();
-            scores.learned = Some(learned(&imgs, &asked));
+            scores.learned = Some(learned(&pick(with), &asked));
+            scores.learned_base = Some(learned(&pick(base), &asked));
             let mut names: Vec<String> = asked.iter().map(|a| a.describe()).collect();
             names.sort_unstable();
             names.dedup();
