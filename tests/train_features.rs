@@ -202,6 +202,19 @@ fn sample_grids_before_during_and_after_training() {
     report.settings.push(("k".into(), "v".into()));
     let html = report.html().unwrap();
     assert_eq!(html.matches("data:image/png;base64,").count(), 3);
+
+    // --sample-cfg: the grids are drawn at that guidance (1: none), not at the default 7
+    a.sample_cfg = Some(1.0);
+    a.sample_every = None;
+    a.steps = Some(1);
+    a.output = Some(tmp.path().join("g1.safetensors"));
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let s1 = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
+    let (b_unguided, _) = halves(&s1.grids[0].1);
+    assert!(b_unguided.as_raw() != b0.as_raw(), "guidance 1 draws another base image than 7");
+    a.sample_cfg = Some(0.5);
+    let err = TrainConfig::resolve(&a).err().unwrap().to_string();
+    assert!(err.contains("--sample-cfg 0.5 must be 1"), "{err}");
 }
 
 /// kohya's regularization images: as many per epoch as training images (here 2 reg images for

@@ -74,7 +74,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     if !target.is_empty() || !control.is_empty() {
         eprintln!("sampling {} target and {} control prompts, base and LoRA", target.len(), control.len());
-        let e = evaluate(&cfg.model, &summary.lora_path, &target, &control, resolution, Default::default())?;
+        let e = evaluate(&cfg.model, &summary.lora_path, &target, &control, resolution, cfg.sampling())?;
         if let Some(l) = e.scores.learned {
             eprintln!(
                 "learned: {:.1} % of target samples show a {} (base model: {:.1} %)",

@@ -159,6 +159,7 @@ pub fn run(
         text_encoder_lr: o.text_encoder_lr,
         sample_prompts: Some(during),
         sample_every: Some((o.steps / 4).max(1)),
+        sample_cfg: Some(o.sampling.cfg),
         ..Default::default()
     };
     let cfg = TrainConfig::resolve(&args)?;

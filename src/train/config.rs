@@ -184,6 +184,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_every: Option<usize>,
+    /// Classifier-free guidance of every image training draws: the sample grids and the target
+    /// and control prompts (1: none) [default: 7].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_cfg: Option<f64>,
     /// A text file of prompts for what the LoRA should learn: after training each is drawn by
     /// base and base + LoRA (seed = --seed + line); tiny-world captions ("a red star on a blue
     /// background") are scored: the report's "learned".
@@ -268,6 +273,8 @@ pub struct TrainConfig {
     pub sample_prompts: Option<PathBuf>,
     #[serde(default)]
     pub sample_every: usize,
+    #[serde(default = "d_sample_cfg")]
+    pub sample_cfg: f64,
     #[serde(default)]
     pub target_prompts: Option<PathBuf>,
     #[serde(default)]
@@ -309,6 +316,9 @@ fn d_save_dtype() -> String {
 }
 fn d_prior() -> f64 {
     1.0
+}
+fn d_sample_cfg() -> f64 {
+    crate::train::evaluate::Sampling::default().cfg
 }
 fn d_preservation() -> String {
     "noise".into()
@@ -389,10 +399,18 @@ impl TrainConfig {
                 "--prior-preservation acts on regularization images: give them with --reg-data".into()
             );
         }
+        if !(self.sample_cfg >= 1.0 && self.sample_cfg.is_finite()) {
+            return bad(format!("--sample-cfg {} must be 1 (no guidance) or more", self.sample_cfg));
+        }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return bad("--caption-dropout is a probability between 0 and 1".into());
         }
         Ok(())
+    }
+
+    /// How training draws its sample grids and its target and control prompts.
+    pub fn sampling(&self) -> crate::train::evaluate::Sampling {
+        crate::train::evaluate::Sampling { cfg: self.sample_cfg, ..Default::default() }
     }
 
     pub fn alpha(&self) -> f64 {
