@@ -110,6 +110,39 @@ fn text_encoder_lora_and_every_option_together() {
 }
 
 #[test]
+fn exclude_layers_leaves_matching_layers_without_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 2);
+    let out = tmp.path().join("ex.safetensors");
+    let mut a = args(&model, &data, &out, 2);
+    a.targets = Some("full".into());
+    a.text_encoder_lr = Some(5e-4);
+    a.exclude_layers = Some(r"^(down_blocks\.0|up_blocks\.1)\.|\.mlp\.".into());
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
+    let k = keys(&out);
+    let has = |p: &str| k.iter().any(|k| k.starts_with(p));
+    assert!(!has("lora_unet_down_blocks_0_") && !has("lora_unet_up_blocks_1_"), "{k:?}");
+    assert!(has("lora_unet_down_blocks_1_") && has("lora_unet_up_blocks_0_"), "{k:?}");
+    assert!(has("lora_te_text_model_encoder_layers_0_self_attn_q_proj"), "{k:?}");
+    assert!(!k.iter().any(|k| k.contains("_mlp_fc")), "the text encoder's MLP is excluded too");
+    let bytes = std::fs::read(&out).unwrap();
+    let meta = safetensors::SafeTensors::read_metadata(&bytes).unwrap().1.metadata().clone().unwrap();
+    assert!(meta["ss_network_args"].contains("exclude_patterns"), "{meta:?}");
+
+    // a bad expression and one that leaves nothing are one clear line each, before any work
+    a.exclude_layers = Some("(".into());
+    let err = TrainConfig::resolve(&a).err().unwrap().to_string();
+    assert!(err.starts_with("--exclude-layers `(` is not a regular expression"), "{err}");
+    a.exclude_layers = Some(".".into());
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let err = setup::setup(&cfg, &mut |_, _, _| {}).err().unwrap().to_string();
+    assert!(err.contains("leaves no layer of --targets full to train"), "{err}");
+}
+
+#[test]
 fn sdxl_training_writes_kohya_sgm_names_for_both_text_encoders() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));

@@ -83,6 +83,10 @@ pub struct DemoArgs {
     /// LoRA layers, as `train --targets`: attn, attn-mlp, or full (adds the ResNet convolutions, "LoCon")
     #[arg(long, default_value = "full")]
     pub targets: String,
+    /// Layers left out of the adapters, as `train --exclude-layers` (a regular expression on
+    /// diffusers paths); "none" keeps every layer of --targets.
+    #[arg(long, value_name = "REGEX", default_value = "none")]
+    pub exclude_layers: String,
     /// Regularization images the base draws of the shapes it knows, mixed into training
     /// (`train --reg-data`); 0 trains on the concept's images alone.
     #[arg(long, default_value_t = 20)]
@@ -172,6 +176,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         lr: a.lora_lr,
         rank: a.rank,
         targets: a.targets.clone(),
+        exclude_layers: (a.exclude_layers != "none").then(|| a.exclude_layers.clone()),
         reg: a.reg,
         prior_preservation: a.prior_preservation.clone(),
         sampling: crate::train::evaluate::Sampling { cfg: a.cfg, ..d.sampling },

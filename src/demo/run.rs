@@ -26,6 +26,8 @@ pub struct DemoOptions {
     /// LoRA rank and layers (`train --targets`: attn, attn-mlp, full).
     pub rank: usize,
     pub targets: String,
+    /// Layers of `targets` left without adapters (`train --exclude-layers`).
+    pub exclude_layers: Option<String>,
     /// Samples of the concept's prompts and of the control prompts (each drawn by base and LoRA):
     /// 20 and 20 make one sample 5 % of "learned" and 5 points of "forgotten".
     pub samples: usize,
@@ -58,6 +60,7 @@ impl DemoOptions {
             lr: 7e-4,
             rank: 8,
             targets: "full".into(),
+            exclude_layers: None,
             samples: 20,
             controls: 20,
             sampling: Sampling { steps: 20, cfg: 5.0 },
@@ -147,6 +150,7 @@ pub fn run(
         batch_size: Some(o.batch),
         rank: Some(o.rank),
         targets: Some(o.targets.clone()),
+        exclude_layers: o.exclude_layers.clone(),
         lr: Some(o.lr),
         resolution: Some(o.side),
         seed: Some(o.seed),
@@ -211,7 +215,11 @@ pub fn run(
     }
     report.grids.extend(eval.grids);
     report.settings.push(("LoRA learning rate, batch".into(), format!("{}, {}", o.lr, o.batch)));
-    report.settings.push(("LoRA rank, layers".into(), format!("{}, {}", o.rank, o.targets)));
+    let layers = match &o.exclude_layers {
+        Some(r) => format!("{} except `{r}`", o.targets),
+        None => o.targets.clone(),
+    };
+    report.settings.push(("LoRA rank, layers".into(), format!("{}, {layers}", o.rank)));
     let te = o.text_encoder_lr.map_or("not trained".into(), |l| format!("LoRA at learning rate {l}"));
     report.settings.push(("text encoder".into(), te));
     let snr = o.min_snr_gamma.map_or("off".into(), |g| g.to_string());

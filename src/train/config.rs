@@ -75,6 +75,14 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub targets: Option<String>,
+    /// Leave out every layer of --targets whose diffusers path matches this regular expression
+    /// (kohya's network_args exclude_patterns). Paths read like `down_blocks.0.resnets.0.conv1`
+    /// (U-Net) and `text_model.encoder.layers.0.mlp.fc1` (text encoder); e.g.
+    /// `^(down_blocks\.0|up_blocks\.1)\.` keeps the adapters off an SD1 tiny U-Net's
+    /// full-resolution blocks [default: none].
+    #[arg(long, value_name = "REGEX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclude_layers: Option<String>,
     /// Training resolution: buckets have area ≤ resolution² [default: 512, SDXL 1024].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -232,6 +240,8 @@ pub struct TrainConfig {
     #[serde(default = "d_targets")]
     pub targets: String,
     #[serde(default)]
+    pub exclude_layers: Option<String>,
+    #[serde(default)]
     pub resolution: Option<u32>,
     #[serde(default = "d_seed")]
     pub seed: u64,
@@ -361,6 +371,19 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// --exclude-layers compiled; an error line names the bad expression.
+    pub fn excluded_layers(&self) -> Result<Option<regex::Regex>> {
+        self.exclude_layers
+            .as_deref()
+            .map(|r| {
+                regex::Regex::new(r).map_err(|e| {
+                    let why = e.to_string().lines().last().unwrap_or("").trim().to_string();
+                    anyhow::anyhow!("--exclude-layers `{r}` is not a regular expression ({why})")
+                })
+            })
+            .transpose()
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(anyhow::anyhow!(m));
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.rank == 0 {
@@ -372,6 +395,7 @@ impl TrainConfig {
         if !["attn", "attn-mlp", "full", "cross-kv"].contains(&self.targets.as_str()) {
             return bad(format!("--targets `{}`: choose attn, attn-mlp, full or cross-kv", self.targets));
         }
+        self.excluded_layers()?;
         self.format
             .parse::<crate::lora::format::LoraFormat>()
             .map_err(|e| anyhow::anyhow!("--format: {e}"))?;

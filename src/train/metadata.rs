@@ -33,8 +33,17 @@ pub fn kohya_metadata(
     put("ss_network_module", "networks.lora".into());
     put("ss_network_dim", cfg.rank.to_string());
     put("ss_network_alpha", format!("{}", cfg.alpha()));
+    // kohya's network_args, as its train_network.py records them: strings
+    let mut args = serde_json::Map::new();
     if cfg.targets == "full" {
-        put("ss_network_args", format!(r#"{{"conv_dim": "{}", "conv_alpha": "{}"}}"#, cfg.rank, cfg.alpha()));
+        args.insert("conv_dim".into(), cfg.rank.to_string().into());
+        args.insert("conv_alpha".into(), format!("{}", cfg.alpha()).into());
+    }
+    if let Some(r) = &cfg.exclude_layers {
+        args.insert("exclude_patterns".into(), serde_json::json!([r]).to_string().into());
+    }
+    if !args.is_empty() {
+        put("ss_network_args", serde_json::Value::Object(args).to_string());
     }
     put("ss_base_model_version", base.into());
     put("ss_v2", py_bool(family == Family::Sd2));

@@ -148,9 +148,11 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         dropout: cfg.lora_dropout,
         switch: switch.clone(),
     };
+    let excluded = cfg.excluded_layers()?;
+    let kept = |p: &str| !excluded.as_ref().is_some_and(|r| r.is_match(p));
     let mut adapters = vec![];
     if let Some(u) = &mut sd.unet {
-        for a in attach(u, "", &|p, l| unet_selects(preset, p, l), &spec, 0, &device)? {
+        for a in attach(u, "", &|p, l| unet_selects(preset, p, l) && kept(p), &spec, 0, &device)? {
             adapters.push(("unet".to_string(), a));
         }
     }
@@ -159,10 +161,18 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         for (i, te) in sd.text_encoders.iter_mut().enumerate() {
             let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
             let spec = LoraSpec { seed: cfg.seed + 1 + i as u64, ..spec.clone() };
-            for a in attach(te, "", &|p, _| text_encoder_selects(p), &spec, adapters.len(), &device)? {
+            let select = |p: &str| text_encoder_selects(p) && kept(p);
+            for a in attach(te, "", &|p, _| select(p), &spec, adapters.len(), &device)? {
                 adapters.push((comp.to_string(), a));
             }
         }
+    }
+    if adapters.is_empty() {
+        anyhow::bail!(
+            "--exclude-layers `{}` leaves no layer of --targets {} to train: exclude fewer",
+            cfg.exclude_layers.as_deref().unwrap_or(""),
+            cfg.targets
+        );
     }
     let te_scale = cfg.text_encoder_lr.map(|l| l / cfg.lr).unwrap_or(0.0);
     let mut params = vec![];

@@ -48,7 +48,7 @@ pub fn load(path: &Path, adapters: &[(String, AdapterInfo)], opt: &mut AdamW) ->
     };
     if get("layout")? != &layout(adapters) {
         bail!(
-            "{}: this state was saved for other LoRA layers or rank — resume with the same --model, --targets, --rank and --text-encoder-lr",
+            "{}: this state was saved for other LoRA layers or rank — resume with the same --model, --targets, --exclude-layers, --rank and --text-encoder-lr",
             path.display()
         );
     }
