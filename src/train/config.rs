@@ -78,8 +78,8 @@ pub struct TrainArgs {
     /// Leave out every layer of --targets whose diffusers path matches this regular expression
     /// (kohya's network_args exclude_patterns). Paths read like `down_blocks.0.resnets.0.conv1`
     /// (U-Net) and `text_model.encoder.layers.0.mlp.fc1` (text encoder); e.g.
-    /// `^(down_blocks\.0|up_blocks\.1)\.` keeps the adapters off an SD1 tiny U-Net's
-    /// full-resolution blocks [default: none].
+    /// `^(down_blocks\.0|up_blocks\.3)\.` keeps the adapters off SD1's full-resolution blocks
+    /// [default: none].
     #[arg(long, value_name = "REGEX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exclude_layers: Option<String>,
