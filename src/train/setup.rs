@@ -168,11 +168,15 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         }
     }
     if adapters.is_empty() {
-        anyhow::bail!(
-            "--exclude-layers `{}` leaves no layer of --targets {} to train: exclude fewer",
-            cfg.exclude_layers.as_deref().unwrap_or(""),
-            cfg.targets
-        );
+        match &cfg.exclude_layers {
+            Some(r) => anyhow::bail!(
+                "--exclude-layers `{r}` leaves no layer of --targets {} to train: exclude fewer",
+                cfg.targets
+            ),
+            None => {
+                anyhow::bail!("--targets {} selects no layer of {}: choose another", cfg.targets, cfg.model)
+            }
+        }
     }
     let te_scale = cfg.text_encoder_lr.map(|l| l / cfg.lr).unwrap_or(0.0);
     let mut params = vec![];
