@@ -229,3 +229,34 @@ fn train_scores_target_and_control_prompts() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success() && err.contains("nope.txt") && !err.contains("panicked"), "{err}");
 }
+
+/// "learned" can reach 100 % through the base's VAE: checkered scenes encoded and decoded by it
+/// still show the asked shape with checks to the scorer, and striped ones still do not.
+#[test]
+fn checks_survive_the_base_vae_so_learned_can_reach_100_percent() {
+    use sdlora::demo::scores::shows;
+    use sdlora::demo::world::{Concept, Shape, Texture};
+    let tmp = tempfile::tempdir().unwrap();
+    let base = sdlora::demo::base::write(&tmp.path().join("base")).unwrap();
+    let sd = sdlora::model::load::load(&base.display().to_string(), &Default::default()).unwrap();
+    let vae = sd.vae.as_ref().unwrap();
+    let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != sdlora::demo::base::MISSING).collect();
+    let round_trip = |img: &image::RgbImage| {
+        let x = sdlora::data::prepare::to_tensor(img, &candle_core::Device::Cpu).unwrap();
+        let z = (vae.encode_mean(&x).unwrap() * vae.config.scaling_factor).unwrap();
+        let y = sdlora::sample::pipeline::decode(vae, &z).unwrap();
+        let px = sdlora::sample::pipeline::to_rgb8(&y).unwrap().remove(0);
+        image::RgbImage::from_raw(img.width(), img.height(), px).unwrap()
+    };
+    for texture in [Texture::Checks, Texture::Stripes] {
+        let scenes = Concept::Texture(texture).scenes(7, 20, &known);
+        let checkered = |s: &sdlora::demo::world::Scene, img: &image::RgbImage| {
+            shows(img, sdlora::demo::world::Asked { texture: Texture::Checks, ..s.asked() })
+        };
+        let seen = scenes.iter().filter(|s| checkered(s, &round_trip(&s.render(64)))).count();
+        match texture {
+            Texture::Checks => assert!(seen >= 19, "{seen} of 20 checkered scenes survive the VAE"),
+            _ => assert_eq!(seen, 0, "striped scenes scored as checks after the VAE"),
+        }
+    }
+}
