@@ -99,6 +99,8 @@ fn bad_inputs_each_give_one_clear_line() {
         &["--lr", "1e30", "--steps", "20", "--max-grad-norm", "0"],
         &["diverged", "--lr"],
     );
+    // serde would call a NaN "null, expected f64": the flag is named instead
+    run_train(&f, &model, &data, &out, &["--sample-cfg", "nan"], &["--sample-cfg must be a finite number"]);
 }
 
 #[test]
@@ -174,4 +176,13 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&args, &["nothing-here", "--init"]);
     assert!(!out.exists(), "nothing written");
     expect_error(&["demo", "--concept", "hexagon"], &["--concept", "star"]);
+    // numbers are checked before anything runs, under the demo's own flag names
+    expect_error(&["demo", "--pretrain", &o, "--images", "0"], &["--images", "at least 1"]);
+    expect_error(&["demo", "--pretrain", &o, "--lr", "nan"], &["--lr NaN", "positive"]);
+    assert!(!out.exists(), "nothing written");
+    let demo_out = tmp.path().join("demo").display().to_string();
+    expect_error(&["demo", "--out", &demo_out, "--lora-batch", "0"], &["--lora-batch", "at least 1"]);
+    expect_error(&["demo", "--out", &demo_out, "--cfg", "-1"], &["--cfg -1", "1 (no guidance) or more"]);
+    expect_error(&["demo", "--out", &demo_out, "--text-encoder-lr", "inf"], &["--text-encoder-lr inf"]);
+    assert!(!tmp.path().join("demo").exists(), "nothing written");
 }

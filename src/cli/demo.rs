@@ -31,13 +31,13 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 32)]
     pub vae_batch: usize,
     /// Pretraining: learning rate (AdamW, cosine decay), U-Net and VAE.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     pub lr: f64,
     /// Pretraining: wall-clock budget of the VAE phase in seconds (cuts --vae-steps to what fits).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub vae_seconds: Option<f64>,
     /// Pretraining: wall-clock budget of the U-Net phase in seconds (cuts --unet-steps to what fits).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub unet_seconds: Option<f64>,
     /// Pretraining: continue from this model folder (e.g. assets/demo_model) instead of a seeded
     /// init; with --vae-steps 0 its VAE is kept and only the U-Net trains on.
@@ -48,7 +48,7 @@ pub struct DemoArgs {
     pub save_every: usize,
     /// min-SNR-γ weighting of the U-Net loss: the LoRA's [default: 5; 0: off], or with --pretrain
     /// the base's [default: off].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_snr_gamma: Option<f64>,
     /// Pretraining: name the texture last ("…, striped") in every other caption, the slot where
     /// the demo's captions name checks (how the committed base's stage 6 was trained).
@@ -72,10 +72,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4)]
     pub lora_batch: usize,
     /// LoRA learning rate.
-    #[arg(long, default_value_t = 7e-4)]
+    #[arg(long, default_value_t = 7e-4, allow_negative_numbers = true)]
     pub lora_lr: f64,
     /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 2e-3].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub text_encoder_lr: Option<f64>,
     /// LoRA rank (network dim)
     #[arg(long, default_value_t = 8)]
@@ -97,7 +97,7 @@ pub struct DemoArgs {
     pub prior_preservation: String,
     /// Classifier-free guidance of every image the demo draws (regularization images, target and
     /// control samples).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub cfg: f64,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
     #[arg(long)]
@@ -111,6 +111,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             "--concept `{name}`: checkered, or a shape: circle, square, triangle, star, cross, ring"
         )
     })?;
+    check_numbers(a)?;
     if a.decoder_only && a.init.is_none() {
         anyhow::bail!(
             "--decoder-only fine-tunes a trained VAE: give the model with --init (e.g. assets/demo_model)"
@@ -220,5 +221,37 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         r.lora_bytes,
         r.seconds
     );
+    Ok(())
+}
+
+/// Numbers the demo cannot run with, named by the demo's own flags (`train` names its own).
+fn check_numbers(a: &DemoArgs) -> Result<()> {
+    let positive = |name: &str, v: f64| match v > 0.0 && v.is_finite() {
+        true => Ok(()),
+        false => Err(anyhow::anyhow!("{name} {v} must be a positive number")),
+    };
+    let zero_or_more = |name: &str, v: Option<f64>| match v.is_none_or(|v| v >= 0.0 && v.is_finite()) {
+        true => Ok(()),
+        false => Err(anyhow::anyhow!("{name} {} must be 0 or more", v.unwrap_or_default())),
+    };
+    zero_or_more("--min-snr-gamma", a.min_snr_gamma)?;
+    if a.pretrain.is_some() {
+        if a.images == 0 || a.batch == 0 || a.vae_batch == 0 {
+            anyhow::bail!("--images, --batch and --vae-batch must be at least 1");
+        }
+        positive("--lr", a.lr)?;
+        for (name, s) in [("--vae-seconds", a.vae_seconds), ("--unet-seconds", a.unet_seconds)] {
+            s.map_or(Ok(()), |s| positive(name, s))?;
+        }
+        return Ok(());
+    }
+    if a.steps == 0 || a.lora_batch == 0 || a.rank == 0 {
+        anyhow::bail!("--steps, --lora-batch and --rank must be at least 1");
+    }
+    positive("--lora-lr", a.lora_lr)?;
+    zero_or_more("--text-encoder-lr", a.text_encoder_lr)?;
+    if !(a.cfg >= 1.0 && a.cfg.is_finite()) {
+        anyhow::bail!("--cfg {} must be 1 (no guidance) or more", a.cfg);
+    }
     Ok(())
 }

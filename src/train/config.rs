@@ -351,6 +351,10 @@ impl TrainConfig {
             None => serde_json::json!({}),
         };
         let flags = serde_json::to_value(args)?;
+        // serde_json writes NaN and infinities as null, which would read as "wrong type"
+        if let Some((k, _)) = flags.as_object().and_then(|f| f.iter().find(|(_, v)| v.is_null())) {
+            anyhow::bail!("--{} must be a finite number", k.replace('_', "-"));
+        }
         if let (Some(m), Some(f)) = (map.as_object_mut(), flags.as_object()) {
             for (k, v) in f {
                 m.insert(k.clone(), v.clone());
