@@ -351,6 +351,9 @@ fn cli_bad_input_gives_one_error_line() {
     run(&["--model", &sd1, "--lora", &xl_lora], &["lora_kohya_sgm.safetensors"]);
     run(&["--model", &sd1, "--lora", "/no/such.safetensors:0.5"], &["/no/such.safetensors"]);
     run(&["--model", &sd1, "--width", "18"], &["multiples of"]);
+    // 0 is not "the default" (which would quietly draw at 512 px), nor NaN a guidance
+    run(&["--model", &sd1, "--width", "0"], &["--width and --height", "leave them out"]);
+    run(&["--model", &sd1, "--cfg", "nan"], &["--cfg NaN", "give a number"]);
     // the fixture pipe itself generates fine (16 px: its VAE downsamples by 2)
     let args = base(&["--model", &sd1, "--width", "16"]);
     let (ok, _, err) = sdlora(&args.iter().map(String::as_str).collect::<Vec<_>>());

@@ -153,3 +153,18 @@ fn lora_of_another_family_is_refused_by_name() {
     assert!(err.contains("for sdxl but the model is sd1"), "{err}");
     let _ = DType::F32;
 }
+
+/// `merge --lora FILE:inf` would write a model of infinities: refused, nothing written.
+#[test]
+fn merge_refuses_a_non_finite_strength() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let arg = format!("{}:inf", fixture("sd1/lora/ours_kohya.safetensors").display());
+    let o = Command::new(env!("CARGO_BIN_EXE_sdlora"))
+        .args(["merge", "--model", p(&fixture("sd1/pipe")), "--lora", &arg, "--output", p(&out)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("strength must be a finite number"), "{err}");
+    assert!(!out.exists(), "a refused merge wrote {}", out.display());
+}

@@ -29,7 +29,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 25)]
     pub steps: usize,
     /// Classifier-free guidance scale; 1 or less disables guidance.
-    #[arg(long, default_value_t = 7.0)]
+    #[arg(long, default_value_t = 7.0, allow_negative_numbers = true)]
     pub cfg: f64,
     /// Seed of the first image; image i of the batch uses seed + i. A negative seed picks one at
     /// random. The noise is torch's CPU generator's, so a seed gives the same start as diffusers
@@ -104,6 +104,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
     if args.steps == 0 || args.batch == 0 {
         bail!("--steps and --batch must be at least 1");
+    }
+    if args.cfg.is_nan() || args.cfg.is_infinite() {
+        bail!("--cfg {}: give a number (1 or less turns guidance off)", args.cfg);
+    }
+    if args.width == Some(0) || args.height == Some(0) {
+        bail!("--width and --height are sizes in pixels: leave them out for the model's default size");
     }
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("--out {}: cannot create the folder: {e}", args.out.display()))?;

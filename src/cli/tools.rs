@@ -77,15 +77,6 @@ pub struct MergeArgs {
 }
 
 /// `path.safetensors:0.8` → (path, 0.8)
-pub fn parse_lora_arg(s: &str) -> Result<(PathBuf, f64)> {
-    if let Some((p, w)) = s.rsplit_once(':') {
-        if let Ok(w) = w.parse::<f64>() {
-            return Ok((PathBuf::from(p), w));
-        }
-    }
-    Ok((PathBuf::from(s), 1.0))
-}
-
 fn check_out(input: &std::path::Path, output: &std::path::Path) -> Result<()> {
     if input == output {
         bail!("{}: output would overwrite the input — choose another file name", output.display());
@@ -267,7 +258,7 @@ pub fn extract_cmd(a: &ExtractArgs) -> Result<()> {
 }
 
 pub fn merge(a: &MergeArgs) -> Result<()> {
-    let loras = a.loras.iter().map(|s| parse_lora_arg(s)).collect::<Result<Vec<_>>>()?;
+    let loras = a.loras.iter().map(|s| super::generate::parse_lora(s)).collect::<Result<Vec<_>>>()?;
     let mut model = read_model(&a.model, a.config.as_deref())?;
     let n = merge_loras(&mut model, &loras)?;
     if a.output.extension().is_some_and(|e| e == "safetensors") {
