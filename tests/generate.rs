@@ -354,6 +354,8 @@ fn cli_bad_input_gives_one_error_line() {
     // 0 is not "the default" (which would quietly draw at 512 px), nor NaN a guidance
     run(&["--model", &sd1, "--width", "0"], &["--width and --height", "leave them out"]);
     run(&["--model", &sd1, "--cfg", "nan"], &["--cfg NaN", "give a number"]);
+    // layers deeper than the penultimate are not implemented: refused rather than drawn with 2
+    run(&["--model", &sd1, "--clip-skip", "3"], &["--clip-skip 3", "penultimate"]);
     // the fixture pipe itself generates fine (16 px: its VAE downsamples by 2)
     let args = base(&["--model", &sd1, "--width", "16"]);
     let (ok, _, err) = sdlora(&args.iter().map(String::as_str).collect::<Vec<_>>());

@@ -108,6 +108,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if args.cfg.is_nan() || args.cfg.is_infinite() {
         bail!("--cfg {}: give a number (1 or less turns guidance off)", args.cfg);
     }
+    if !(1..=2).contains(&args.clip_skip) {
+        bail!(
+            "--clip-skip {}: 1 (the last layer) or 2 (the penultimate) — deeper skips are not supported",
+            args.clip_skip
+        );
+    }
     if args.width == Some(0) || args.height == Some(0) {
         bail!("--width and --height are sizes in pixels: leave them out for the model's default size");
     }
