@@ -99,6 +99,9 @@ fn bad_inputs_each_give_one_clear_line() {
         &["--lr", "1e30", "--steps", "20", "--max-grad-norm", "0"],
         &["diverged", "--lr"],
     );
+    let zero = ["train", "--model", &model, "--data", &data, "--output", &out, "--resolution", "0"];
+    expect_error(&zero, &["--resolution 0", "at least 8"]);
+    run_train(&f, &model, &data, &out, &["--alpha", "0"], &["--alpha 0", "positive alpha"]);
     // serde would call a NaN "null, expected f64": the flag is named instead
     run_train(&f, &model, &data, &out, &["--sample-cfg", "nan"], &["--sample-cfg must be a finite number"]);
 }

@@ -407,6 +407,17 @@ impl TrainConfig {
         if let Some(d) = &self.dtype {
             parse_dtype(d)?;
         }
+        if self.resolution.is_some_and(|r| r < 8) {
+            return bad(format!(
+                "--resolution {}: a side in pixels, at least 8 (SD1/SD2 train at 512, SDXL at 1024)",
+                self.resolution.unwrap_or_default()
+            ));
+        }
+        if let Some(a) = self.alpha.filter(|a| a.is_nan() || *a <= 0.0) {
+            return bad(format!(
+                "--alpha {a} scales every update to nothing: give a positive alpha, or leave it out for the rank"
+            ));
+        }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad("--lora-dropout is a probability in [0, 1)".into());
         }
