@@ -154,9 +154,10 @@ fn lora_of_another_family_is_refused_by_name() {
     let _ = DType::F32;
 }
 
-/// `merge --lora FILE:inf` would write a model of infinities: refused, nothing written.
+/// `merge --lora FILE:inf` would write a model of infinities, `resize --rank 0` empty matrices:
+/// refused, nothing written.
 #[test]
-fn merge_refuses_a_non_finite_strength() {
+fn merge_and_resize_refuse_degenerate_numbers() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
     let arg = format!("{}:inf", fixture("sd1/lora/ours_kohya.safetensors").display());
@@ -167,4 +168,14 @@ fn merge_refuses_a_non_finite_strength() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("strength must be a finite number"), "{err}");
     assert!(!out.exists(), "a refused merge wrote {}", out.display());
+    // a rank-0 resize would write a LoRA of empty matrices
+    let resized = tmp.path().join("r0.safetensors");
+    let lora = fixture("sd1/lora/ours_kohya.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_sdlora"))
+        .args(["resize", p(&lora), p(&resized), "--rank", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--rank 0"), "{err}");
+    assert!(!resized.exists());
 }

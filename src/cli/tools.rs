@@ -161,6 +161,9 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
 }
 
 pub fn resize_cmd(a: &ResizeArgs) -> Result<()> {
+    if a.rank == 0 {
+        bail!("--rank 0 would keep nothing of {}: give a rank of 1 or more", a.input.display());
+    }
     check_out(&a.input, &a.output)?;
     let file = read(&a.input)?;
     let (family, entries) = standard_entries(&file, &a.input.display().to_string())?;
@@ -196,6 +199,9 @@ pub fn resize_cmd(a: &ResizeArgs) -> Result<()> {
 }
 
 pub fn extract_cmd(a: &ExtractArgs) -> Result<()> {
+    if a.rank == 0 {
+        bail!("--rank 0 would extract nothing: give a rank of 1 or more");
+    }
     let base = read_model(&a.base, None)?;
     let tuned = read_model(&a.tuned, None)?;
     if base.family != tuned.family {
