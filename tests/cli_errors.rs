@@ -102,6 +102,9 @@ fn bad_inputs_each_give_one_clear_line() {
     let zero = ["train", "--model", &model, "--data", &data, "--output", &out, "--resolution", "0"];
     expect_error(&zero, &["--resolution 0", "at least 8"]);
     run_train(&f, &model, &data, &out, &["--alpha", "0"], &["--alpha 0", "positive alpha"]);
+    let toml = f.p("nan.toml");
+    std::fs::write(&toml, "lr = nan\n").unwrap();
+    expect_error(&["train", "--config", &toml], &["nan.toml", "lr must be a finite number"]);
     // serde would call a NaN "null, expected f64": the flag is named instead
     run_train(&f, &model, &data, &out, &["--sample-cfg", "nan"], &["--sample-cfg must be a finite number"]);
 }

@@ -362,6 +362,10 @@ impl TrainConfig {
         }
         let origin =
             args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "command line".into());
+        // TOML has nan and inf too
+        if let Some((k, _)) = map.as_object().and_then(|m| m.iter().find(|(_, v)| v.is_null())) {
+            anyhow::bail!("{origin}: {k} must be a finite number");
+        }
         let cfg: TrainConfig = serde_json::from_value(map).map_err(|e| {
             let msg = e.to_string();
             if msg.contains("missing field") {
