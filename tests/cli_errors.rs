@@ -182,6 +182,9 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&args, &["nothing-here", "--init"]);
     assert!(!out.exists(), "nothing written");
     expect_error(&["demo", "--concept", "hexagon"], &["--concept", "star"]);
+    expect_error(&["bench"], &["nothing to do", "--write-model"]);
+    let bench_data = tmp.path().join("bench").display().to_string();
+    expect_error(&["bench", "--write-data", &bench_data, "--images", "0"], &["--images 0"]);
     // numbers are checked before anything runs, under the demo's own flag names
     expect_error(&["demo", "--pretrain", &o, "--images", "0"], &["--images", "at least 1"]);
     expect_error(&["demo", "--pretrain", &o, "--lr", "nan"], &["--lr NaN", "positive"]);

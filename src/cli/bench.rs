@@ -28,6 +28,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.check_bf16 {
         return check_bf16();
     }
+    if a.write_model.is_none() && a.write_data.is_none() {
+        anyhow::bail!(
+            "nothing to do: give --write-model DIR and/or --write-data DIR (tools/bench/cpu_vs_peer.sh runs both)"
+        );
+    }
+    if a.write_data.is_some() && a.images == 0 {
+        anyhow::bail!("--images 0 would write an empty dataset: give 1 or more");
+    }
     if let Some(dir) = &a.write_model {
         let cfg = match a.size.as_str() {
             "tiny" => tiny::tiny_sd1(),
