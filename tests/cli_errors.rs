@@ -102,6 +102,12 @@ fn bad_inputs_each_give_one_clear_line() {
     let zero = ["train", "--model", &model, "--data", &data, "--output", &out, "--resolution", "0"];
     expect_error(&zero, &["--resolution 0", "at least 8"]);
     run_train(&f, &model, &data, &out, &["--alpha", "0"], &["--alpha 0", "positive alpha"]);
+    // a LoRA given to --resume instead of its training state: the error points at the state
+    let done = f.p("done/l.safetensors");
+    let args = f.train(&model, &data, &done, &[]);
+    assert!(sdlora(&args.iter().map(String::as_str).collect::<Vec<_>>()).0, "training the tiny model");
+    let state = f.p("done/l.state.safetensors");
+    run_train(&f, &model, &data, &out, &["--resume", &done], &["not an sdlora training state", &state]);
     let toml = f.p("nan.toml");
     std::fs::write(&toml, "lr = nan\n").unwrap();
     expect_error(&["train", "--config", &toml], &["nan.toml", "lr must be a finite number"]);

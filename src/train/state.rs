@@ -43,8 +43,15 @@ pub fn load(path: &Path, adapters: &[(String, AdapterInfo)], opt: &mut AdamW) ->
     let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
+    // a LoRA given instead of its state is the usual mistake: point at the state beside it
+    let beside = state_path(path);
+    let hint = match beside.is_file() {
+        true => format!(" — resume from {}, written beside the LoRA", beside.display()),
+        false => " — resume from the .state.safetensors file a run writes beside its LoRA".into(),
+    };
     let get = |k: &str| {
-        meta.get(k).with_context(|| format!("{}: not an sdlora training state (no `{k}`)", path.display()))
+        meta.get(k)
+            .with_context(|| format!("{}: not an sdlora training state (no `{k}`){hint}", path.display()))
     };
     if get("layout")? != &layout(adapters) {
         bail!(
