@@ -105,7 +105,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if args.steps == 0 || args.batch == 0 {
         bail!("--steps and --batch must be at least 1");
     }
-    if args.cfg.is_nan() || args.cfg.is_infinite() {
+    if !args.cfg.is_finite() {
         bail!("--cfg {}: give a number (1 or less turns guidance off)", args.cfg);
     }
     if !(1..=2).contains(&args.clip_skip) {
