@@ -42,6 +42,7 @@ fn main() -> Result<()> {
         target: "star".into(),
         learned: Some(learned(&after, &stars)),
         learned_base: Some(learned(&before, &stars)),
+        learned_of: stars.len(),
         forgetting: Some(forgetting),
     };
 

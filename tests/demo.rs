@@ -54,6 +54,8 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     );
     assert!(html.contains("<h2>Scores</h2>") && html.contains("learned"), "scores section");
     assert!(html.contains("learning &quot;checkered&quot;"), "title names the concept");
+    // 4 target samples: the interval says how little that measures
+    assert!(html.contains("of 4 samples for the new prompt") && html.contains("95 % interval"), "interval");
 }
 
 /// The demo at its defaults, as `sdlora demo` runs it (about 4 minutes on 2 cores): a guard at
@@ -215,6 +217,7 @@ fn train_scores_target_and_control_prompts() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(r.status.success(), "{err}");
     assert!(err.contains("learned: ") && err.contains("show a star"), "{err}");
+    assert!(err.contains("target samples") && err.contains("95 % interval"), "{err}");
     assert!(err.contains("forgotten: ") && err.contains("per pixel"), "{err}");
     assert!(out.exists());
     let html = std::fs::read_to_string(out.with_extension("report.html")).unwrap();

@@ -492,6 +492,18 @@ pub fn learned(samples: &[RgbImage], asked: &[Asked]) -> f64 {
     samples.iter().zip(asked).filter(|&(s, &a)| shows(s, a)).count() as f64 / samples.len() as f64
 }
 
+/// Wilson's 95 % score interval of a share `p` measured on `n` samples: with 20 samples a 45 %
+/// "learned" could as well be 26 % or 66 %, which is what tells a real change from a lucky seed.
+pub fn interval95(p: f64, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (z2, n) = (1.96f64 * 1.96, n as f64);
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = (z2 * (p * (1.0 - p) / n + z2 / (4.0 * n * n))).sqrt() / (1.0 + z2 / n);
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
 /// What training cost on prompts the LoRA was not about.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Forgetting {

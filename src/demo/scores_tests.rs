@@ -309,3 +309,17 @@ fn checks_through_the_base_vae_are_recognised() {
     eprintln!("shape and checks after the VAE: {right}/40");
     assert!(right >= 37, "{right}/40 checkered shapes recognised after the base's VAE");
 }
+
+#[test]
+fn wilson_interval_matches_the_textbook_and_narrows_with_samples() {
+    // 9 of 20: (0.258, 0.658), worked by hand from Wilson's formula
+    let (lo, hi) = interval95(0.45, 20);
+    assert!((lo - 0.2582).abs() < 1e-3 && (hi - 0.6579).abs() < 1e-3, "{lo} {hi}");
+    let (lo80, hi80) = interval95(0.45, 80);
+    assert!(lo80 > lo && hi80 < hi && lo80 < 0.45 && hi80 > 0.45, "{lo80} {hi80}");
+    // all or none still leaves room on the open side, never beyond [0, 1]
+    let (a, b) = interval95(1.0, 20);
+    assert!(a > 0.8 && a < 1.0 && (b - 1.0).abs() < 1e-9, "{a} {b}");
+    let (a, b) = interval95(0.0, 20);
+    assert!(a.abs() < 1e-9 && b > 0.0 && b < 0.2, "{a} {b}");
+}

@@ -20,6 +20,8 @@ pub struct Scores {
     /// The same share for the base model's samples of the same prompts and seeds: what
     /// "learned" starts from (≈ 0 for a concept the base never saw).
     pub learned_base: Option<f64>,
+    /// How many samples `learned` was measured on (its 95 % interval follows from it).
+    pub learned_of: usize,
     pub forgetting: Option<Forgetting>,
 }
 
@@ -107,17 +109,18 @@ impl Report {
             let target = escape(&s.target);
             h.push_str("<h2>Scores</h2>\n<section class=\"cards scores\">\n");
             if let Some(l) = s.learned {
+                let (lo, hi) = crate::demo::scores::interval95(l, s.learned_of);
                 card(
                     &mut h,
                     "Learned",
                     &format!("{:.1} %", l * 100.0),
-                    &match s.learned_base {
-                        Some(b) => format!(
-                            "of samples for the new prompt show a {target} (base: {:.1} %)",
-                            b * 100.0
-                        ),
-                        None => format!("of samples for the new prompt show a {target}"),
-                    },
+                    &format!(
+                        "of {} samples for the new prompt show a {target}{}; 95 % interval {:.0}–{:.0} %",
+                        s.learned_of,
+                        s.learned_base.map_or(String::new(), |b| format!(" (base: {:.1} %)", b * 100.0)),
+                        100.0 * lo,
+                        100.0 * hi
+                    ),
                 )?;
             }
             if let Some(f) = s.forgetting.as_ref().filter(|f| f.labelled > 0) {

@@ -22,6 +22,7 @@ fn sample_report() -> Report {
             target: "star".into(),
             learned: Some(0.875),
             learned_base: Some(0.05),
+            learned_of: 8,
             forgetting: Some(Forgetting {
                 labelled: 8,
                 accuracy_base: 0.95,
@@ -73,7 +74,7 @@ fn written_page_has_plot_grids_scores_and_numbers() {
         "4.25",
         "0.2500 → 0.2000",
         "-20.0 %",
-        "show a star (base: 5.0 %)",
+        "of 8 samples for the new prompt show a star (base: 5.0 %); 95 % interval 53–98 %",
         "Preview only",
     ] {
         assert!(html.contains(text), "{text}");

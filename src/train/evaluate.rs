@@ -88,7 +88,8 @@ pub fn evaluate(
     let (c_base, c_with) = (base_all.split_off(target.len()), with_all.split_off(target.len()));
     let (t_base, t_with) = (base_all, with_all);
     let mut grids = vec![];
-    let mut scores = Scores { target: String::new(), learned: None, learned_base: None, forgetting: None };
+    let mut scores =
+        Scores { target: String::new(), learned: None, learned_base: None, learned_of: 0, forgetting: None };
     let mut base_knows = BaseKnows::default();
     if !target.is_empty() {
         let (base, with) = (&t_base, &t_with);
@@ -99,6 +100,7 @@ pub fn evaluate(
             let asked: Vec<Asked> = wanted.iter().map(|&(_, a)| a).collect();
             scores.learned = Some(learned(&pick(with), &asked));
             scores.learned_base = Some(learned(&pick(base), &asked));
+            scores.learned_of = asked.len();
             let mut names: Vec<String> = asked.iter().map(|a| a.describe()).collect();
             names.sort_unstable();
             names.dedup();
