@@ -221,7 +221,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     );
     let (lo, hi) = crate::demo::scores::interval95(r.learned, a.samples);
     eprintln!(
-        "learned: {:.0} % of {} samples (95 % interval {:.0}–{:.0} %); the base shows the concept in {:.0} % of them",
+        "concept shown in {:.0} % of {} target samples (95 % interval {:.0}–{:.0} %); by the base in {:.0} % of them",
         100.0 * r.learned,
         a.samples,
         100.0 * lo,
