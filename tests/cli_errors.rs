@@ -86,6 +86,10 @@ fn bad_inputs_each_give_one_clear_line() {
     std::fs::write(f.p("orphan/lonely.txt"), "a caption").unwrap();
     run_train(&f, &model, &f.p("orphan"), &out, &[], &["lonely.txt", "caption without an image"]);
 
+    // a trigger word no caption has
+    let no_word = ["--dop-trigger", "zebra"];
+    run_train(&f, &model, &data, &out, &no_word, &["data: no caption has the word `zebra`", "--dop-trigger"]);
+
     // an output folder that cannot be made (a file stands in its way); a missing one is made
     let blocked = f.p("orphan/lonely.txt/x.safetensors");
     run_train(&f, &model, &data, &blocked, &[], &["x.safetensors", "cannot create its folder"]);
@@ -200,5 +204,7 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&["demo", "--out", &demo_out, "--samples", "0"], &["--samples", "at least 1"]);
     expect_error(&["demo", "--out", &demo_out, "--cfg", "-1"], &["--cfg -1", "1 (no guidance) or more"]);
     expect_error(&["demo", "--out", &demo_out, "--text-encoder-lr", "inf"], &["--text-encoder-lr inf"]);
+    expect_error(&["demo", "--out", &demo_out, "--dop-weight", "-1"], &["--dop-weight -1", "0 or more"]);
+    expect_error(&["demo", "--out", &demo_out, "--prior-loss-weight", "nan"], &["--prior-loss-weight NaN"]);
     assert!(!tmp.path().join("demo").exists(), "nothing written");
 }

@@ -348,3 +348,82 @@ fn output_preservation_pulls_reg_images_to_the_base_prediction() {
     let err = TrainConfig::resolve(&a).err().unwrap().to_string();
     assert!(err.contains("`base`: choose noise or output"), "{err}");
 }
+
+/// `--dop-trigger`: every training row trains once more with the trigger taken out of its caption,
+/// towards the base's prediction. While the LoRA is the base those rows cost nothing; once its
+/// adapters move they cost what the LoRA changed on the trigger-less caption, `--dop-weight` times.
+/// Trained with them, the LoRA changes the trigger-less prompts less than trained without.
+#[test]
+fn differential_output_preservation_keeps_prompts_without_the_trigger() {
+    use candle_core::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 3);
+    for i in 0..3 {
+        let txt = data.join(format!("img{i}.txt"));
+        let c = std::fs::read_to_string(&txt).unwrap();
+        std::fs::write(&txt, format!("{c}, sks")).unwrap();
+    }
+    let mut a = args(&model, &data, &tmp.path().join("plain.safetensors"), 40);
+    a.batch_size = Some(3);
+    a.lr = Some(1e-2);
+    let plain = TrainConfig::resolve(&a).unwrap();
+    a.dop_trigger = Some("sks".into());
+    a.output = Some(tmp.path().join("dop.safetensors"));
+    let dop = TrainConfig::resolve(&a).unwrap();
+    let dop2 = TrainConfig { dop_weight: 2.0, ..dop.clone() };
+
+    // the preservation rows' share of the training loss, for the adapters `run` holds now
+    let all = [0, 1, 2];
+    let dop_term = |run: &setup::Run, cfg: &TrainConfig| {
+        trainer::train_loss_of(run, cfg, &all, 3).unwrap()
+            - trainer::train_loss_of(run, &plain, &all, 3).unwrap()
+    };
+    let run = setup::setup(&dop, &mut |_, _, _| {}).unwrap();
+    // f32 sums over batches of 3 and 6 rows differ in the last bits
+    let base_loss = trainer::train_loss_of(&run, &plain, &all, 3).unwrap();
+    let t0 = dop_term(&run, &dop);
+    assert!(t0.abs() < 1e-5 * base_loss, "the untrained LoRA is the base: {t0} of {base_loss}");
+    for (c, info) in &run.adapters {
+        if c == "unet" {
+            let up = info.up.as_tensor();
+            info.up.set(&Tensor::randn(0f32, 0.5, up.dims(), up.device()).unwrap()).unwrap();
+        }
+    }
+    let (one, two) = (dop_term(&run, &dop), dop_term(&run, &dop2));
+    assert!(one > 1e-6, "a moved LoRA pays on the trigger-less captions: {one}");
+    assert!((two / one - 2.0).abs() < 1e-3, "--dop-weight 2 doubles it: {one} {two}");
+
+    // trained with and without preservation: what each changed on the trigger-less captions
+    let changed = |cfg: &TrainConfig| {
+        let s =
+            trainer::train(setup::setup(cfg, &mut |_, _, _| {}).unwrap(), cfg, &mut |_, _, _| {}).unwrap();
+        assert!(s.losses.iter().all(|l| l.is_finite()), "{:?}", s.losses);
+        let mut run = setup::setup(&dop, &mut |_, _, _| {}).unwrap();
+        sdlora::train::state::load(
+            &sdlora::train::state::state_path(&cfg.output),
+            &run.adapters,
+            &mut run.opt,
+        )
+        .unwrap();
+        dop_term(&run, &dop)
+    };
+    let (without, with) = (changed(&plain), changed(&dop));
+    eprintln!("change on trigger-less captions: plain {without:.6}, with preservation {with:.6}");
+    assert!(with < 0.5 * without, "preservation left {with}, plain training {without}");
+    let bytes = std::fs::read(&dop.output).unwrap();
+    let meta = safetensors::SafeTensors::read_metadata(&bytes).unwrap().1.metadata().clone().unwrap();
+    let m = &meta["sdlora_diff_output_preservation"];
+    assert!(m.contains("\"trigger\":\"sks\"") && m.contains("\"multiplier\":1.0"), "{m}");
+
+    let err = |a: &TrainArgs| TrainConfig::resolve(a).err().unwrap().to_string();
+    a.dop_weight = Some(-1.0);
+    assert!(err(&a).contains("--dop-weight -1 must be 0 or more"), "{}", err(&a));
+    a.dop_trigger = None;
+    a.dop_weight = Some(2.0);
+    assert!(err(&a).contains("need the word to preserve without: --dop-trigger"), "{}", err(&a));
+    a.dop_trigger = Some("zebra".into());
+    let e = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
+    assert!(e.contains("data: no caption has the word `zebra` of --dop-trigger"), "{e}");
+}

@@ -95,6 +95,14 @@ pub struct DemoArgs {
     /// noise, or output (the base's own prediction).
     #[arg(long, default_value = "noise", value_name = "noise|output")]
     pub prior_preservation: String,
+    /// Weight of the regularization images' loss, as `train --prior-loss-weight` [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub prior_loss_weight: Option<f64>,
+    /// Differential output preservation, as `train --dop-trigger <concept> --dop-weight W`: each
+    /// training image also trains with the concept's word taken out of its caption, towards the
+    /// base's own prediction; 0 turns it off [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub dop_weight: Option<f64>,
     /// Classifier-free guidance of every image the demo draws (regularization images, target and
     /// control samples).
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
@@ -185,6 +193,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         exclude_layers: (a.exclude_layers != "none").then(|| a.exclude_layers.clone()),
         reg: a.reg,
         prior_preservation: a.prior_preservation.clone(),
+        prior_loss_weight: a.prior_loss_weight.unwrap_or(d.prior_loss_weight),
+        dop_weight: a.dop_weight.map_or(d.dop_weight, |w| (w > 0.0).then_some(w)),
         sampling: crate::train::evaluate::Sampling { cfg: a.cfg, ..d.sampling },
         min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
@@ -265,6 +275,8 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
     }
     positive("--lora-lr", a.lora_lr)?;
     zero_or_more("--text-encoder-lr", a.text_encoder_lr)?;
+    zero_or_more("--prior-loss-weight", a.prior_loss_weight)?;
+    zero_or_more("--dop-weight", a.dop_weight)?;
     if !(a.cfg >= 1.0 && a.cfg.is_finite()) {
         anyhow::bail!("--cfg {} must be 1 (no guidance) or more", a.cfg);
     }

@@ -40,6 +40,10 @@ pub struct DemoOptions {
     /// What the regularization images pull towards (`train --prior-preservation`): "noise" or
     /// "output" (the base's own prediction).
     pub prior_preservation: String,
+    /// Weight of the regularization images' loss (`train --prior-loss-weight`).
+    pub prior_loss_weight: f64,
+    /// Differential output preservation's weight (`train --dop-trigger <concept's word>`); None: off.
+    pub dop_weight: Option<f64>,
     /// min-SNR-γ weighting of the LoRA's loss (`train --min-snr-gamma`).
     pub min_snr_gamma: Option<f64>,
     /// Also train the text encoder's LoRA at this rate (`train --text-encoder-lr`).
@@ -66,6 +70,8 @@ impl DemoOptions {
             sampling: Sampling { steps: 20, cfg: 5.0 },
             reg: 20,
             prior_preservation: "noise".into(),
+            prior_loss_weight: 1.0,
+            dop_weight: None,
             // off, seeds 1–5 learned 38 % / forgot 9 points on average, against 43 % / 12 at 5
             min_snr_gamma: Some(5.0),
             text_encoder_lr: Some(2e-3),
@@ -159,6 +165,9 @@ pub fn run(
         flip: Some(true),
         reg_data: (o.reg > 0).then(|| reg_dir.clone()),
         prior_preservation: (o.reg > 0).then(|| o.prior_preservation.clone()),
+        prior_loss_weight: (o.reg > 0).then_some(o.prior_loss_weight),
+        dop_trigger: o.dop_weight.map(|_| o.concept.name().to_string()),
+        dop_weight: o.dop_weight,
         min_snr_gamma: o.min_snr_gamma,
         text_encoder_lr: o.text_encoder_lr,
         sample_prompts: Some(during),
@@ -225,13 +234,16 @@ pub fn run(
     let snr = o.min_snr_gamma.map_or("off".into(), |g| g.to_string());
     report.settings.push(("min-SNR-γ".into(), snr));
     report.settings.push((
-        "regularization images (prior loss weight 1, loss against)".into(),
+        "regularization images (prior loss weight, loss against)".into(),
         format!(
-            "{}, {}",
+            "{}, {}, {}",
             o.reg,
+            o.prior_loss_weight,
             if o.prior_preservation == "output" { "the base's prediction" } else { "the noise" }
         ),
     ));
+    let dop = o.dop_weight.map_or("off".into(), |w| format!("without \"{}\", weight {w}", o.concept.name()));
+    report.settings.push(("differential output preservation".into(), dop));
     report.settings.push((
         "samples".into(),
         format!(

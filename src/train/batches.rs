@@ -106,9 +106,53 @@ pub fn augment_caption(
     tags.join(", ")
 }
 
+/// `caption` with each whole-word `trigger` replaced by `class` (differential output
+/// preservation), or None when the trigger is not in it. Tags left empty ("…, , …") are dropped,
+/// so taking a trailing tag out leaves no dangling comma for the text encoder to read.
+pub fn replace_trigger(caption: &str, trigger: &str, class: &str) -> Option<String> {
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    let (mut out, mut last, mut found) = (String::new(), 0, false);
+    for (at, m) in caption.match_indices(trigger.trim()) {
+        let end = at + m.len();
+        let alone = !caption[..at].chars().next_back().is_some_and(word)
+            && !caption[end..].chars().next().is_some_and(word);
+        if alone && at >= last {
+            out.push_str(&caption[last..at]);
+            out.push_str(class);
+            last = end;
+            found = true;
+        }
+    }
+    out.push_str(&caption[last..]);
+    if !found {
+        return None;
+    }
+    let tags: Vec<String> = out
+        .split(',')
+        .map(|t| t.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|t| !t.is_empty())
+        .collect();
+    Some(tags.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trigger_is_replaced_as_a_whole_word_and_empty_tags_go() {
+        let r = |c, t, k| replace_trigger(c, t, k);
+        assert_eq!(
+            r("a red ring on a blue background, checkered", "checkered", ""),
+            Some("a red ring on a blue background".into())
+        );
+        assert_eq!(r("photo of sks dog, grass", "sks dog", "dog"), Some("photo of dog, grass".into()));
+        assert_eq!(r("sks, sks dog", "sks", "a"), Some("a, a dog".into()));
+        // inside other words it is left alone
+        assert_eq!(r("a catalog of cats", "cat", "dog"), None);
+        assert_eq!(r("cat, catalog", "cat", ""), Some("catalog".into()));
+        assert_eq!(r("", "cat", "dog"), None);
+    }
 
     #[test]
     fn tag_shuffle_keeps_leading_tags_and_all_tags() {

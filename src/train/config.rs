@@ -138,6 +138,25 @@ pub struct TrainArgs {
     #[arg(long, value_name = "noise|output")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prior_preservation: Option<String>,
+    /// Differential output preservation (ai-toolkit's diff_output_preservation): each training
+    /// image whose caption has this word trains twice per step, once as captioned and once with
+    /// the word replaced by --dop-class and the base model's own prediction (LoRA off, same noisy
+    /// latent) as target. The LoRA learns that the word brings the new concept, not the rest of
+    /// the caption: prompts without it keep drawing what the base drew. Costs one more forward
+    /// and backward per training image and one base forward.
+    #[arg(long, value_name = "WORD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dop_trigger: Option<String>,
+    /// What --dop-trigger becomes in the preservation captions, e.g. the class ("dog" for "sks
+    /// dog") [default: nothing: the word is taken out].
+    #[arg(long, value_name = "WORDS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dop_class: Option<String>,
+    /// Weight of a preservation row against a training row (ai-toolkit's
+    /// diff_output_preservation_multiplier) [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dop_weight: Option<f64>,
     /// Probability of training a step on the empty caption [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -295,6 +314,12 @@ pub struct TrainConfig {
     pub prior_loss_weight: f64,
     #[serde(default = "d_preservation")]
     pub prior_preservation: String,
+    #[serde(default)]
+    pub dop_trigger: Option<String>,
+    #[serde(default)]
+    pub dop_class: String,
+    #[serde(default = "d_prior")]
+    pub dop_weight: f64,
 }
 
 fn d_steps() -> usize {
@@ -441,6 +466,22 @@ impl TrainConfig {
             return bad(
                 "--prior-preservation acts on regularization images: give them with --reg-data".into()
             );
+        }
+        match &self.dop_trigger {
+            Some(w) if w.trim().is_empty() || w.contains(',') => {
+                return bad(format!(
+                    "--dop-trigger `{w}`: give the word (or words) of your captions that names the new concept"
+                ));
+            }
+            None if !self.dop_class.is_empty() || self.dop_weight != d_prior() => {
+                return bad(
+                    "--dop-class and --dop-weight need the word to preserve without: --dop-trigger".into()
+                );
+            }
+            _ => {}
+        }
+        if !(self.dop_weight >= 0.0 && self.dop_weight.is_finite()) {
+            return bad(format!("--dop-weight {} must be 0 or more", self.dop_weight));
         }
         if !(self.sample_cfg >= 1.0 && self.sample_cfg.is_finite()) {
             return bad(format!("--sample-cfg {} must be 1 (no guidance) or more", self.sample_cfg));

@@ -62,6 +62,11 @@ pub fn kohya_metadata(
     put("ss_num_train_images", num_images.to_string());
     put("ss_num_reg_images", num_reg_images.to_string());
     put("ss_prior_loss_weight", cfg.prior_loss_weight.to_string());
+    if let Some(w) = &cfg.dop_trigger {
+        // no kohya key for it: ai-toolkit's option names, so a reader can tell how it was made
+        let dop = serde_json::json!({"trigger": w, "class": cfg.dop_class, "multiplier": cfg.dop_weight});
+        put("sdlora_diff_output_preservation", dop.to_string());
+    }
     put("ss_seed", cfg.seed.to_string());
     put("ss_min_snr_gamma", cfg.min_snr_gamma.map(|g| g.to_string()).unwrap_or_else(|| "None".into()));
     put("ss_noise_offset", cfg.noise_offset.to_string());

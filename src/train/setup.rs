@@ -102,6 +102,15 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         );
     }
     let mut items = scan(&cfg.data, cfg.caption.as_deref(), "--data")?;
+    if let Some(w) = &cfg.dop_trigger {
+        if !items.iter().any(|i| crate::train::batches::replace_trigger(&i.caption, w, "").is_some()) {
+            anyhow::bail!(
+                "{}: no caption has the word `{w}` of --dop-trigger, so nothing would be preserved — \
+                 put it in the captions (or --caption) or give the word they use",
+                cfg.data.display()
+            );
+        }
+    }
     if let Some(dir) = &cfg.reg_data {
         let reg = scan(dir, None, "--reg-data")?;
         items.extend(balance_reg(&items, reg));

@@ -1,6 +1,6 @@
 //! The training loop. One step: draw a batch, noise its latents at random timesteps, predict
 //! the noise, backward through the frozen U-Net into the adapters, AdamW.
-use super::batches::{augment_caption, randn, rng_for, BatchOrder};
+use super::batches::{augment_caption, randn, replace_trigger, rng_for, BatchOrder};
 use super::config::{parse_dtype, TrainConfig};
 use super::optim::{clip_grad_norm, lr_at};
 use super::setup::Run;
@@ -62,7 +62,7 @@ fn micro_step(
     let x0 = Tensor::stack(&latents, 0)?.to_device(dev)?;
     let preserve =
         |s: &&crate::data::prepare::Sample| cfg.prior_preservation == "output" && run.items[s.item].reg;
-    let captions: Vec<String> = samples
+    let mut captions: Vec<String> = samples
         .iter()
         .map(|s| {
             // guidance weighs the unconditional prediction (cfg − 1)×: output preservation keeps
@@ -89,8 +89,28 @@ fn micro_step(
         .collect();
     let time_ids = Tensor::from_vec(ids, (idx.len(), 6), dev)?;
     let timestep = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), t.len(), dev)?;
-    let mut target = sched.target(&x0, &noise, &t)?;
-    let preserved: Vec<usize> = (0..idx.len()).filter(|&i| preserve(&samples[i])).collect();
+    let target = sched.target(&x0, &noise, &t)?;
+    // differential output preservation: training rows once more, the trigger taken out of their
+    // captions, the base's prediction their target (rows n.. of the batch; not while evaluating)
+    let n = idx.len();
+    let dop: Vec<(usize, String)> = match &cfg.dop_trigger {
+        Some(w) if scale != 0.0 => (0..n)
+            .filter(|&i| !run.items[samples[i].item].reg)
+            .filter_map(|i| replace_trigger(&captions[i], w, &cfg.dop_class).map(|c| (i, c)))
+            .collect(),
+        _ => vec![],
+    };
+    // the drawn sample behind each row
+    let of: Vec<usize> = (0..n).chain(dop.iter().map(|d| d.0)).collect();
+    let (xt, timestep, time_ids, mut target) = if dop.is_empty() {
+        (xt, timestep, time_ids, target)
+    } else {
+        let ix = Tensor::from_vec(of.iter().map(|&i| i as u32).collect::<Vec<_>>(), of.len(), dev)?;
+        let pick = |x: &Tensor| x.index_select(&ix, 0);
+        (pick(&xt)?, pick(&timestep)?, pick(&time_ids)?, pick(&target)?)
+    };
+    captions.extend(dop.into_iter().map(|d| d.1));
+    let preserved: Vec<usize> = (0..of.len()).filter(|&r| r >= n || preserve(&samples[r])).collect();
     if !preserved.is_empty() {
         let rows = BaseRows { rows: &preserved, xt: &xt, timestep: &timestep, time_ids: &time_ids };
         target = rows.predict_into(run, &captions, text, &target)?;
@@ -107,24 +127,29 @@ fn micro_step(
     let (pred, saved) = unet.forward_train(&unet_input(&xt, &timestep, &cond, &time_ids))?;
     // per-sample MSE, min-SNR weighted, averaged over the batch
     let diff = (pred.to_dtype(DType::F32)? - &target)?;
-    let n_el = diff.elem_count() / idx.len();
-    // min-SNR-γ, times --prior-loss-weight for regularization images (kohya's loss_weights)
-    let w: Vec<f32> = t
+    let n_el = diff.elem_count() / of.len();
+    // min-SNR-γ, times --prior-loss-weight for regularization images (kohya's loss_weights) and
+    // --dop-weight for preservation rows; the sum over rows is divided by the drawn samples
+    let w: Vec<f32> = of
         .iter()
-        .zip(&samples)
-        .map(|(&ti, s)| {
-            let snr = cfg.min_snr_gamma.map(|gm| sched.min_snr_weight(ti, gm)).unwrap_or(1.0);
-            let prior = if run.items[s.item].reg { cfg.prior_loss_weight } else { 1.0 };
+        .enumerate()
+        .map(|(r, &i)| {
+            let snr = cfg.min_snr_gamma.map(|gm| sched.min_snr_weight(t[i], gm)).unwrap_or(1.0);
+            let prior = match (r >= n, run.items[samples[i].item].reg) {
+                (true, _) => cfg.dop_weight,
+                (false, true) => cfg.prior_loss_weight,
+                (false, false) => 1.0,
+            };
             (snr * prior) as f32
         })
         .collect();
-    let w = Tensor::from_vec(w, (idx.len(), 1, 1, 1), dev)?;
+    let w = Tensor::from_vec(w, (of.len(), 1, 1, 1), dev)?;
     let per = diff.sqr()?.mean((1, 2, 3))?;
-    let loss = (per * w.flatten_all()?)?.mean_all()?.to_scalar::<f32>()? as f64;
+    let loss = (per * w.flatten_all()?)?.sum_all()?.to_scalar::<f32>()? as f64 / n as f64;
     if scale == 0.0 {
         return Ok(loss); // evaluation: no backward
     }
-    let dpred = (diff.broadcast_mul(&w)? * (2.0 * scale * loss_scale(run) / (n_el * idx.len()) as f64))?;
+    let dpred = (diff.broadcast_mul(&w)? * (2.0 * scale * loss_scale(run) / (n_el * n) as f64))?;
     let d = unet.backward(saved, &dpred.to_dtype(pred.dtype())?, g)?;
     if let Some(s) = te_saved {
         run.prompts.backward_train(encoders, s, &d.encoder_hidden_states, d.text_embeds.as_ref(), g)?;
@@ -282,6 +307,12 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
 /// gradients discarded.
 pub fn loss_of(run: &Run, cfg: &TrainConfig, samples: &[usize], k: u64) -> Result<f64> {
     micro_step(run, cfg, samples, k, &mut HashMap::new(), &mut AdapterGrads::default(), 0.0)
+}
+
+/// The training loss of `samples` at micro-step `k`, preservation rows (`--dop-trigger`)
+/// included, gradients computed and discarded.
+pub fn train_loss_of(run: &Run, cfg: &TrainConfig, samples: &[usize], k: u64) -> Result<f64> {
+    micro_step(run, cfg, samples, k, &mut HashMap::new(), &mut AdapterGrads::default(), 1.0)
 }
 
 pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64, f64)) -> Result<Summary> {
