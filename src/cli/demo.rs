@@ -103,6 +103,10 @@ pub struct DemoArgs {
     /// base's own prediction; 0 turns it off [default: 0].
     #[arg(long, allow_negative_numbers = true)]
     pub dop_weight: Option<f64>,
+    /// What the concept's word becomes in those captions, as `train --dop-class`: `|`-separated
+    /// alternatives, e.g. "|striped|dotted" (nothing, or a texture the base knows) [default: ""].
+    #[arg(long, default_value = "")]
+    pub dop_class: String,
     /// Classifier-free guidance of every image the demo draws (regularization images, target and
     /// control samples).
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
@@ -195,6 +199,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         prior_preservation: a.prior_preservation.clone(),
         prior_loss_weight: a.prior_loss_weight.unwrap_or(d.prior_loss_weight),
         dop_weight: a.dop_weight.map_or(d.dop_weight, |w| (w > 0.0).then_some(w)),
+        dop_class: a.dop_class.clone(),
         sampling: crate::train::evaluate::Sampling { cfg: a.cfg, ..d.sampling },
         min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),

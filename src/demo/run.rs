@@ -44,6 +44,8 @@ pub struct DemoOptions {
     pub prior_loss_weight: f64,
     /// Differential output preservation's weight (`train --dop-trigger <concept's word>`); None: off.
     pub dop_weight: Option<f64>,
+    /// What the word becomes there (`train --dop-class`).
+    pub dop_class: String,
     /// min-SNR-γ weighting of the LoRA's loss (`train --min-snr-gamma`).
     pub min_snr_gamma: Option<f64>,
     /// Also train the text encoder's LoRA at this rate (`train --text-encoder-lr`).
@@ -72,6 +74,7 @@ impl DemoOptions {
             prior_preservation: "noise".into(),
             prior_loss_weight: 1.0,
             dop_weight: None,
+            dop_class: String::new(),
             // off, seeds 1–5 learned 38 % / forgot 9 points on average, against 43 % / 12 at 5
             min_snr_gamma: Some(5.0),
             text_encoder_lr: Some(2e-3),
@@ -168,6 +171,7 @@ pub fn run(
         prior_loss_weight: (o.reg > 0).then_some(o.prior_loss_weight),
         dop_trigger: o.dop_weight.map(|_| o.concept.name().to_string()),
         dop_weight: o.dop_weight,
+        dop_class: o.dop_weight.map(|_| o.dop_class.clone()),
         min_snr_gamma: o.min_snr_gamma,
         text_encoder_lr: o.text_encoder_lr,
         sample_prompts: Some(during),
@@ -242,7 +246,9 @@ pub fn run(
             if o.prior_preservation == "output" { "the base's prediction" } else { "the noise" }
         ),
     ));
-    let dop = o.dop_weight.map_or("off".into(), |w| format!("without \"{}\", weight {w}", o.concept.name()));
+    let dop = o
+        .dop_weight
+        .map_or("off".into(), |w| format!("\"{}\" → \"{}\", weight {w}", o.concept.name(), o.dop_class));
     report.settings.push(("differential output preservation".into(), dop));
     report.settings.push((
         "samples".into(),

@@ -135,6 +135,17 @@ pub fn replace_trigger(caption: &str, trigger: &str, class: &str) -> Option<Stri
     Some(tags.join(", "))
 }
 
+/// The preservation caption of `caption` (`--dop-trigger`): the trigger replaced by one of the
+/// `|`-separated alternatives of `classes`, drawn from `rng` when there are several.
+pub fn dop_caption(caption: &str, trigger: &str, classes: &str, rng: &mut impl Rng) -> Option<String> {
+    let alternatives: Vec<&str> = classes.split('|').collect();
+    let class = match alternatives.len() {
+        1 => alternatives[0],
+        k => alternatives[rng.random_range(0..k)],
+    };
+    replace_trigger(caption, trigger, class)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +163,13 @@ mod tests {
         assert_eq!(r("a catalog of cats", "cat", "dog"), None);
         assert_eq!(r("cat, catalog", "cat", ""), Some("catalog".into()));
         assert_eq!(r("", "cat", "dog"), None);
+        let mut rng = rng_for(1, "t", 0);
+        let c = "a red ring, checkered";
+        let drawn: std::collections::BTreeSet<String> =
+            (0..50).filter_map(|_| dop_caption(c, "checkered", "|striped|dotted", &mut rng)).collect();
+        let want = ["a red ring", "a red ring, dotted", "a red ring, striped"];
+        assert_eq!(drawn.iter().map(String::as_str).collect::<Vec<_>>(), want);
+        assert_eq!(dop_caption(c, "checkered", "dotted", &mut rng).as_deref(), Some(want[1]));
     }
 
     #[test]

@@ -148,7 +148,8 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dop_trigger: Option<String>,
     /// What --dop-trigger becomes in the preservation captions, e.g. the class ("dog" for "sks
-    /// dog") [default: nothing: the word is taken out].
+    /// dog"); alternatives separated by `|` are drawn at random per image ("dog|puppy|"; an empty
+    /// one takes the word out) [default: nothing: the word is taken out].
     #[arg(long, value_name = "WORDS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dop_class: Option<String>,

@@ -1,6 +1,6 @@
 //! The training loop. One step: draw a batch, noise its latents at random timesteps, predict
 //! the noise, backward through the frozen U-Net into the adapters, AdamW.
-use super::batches::{augment_caption, randn, replace_trigger, rng_for, BatchOrder};
+use super::batches::{augment_caption, dop_caption, randn, rng_for, BatchOrder};
 use super::config::{parse_dtype, TrainConfig};
 use super::optim::{clip_grad_norm, lr_at};
 use super::setup::Run;
@@ -96,7 +96,7 @@ fn micro_step(
     let dop: Vec<(usize, String)> = match &cfg.dop_trigger {
         Some(w) if scale != 0.0 => (0..n)
             .filter(|&i| !run.items[samples[i].item].reg)
-            .filter_map(|i| replace_trigger(&captions[i], w, &cfg.dop_class).map(|c| (i, c)))
+            .filter_map(|i| dop_caption(&captions[i], w, &cfg.dop_class, &mut rng).map(|c| (i, c)))
             .collect(),
         _ => vec![],
     };
