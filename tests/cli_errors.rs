@@ -206,5 +206,7 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&["demo", "--out", &demo_out, "--text-encoder-lr", "inf"], &["--text-encoder-lr inf"]);
     expect_error(&["demo", "--out", &demo_out, "--dop-weight", "-1"], &["--dop-weight -1", "0 or more"]);
     expect_error(&["demo", "--out", &demo_out, "--prior-loss-weight", "nan"], &["--prior-loss-weight NaN"]);
+    expect_error(&["demo", "--out", &demo_out, "--reg", "0", "--prior-loss-weight", "2"], &["--reg above 0"]);
+    expect_error(&["demo", "--out", &demo_out, "--dop-class", "striped"], &["--dop-class", "weight above 0"]);
     assert!(!tmp.path().join("demo").exists(), "nothing written");
 }

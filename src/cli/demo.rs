@@ -282,6 +282,16 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
     zero_or_more("--text-encoder-lr", a.text_encoder_lr)?;
     zero_or_more("--prior-loss-weight", a.prior_loss_weight)?;
     zero_or_more("--dop-weight", a.dop_weight)?;
+    if a.reg == 0 && a.prior_loss_weight.is_some() {
+        anyhow::bail!(
+            "--prior-loss-weight weighs the regularization images: drop it, or leave --reg above 0"
+        );
+    }
+    if !a.dop_class.is_empty() && a.dop_weight.is_none_or(|w| w == 0.0) {
+        anyhow::bail!(
+            "--dop-class is what the concept's word becomes with --dop-weight: give a weight above 0"
+        );
+    }
     if !(a.cfg >= 1.0 && a.cfg.is_finite()) {
         anyhow::bail!("--cfg {} must be 1 (no guidance) or more", a.cfg);
     }
