@@ -90,6 +90,17 @@ fn bad_inputs_each_give_one_clear_line() {
     let no_word = ["--dop-trigger", "zebra"];
     run_train(&f, &model, &data, &out, &no_word, &["data: no caption has the word `zebra`", "--dop-trigger"]);
 
+    // a timestep range past the scheduler's
+    let late = ["--max-timestep", "1200"];
+    run_train(
+        &f,
+        &model,
+        &data,
+        &out,
+        &late,
+        &["--max-timestep 1200", "its scheduler has 1000 training timesteps"],
+    );
+
     // an output folder that cannot be made (a file stands in its way); a missing one is made
     let blocked = f.p("orphan/lonely.txt/x.safetensors");
     run_train(&f, &model, &data, &blocked, &[], &["x.safetensors", "cannot create its folder"]);
@@ -208,5 +219,6 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&["demo", "--out", &demo_out, "--prior-loss-weight", "nan"], &["--prior-loss-weight NaN"]);
     expect_error(&["demo", "--out", &demo_out, "--reg", "0", "--prior-loss-weight", "2"], &["--reg above 0"]);
     expect_error(&["demo", "--out", &demo_out, "--dop-class", "striped"], &["--dop-class", "weight above 0"]);
+    expect_error(&["demo", "--out", &demo_out, "--max-timestep", "0"], &["--max-timestep 0", "1 to 1000"]);
     assert!(!tmp.path().join("demo").exists(), "nothing written");
 }

@@ -12,6 +12,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         controls: 4,
         sampling: sdlora::train::evaluate::Sampling { steps: 10, cfg: 5.0 },
         reg: 3,
+        max_timestep: Some(500),
         ..DemoOptions::new(tmp.path().join("demo"))
     };
     let r = run(&o, None, &mut |_, _, _| {}).unwrap();
@@ -54,6 +55,11 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     );
     assert!(html.contains("<h2>Scores</h2>") && html.contains("learned"), "scores section");
     assert!(html.contains("learning &quot;checkered&quot;"), "title names the concept");
+    // --max-timestep reaches `train`: the report and the LoRA's metadata say so
+    assert!(html.contains("timesteps trained") && html.contains("0–499"), "timestep range");
+    let bytes = std::fs::read(o.out.join("demo_lora.safetensors")).unwrap();
+    let meta = safetensors::SafeTensors::read_metadata(&bytes).unwrap().1.metadata().clone().unwrap();
+    assert!(meta["sdlora_timestep_range"].contains("\"max_timestep\":500"), "{meta:?}");
     // 4 target samples: the interval says how little that measures
     assert!(html.contains("of 4 samples for the new prompt") && html.contains("95 % interval"), "interval");
 }

@@ -362,6 +362,20 @@ fn cli_bad_input_gives_one_error_line() {
     assert!(ok, "{err}");
 }
 
+/// Without --width/--height a model draws at its own size, as diffusers' pipelines take it:
+/// the U-Net's sample_size (8 latents) × the VAE's scale (2): 16 px, not SD1's 512.
+#[test]
+fn cli_draws_at_the_models_own_size_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::data::tiny_model(&model);
+    let (m, o) = (model.display().to_string(), tmp.path().join("out").display().to_string());
+    let (ok, _, err) = sdlora(&["generate", "--model", &m, "--prompt", "x", "--steps", "1", "--out", &o]);
+    assert!(ok, "{err}");
+    let img = image::open(tmp.path().join("out/00000-42.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 16));
+}
+
 #[test]
 fn cli_single_file_checkpoint_is_hashed_like_a1111() {
     use sha2::Digest;

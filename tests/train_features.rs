@@ -427,3 +427,43 @@ fn differential_output_preservation_keeps_prompts_without_the_trigger() {
     let e = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
     assert!(e.contains("data: no caption has the word `zebra` of --dop-trigger"), "{e}");
 }
+
+#[test]
+fn timestep_range_limits_what_training_draws() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 3);
+    let mut a = args(&model, &data, &tmp.path().join("low.safetensors"), 2);
+    a.min_snr_gamma = Some(5.0);
+    a.max_timestep = Some(10);
+    let low = TrainConfig::resolve(&a).unwrap();
+    a.max_timestep = None;
+    a.min_timestep = Some(990);
+    let high = TrainConfig::resolve(&a).unwrap();
+    let full = TrainConfig { min_timestep: 0, ..high.clone() };
+    let run = setup::setup(&low, &mut |_, _, _| {}).unwrap();
+    let mean = |cfg: &TrainConfig| {
+        (0..6).map(|k| trainer::loss_of(&run, cfg, &[0, 1, 2], k).unwrap()).sum::<f64>() / 6.0
+    };
+    // min-SNR-5 weighs the ε-loss by min(SNR, 5)/SNR: under 0.05 below t = 10, 1 from t = 990 on
+    let (l, h, f) = (mean(&low), mean(&full), mean(&high));
+    eprintln!("weighted loss: t < 10 {l:.5}, any t {f:.5}, t ≥ 990 {h:.5}");
+    assert!(l.is_finite() && h.is_finite() && f.is_finite());
+    assert!(l < 0.2 * h && l < 0.2 * f, "t < 10: {l}, any t: {f}, t ≥ 990: {h}");
+
+    let s = trainer::train(run, &low, &mut |_, _, _| {}).unwrap();
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+    let bytes = std::fs::read(&low.output).unwrap();
+    let meta = safetensors::SafeTensors::read_metadata(&bytes).unwrap().1.metadata().clone().unwrap();
+    let m = &meta["sdlora_timestep_range"];
+    assert!(m.contains("\"min_timestep\":0") && m.contains("\"max_timestep\":10"), "{m}");
+
+    a.max_timestep = Some(990);
+    let e = TrainConfig::resolve(&a).err().unwrap().to_string();
+    assert!(e.contains("--min-timestep 990 and --max-timestep 990 leave no timestep"), "{e}");
+    a.min_timestep = None;
+    a.max_timestep = Some(1001);
+    let e = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
+    assert!(e.contains("its scheduler has 1000 training timesteps"), "{e}");
+}

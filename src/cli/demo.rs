@@ -59,8 +59,9 @@ pub struct DemoArgs {
     /// and latent scale are kept, so the U-Net's latents stay valid (--unet-steps 0 keeps it).
     #[arg(long)]
     pub decoder_only: bool,
-    /// What the LoRA learns: "checkered" (a texture) or a shape (star, …). With --pretrain, a shape
-    /// named here is left out of pretraining [default: star]; the world never draws checks.
+    /// What the LoRA learns: "checkered" (a texture) or a shape (star, …) [default: checkered].
+    /// With --pretrain: the shape left out of pretraining [default there: star]; pretraining never
+    /// draws checks.
     #[arg(long)]
     pub concept: Option<String>,
     #[arg(long, default_value_t = 1)]
@@ -104,9 +105,14 @@ pub struct DemoArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub dop_weight: Option<f64>,
     /// What the concept's word becomes in those captions, as `train --dop-class`: `|`-separated
-    /// alternatives, e.g. "|striped|dotted" (nothing, or a texture the base knows) [default: ""].
+    /// alternatives, e.g. "|striped|dotted" (nothing, or a texture the base knows); empty: the
+    /// word is taken out.
     #[arg(long, default_value = "")]
     pub dop_class: String,
+    /// Train the LoRA only on timesteps below this, as `train --max-timestep` (of 1000): the
+    /// checks are drawn at low noise, the layout at high.
+    #[arg(long, default_value_t = 1000)]
+    pub max_timestep: usize,
     /// Classifier-free guidance of every image the demo draws (regularization images, target and
     /// control samples).
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
@@ -200,6 +206,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         prior_loss_weight: a.prior_loss_weight.unwrap_or(d.prior_loss_weight),
         dop_weight: a.dop_weight.map_or(d.dop_weight, |w| (w > 0.0).then_some(w)),
         dop_class: a.dop_class.clone(),
+        max_timestep: (a.max_timestep != 1000).then_some(a.max_timestep),
         sampling: crate::train::evaluate::Sampling { cfg: a.cfg, ..d.sampling },
         min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
@@ -291,6 +298,9 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
         anyhow::bail!(
             "--dop-class is what the concept's word becomes with --dop-weight: give a weight above 0"
         );
+    }
+    if !(1..=1000).contains(&a.max_timestep) {
+        anyhow::bail!("--max-timestep {} must be 1 to 1000 (the base's training timesteps)", a.max_timestep);
     }
     if !(a.cfg >= 1.0 && a.cfg.is_finite()) {
         anyhow::bail!("--cfg {} must be 1 (no guidance) or more", a.cfg);

@@ -36,8 +36,9 @@ pub struct GenerateArgs {
     /// with `torch.Generator().manual_seed(seed)`.
     #[arg(long, default_value_t = 42, allow_negative_numbers = true)]
     pub seed: i64,
-    /// Image width in pixels [default: 512 for SD1, 768 for SD2 v-prediction models (else 512),
-    /// 1024 for SDXL].
+    /// Image width in pixels [default: the model's own size, as diffusers takes it: the U-Net
+    /// config's sample_size × the VAE's scale (512 for SD1, 768 for SD2-768, 1024 for SDXL);
+    /// without a config, 512, 768 for SD2 v-prediction models, 1024 for SDXL].
     #[arg(long)]
     pub width: Option<usize>,
     /// Image height in pixels [default: as the width's].

@@ -39,7 +39,7 @@ pub enum Command {
     Extract(tools::ExtractArgs),
     /// The whole product on an embedded tiny world: learn a new concept, measure what was
     /// learned and what was forgotten, write report.html.
-    Demo(demo::DemoArgs),
+    Demo(Box<demo::DemoArgs>),
     /// Benchmark inputs: random-weight models of the real architectures, a procedural dataset.
     Bench(bench::BenchArgs),
     /// Generate images from a prompt, optionally with LoRAs.

@@ -47,6 +47,11 @@ impl Default for GenerateOptions {
 
 /// 512 for SD1, 768 for SD2 v-prediction models (512 for SD2 base), 1024 for SDXL.
 pub fn default_size(sd: &StableDiffusion) -> usize {
+    // diffusers' pipelines: unet.config.sample_size × vae_scale_factor, where the config says it
+    let (unet, vae) = (sd.unet.as_ref(), sd.vae.as_ref());
+    if let (Some(s), Some(v)) = (unet.and_then(|u| u.config.sample_size), vae) {
+        return s * vae_scale_factor(v);
+    }
     match sd.family {
         Family::Sd1 => 512,
         Family::Sd2 if sd.scheduler.prediction_type == "v_prediction" => 768,

@@ -186,6 +186,16 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub noise_offset: Option<f64>,
+    /// Train only on timesteps t ≥ this (kohya's min_timestep): t is drawn uniformly from
+    /// [min, max). High t decide layout and shape, low t texture and detail [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_timestep: Option<usize>,
+    /// Train only on timesteps t < this (kohya's max_timestep) [default: the scheduler's
+    /// num_train_timesteps, 1000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_timestep: Option<usize>,
     /// Clip the gradient's global norm to this (0: off) [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -291,6 +301,10 @@ pub struct TrainConfig {
     pub min_snr_gamma: Option<f64>,
     #[serde(default)]
     pub noise_offset: f64,
+    #[serde(default)]
+    pub min_timestep: usize,
+    #[serde(default)]
+    pub max_timestep: Option<usize>,
     #[serde(default = "d_clip")]
     pub max_grad_norm: f64,
     #[serde(default)]
@@ -484,6 +498,13 @@ impl TrainConfig {
         if !(self.dop_weight >= 0.0 && self.dop_weight.is_finite()) {
             return bad(format!("--dop-weight {} must be 0 or more", self.dop_weight));
         }
+        if self.max_timestep.is_some_and(|m| m <= self.min_timestep) {
+            return bad(format!(
+                "--min-timestep {} and --max-timestep {} leave no timestep to train on: t is drawn from [min, max)",
+                self.min_timestep,
+                self.max_timestep.unwrap_or_default()
+            ));
+        }
         if !(self.sample_cfg >= 1.0 && self.sample_cfg.is_finite()) {
             return bad(format!("--sample-cfg {} must be 1 (no guidance) or more", self.sample_cfg));
         }
@@ -496,6 +517,19 @@ impl TrainConfig {
     /// How training draws its sample grids and its target and control prompts.
     pub fn sampling(&self) -> crate::train::evaluate::Sampling {
         crate::train::evaluate::Sampling { cfg: self.sample_cfg, ..Default::default() }
+    }
+
+    /// The timesteps training draws from, for a scheduler of `n` training timesteps.
+    pub fn timesteps(&self, n: usize) -> Result<std::ops::Range<usize>> {
+        let max = self.max_timestep.unwrap_or(n);
+        if max > n || self.min_timestep >= max {
+            anyhow::bail!(
+                "--min-timestep {} / --max-timestep {max}: its scheduler has {n} training timesteps (0..{n}); \
+                 give 0 ≤ min < max ≤ {n}",
+                self.min_timestep
+            );
+        }
+        Ok(self.min_timestep..max)
     }
 
     pub fn alpha(&self) -> f64 {

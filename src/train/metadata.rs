@@ -70,6 +70,11 @@ pub fn kohya_metadata(
     put("ss_seed", cfg.seed.to_string());
     put("ss_min_snr_gamma", cfg.min_snr_gamma.map(|g| g.to_string()).unwrap_or_else(|| "None".into()));
     put("ss_noise_offset", cfg.noise_offset.to_string());
+    if cfg.min_timestep > 0 || cfg.max_timestep.is_some() {
+        // kohya writes no key for its min/max_timestep
+        let range = serde_json::json!({"min_timestep": cfg.min_timestep, "max_timestep": cfg.max_timestep});
+        put("sdlora_timestep_range", range.to_string());
+    }
     put("ss_max_grad_norm", cfg.max_grad_norm.to_string());
     put("ss_caption_dropout_rate", cfg.caption_dropout.to_string());
     put("ss_flip_aug", py_bool(cfg.flip));

@@ -122,6 +122,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         ..Default::default()
     };
     let mut sd = load(&cfg.model, &opts)?;
+    cfg.timesteps(sd.scheduler.num_train_timesteps).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.model))?;
     let resolution = cfg.resolution.unwrap_or(default_resolution(sd.family));
     let step = if resolution >= 256 { 64 } else { 8 };
     let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| cfg.data.join(".sdlora-cache"));

@@ -78,7 +78,8 @@ fn micro_step(
         let (b, c) = (x0.dim(0)?, x0.dim(1)?);
         noise = noise.broadcast_add(&(randn(&mut rng, &[b, c, 1, 1], dev)? * cfg.noise_offset)?)?;
     }
-    let t: Vec<usize> = (0..idx.len()).map(|_| rng.random_range(0..sched.len())).collect();
+    let range = cfg.timesteps(sched.len())?;
+    let t: Vec<usize> = (0..idx.len()).map(|_| rng.random_range(range.clone())).collect();
     let xt = sched.add_noise(&x0, &noise, &t)?;
     let ids: Vec<f32> = samples
         .iter()
@@ -295,6 +296,9 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
                 caption_dropout: 0.0,
                 shuffle_tags: false,
                 seed: cfg.seed ^ 0x5eed,
+                // every timestep, so runs with --min/--max-timestep compare with those without
+                min_timestep: 0,
+                max_timestep: None,
                 ..cfg.clone()
             };
             total += loss_of(run, &cfg2, &[s], 1000 + 2 * i as u64 + j)?;
