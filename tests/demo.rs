@@ -102,6 +102,7 @@ fn pretraining_continues_from_the_embedded_base() {
         min_snr_gamma: None,
         texture_last: false,
         decoder_only: false,
+        grow_attention: false,
     };
     let load = |d: &std::path::Path, f: &str| {
         candle_core::safetensors::load(d.join(f), &candle_core::Device::Cpu).unwrap()
@@ -157,6 +158,84 @@ fn pretraining_continues_from_the_embedded_base() {
     let snr = tmp.path().join("snr");
     pretrain(&PretrainConfig { min_snr_gamma: Some(0.5), ..cfg(2) }, &snr, &mut |_, _, _, _| {}).unwrap();
     assert!(!same(&two, &snr, unet), "min-SNR weighting changed nothing");
+}
+
+/// `--pretrain --init --grow-attention`: the full-resolution blocks gain cross-attention that adds
+/// nothing until trained, so the grown U-Net predicts exactly what the base predicts; U-Net steps
+/// then train the new transformers with the rest.
+#[test]
+fn grown_attention_starts_as_the_base_and_then_trains() {
+    use candle_core::{DType, Device, Tensor};
+    use sdlora::demo::pretrain::{pretrain, PretrainConfig};
+    use sdlora::model::load::{load, LoadOptions};
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo_model");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = |unet_steps: usize| PretrainConfig {
+        seed: 1,
+        images: 16,
+        exclude: sdlora::demo::base::MISSING,
+        vae_steps: 0,
+        unet_steps,
+        batch: 4,
+        vae_batch: 4,
+        lr: 1e-3,
+        seconds: None,
+        save_every: 0,
+        init: Some(assets.clone()),
+        min_snr_gamma: None,
+        texture_last: false,
+        decoder_only: false,
+        grow_attention: true,
+    };
+    let (grown, trained) = (tmp.path().join("grown"), tmp.path().join("trained"));
+    pretrain(&cfg(0), &grown, &mut |_, _, _, _| {}).unwrap();
+    let config = std::fs::read_to_string(grown.join("unet/config.json")).unwrap();
+    assert!(!config.contains("\"DownBlock2D\"") && !config.contains("\"UpBlock2D\""), "{config}");
+
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 16, 16), &dev).unwrap();
+    let ctx = Tensor::randn(0f32, 1.0, (2, 77, 32), &dev).unwrap();
+    let t = Tensor::new(&[100f32, 700.0], &dev).unwrap();
+    let predict = |dir: &std::path::Path| {
+        let sd = load(&dir.display().to_string(), &LoadOptions::default()).unwrap();
+        let inp = sdlora::model::unet::UNetInput {
+            sample: &x,
+            timestep: &t,
+            encoder_hidden_states: &ctx,
+            text_embeds: None,
+            time_ids: None,
+        };
+        sd.unet.as_ref().unwrap().forward(&inp).unwrap().to_dtype(DType::F32).unwrap()
+    };
+    let tensors = |dir: &std::path::Path| {
+        candle_core::safetensors::load(dir.join("unet/diffusion_pytorch_model.safetensors"), &dev).unwrap()
+    };
+    let (base, g) = (tensors(&assets), tensors(&grown));
+    assert!(g.len() > base.len() && base.keys().all(|k| g.contains_key(k)), "{} → {}", base.len(), g.len());
+    let diff = (predict(&assets) - predict(&grown)).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "the grown U-Net predicts what the base predicts");
+
+    pretrain(
+        &PretrainConfig { init: Some(grown.clone()), grow_attention: false, ..cfg(2) },
+        &trained,
+        &mut |_, _, _, _| {},
+    )
+    .unwrap();
+    let tr = tensors(&trained);
+    assert_eq!(tr.len(), g.len(), "a grown --init keeps its attention");
+    let out = "down_blocks.0.attentions.0.proj_out.weight";
+    let moved =
+        tr[out].to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 0.0, "{out} trained");
+    let e = pretrain(
+        &PretrainConfig { init: Some(grown.clone()), ..cfg(0) },
+        &tmp.path().join("x"),
+        &mut |_, _, _, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("every block has attention already"), "{e}");
 }
 
 /// `--pretrain --texture-last` names the texture last in every other caption (stage 6 of the

@@ -59,6 +59,11 @@ pub struct DemoArgs {
     /// and latent scale are kept, so the U-Net's latents stay valid (--unet-steps 0 keeps it).
     #[arg(long)]
     pub decoder_only: bool,
+    /// Pretraining, with --init: the U-Net's full-resolution blocks gain cross-attention (as SD
+    /// 1.x has there), new transformers with a zero output projection, so the grown model draws
+    /// exactly what --init drew until --unet-steps train them.
+    #[arg(long)]
+    pub grow_attention: bool,
     /// What the LoRA learns: "checkered" (a texture) or a shape (star, …) [default: checkered].
     /// With --pretrain: the shape left out of pretraining [default there: star]; pretraining never
     /// draws checks.
@@ -135,6 +140,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         )
     })?;
     check_numbers(a)?;
+    if a.grow_attention && a.init.is_none() {
+        anyhow::bail!("--grow-attention adds attention to a trained U-Net: give the model with --init (e.g. assets/demo_model)");
+    }
     if a.decoder_only && a.init.is_none() {
         anyhow::bail!(
             "--decoder-only fine-tunes a trained VAE: give the model with --init (e.g. assets/demo_model)"
@@ -162,6 +170,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             min_snr_gamma: a.min_snr_gamma,
             texture_last: a.texture_last,
             decoder_only: a.decoder_only,
+            grow_attention: a.grow_attention,
         };
         let bar = ProgressBar::new(0);
         bar.set_style(

@@ -77,6 +77,11 @@ pub struct PretrainConfig {
     /// of the world, checks and stars included; the encoder and latent scale stay as they are,
     /// so the U-Net's latents do not move (stage 7).
     pub decoder_only: bool,
+    /// With `init`: the U-Net's blocks without attention (its full-resolution level) become
+    /// cross-attention blocks, as SD 1.x has at every level but the lowest. The new transformers
+    /// start seeded-random with a zero output projection, so the grown model draws exactly what
+    /// `init` drew until training moves them.
+    pub grow_attention: bool,
 }
 
 /// Cuts a time-boxed phase to the steps that fit, paced on steps 20–40 (the first ones include
@@ -116,6 +121,18 @@ fn var_map(
     init: Option<&Path>,
     dev: &Device,
 ) -> Result<BTreeMap<String, Var>> {
+    var_map_growing(shapes, seed, init, &[], dev)
+}
+
+/// `var_map`, where tensors under `grown` prefixes are new: absent from `init`, seeded-random,
+/// output projections zero (the block adds nothing until trained).
+fn var_map_growing(
+    shapes: &[(String, Vec<usize>)],
+    seed: u64,
+    init: Option<&Path>,
+    grown: &[String],
+    dev: &Device,
+) -> Result<BTreeMap<String, Var>> {
     let loaded = init
         .map(|f| {
             candle_core::safetensors::load(f, &Device::Cpu).with_context(|| {
@@ -126,7 +143,12 @@ fn var_map(
     shapes
         .iter()
         .map(|(n, s)| {
+            let new = grown.iter().any(|g| n.starts_with(g.as_str()));
             let t = match &loaded {
+                Some(_) if new && n.contains("proj_out") => {
+                    Tensor::zeros(s.as_slice(), DType::F32, &Device::Cpu)?
+                }
+                Some(_) if new => random_tensor(seed, n, &s.as_slice().into(), DType::F32, &Device::Cpu)?,
                 Some(m) => {
                     let f = init.expect("loaded from a file").display();
                     let t =
@@ -162,7 +184,11 @@ pub fn pretrain(
     out: &Path,
     progress: &mut dyn FnMut(&str, usize, usize, f64),
 ) -> Result<()> {
-    let pc = demo_config();
+    let mut pc = demo_config();
+    let grown = match &cfg.init {
+        Some(d) => init_blocks(&mut pc.unet, &d.join("unet/config.json"), cfg.grow_attention)?,
+        None => vec![],
+    };
     let shapes: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != cfg.exclude).collect();
     let world = scenes(cfg.seed, cfg.images, &shapes);
     let dev = crate::train::setup::device();
@@ -266,7 +292,8 @@ pub fn pretrain(
 
     // 3. U-Net: ε-prediction, 10 % empty captions so classifier-free guidance works
     let unet_file = init("unet/diffusion_pytorch_model.safetensors");
-    let unet_vars = var_map(&unet_shapes(&pc.unet)?, cfg.seed + 3, unet_file.as_deref(), &dev)?;
+    let unet_vars =
+        var_map_growing(&unet_shapes(&pc.unet)?, cfg.seed + 3, unet_file.as_deref(), &grown, &dev)?;
     let unet = UNet2DConditionModel::load(&pc.unet, &weights(&unet_vars, &dev))?;
     let trainable: Vec<Var> = unet_vars.values().cloned().collect();
     let mut opt = AdamW::new(&trainable, 0.0)?;
@@ -318,6 +345,43 @@ pub fn pretrain(
 
     // 4. a diffusers folder in f16
     save(out, &cfg_out, &comps)
+}
+
+/// The block types of `init`'s U-Net config (a grown base keeps its attention); with `grow`, its
+/// attention-free blocks become cross-attention blocks, and the weight prefixes of their new
+/// transformers are returned.
+fn init_blocks(unet: &mut UNetConfig, init: &Path, grow: bool) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(init).with_context(|| {
+        format!("{}: cannot read — is --init a folder written by --pretrain?", init.display())
+    })?;
+    let was: UNetConfig =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a U-Net config", init.display()))?;
+    anyhow::ensure!(
+        was.block_out_channels == unet.block_out_channels,
+        "{}: not the demo's U-Net (block_out_channels {:?})",
+        init.display(),
+        was.block_out_channels
+    );
+    unet.down_block_types = was.down_block_types.clone();
+    unet.up_block_types = was.up_block_types.clone();
+    if !grow {
+        return Ok(vec![]);
+    }
+    let mut grown = vec![];
+    for (i, t) in was.down_block_types.iter().enumerate() {
+        if t == "DownBlock2D" {
+            grown.push(format!("down_blocks.{i}.attentions."));
+        }
+    }
+    for (i, t) in was.up_block_types.iter().enumerate() {
+        if t == "UpBlock2D" {
+            grown.push(format!("up_blocks.{i}.attentions."));
+        }
+    }
+    anyhow::ensure!(!grown.is_empty(), "{}: every block has attention already", init.display());
+    unet.down_block_types = vec!["CrossAttnDownBlock2D".into(); was.down_block_types.len()];
+    unet.up_block_types = vec!["CrossAttnUpBlock2D".into(); was.up_block_types.len()];
+    Ok(grown)
 }
 
 /// `n` images of every shape and texture, a quarter of them checkered: what a universal
