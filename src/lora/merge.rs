@@ -79,7 +79,10 @@ pub fn read_model(source: &str, config: Option<&Path>) -> Result<ModelTensors> {
         bail!("{source}: no such model file or folder");
     }
     let (family, comps) = single_file::read_components(path)?;
-    let (_, u, v, tes) = single_file::infer_configs(path)?;
+    let (_, mut u, v, tes) = single_file::infer_configs(path)?;
+    // a written config needs a size (diffusers' pipelines draw at sample_size × VAE scale); the
+    // weights do not tell it, so the family's usual one
+    u.sample_size.get_or_insert(if family == crate::model::load::Family::Sdxl { 128 } else { 64 });
     let mut configs: HashMap<String, serde_json::Value> = HashMap::new();
     configs.insert("unet".into(), serde_json::to_value(u)?);
     configs.insert("vae".into(), serde_json::to_value(v)?);

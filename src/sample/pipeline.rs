@@ -45,7 +45,8 @@ impl Default for GenerateOptions {
     }
 }
 
-/// 512 for SD1, 768 for SD2 v-prediction models (512 for SD2 base), 1024 for SDXL.
+/// The model's own image side: its U-Net's sample_size × the VAE's scale where its config gives
+/// one, else 512 for SD1, 768 for SD2 v-prediction models (512 for SD2 base), 1024 for SDXL.
 pub fn default_size(sd: &StableDiffusion) -> usize {
     // diffusers' pipelines: unet.config.sample_size × vae_scale_factor, where the config says it
     let (unet, vae) = (sd.unet.as_ref(), sd.vae.as_ref());

@@ -109,6 +109,8 @@ fn infer_unet(family: Family, m: &HashMap<String, Tensor>, pooled_dim: Option<us
     if family == Family::Sd2 {
         c.addition_embed_type = None;
     }
+    // the weights do not tell the image size (SD2 comes at 512 and 768): the family's default
+    c.sample_size = None;
     if family == Family::Sdxl {
         let add_in = dim(m, "add_embedding.linear_1.weight", 1).unwrap_or(2816);
         c.projection_class_embeddings_input_dim = Some(add_in);
