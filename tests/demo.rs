@@ -80,14 +80,9 @@ fn demo_at_its_defaults_learns_checks_and_keeps_most_controls() {
     assert!(r.base_knows.shape >= 0.9 && r.base_knows.colour >= 0.9, "{:?}", r.base_knows);
 }
 
-/// `--pretrain --init` continues from a model folder: with no steps it writes the same model back
-/// (f16 → f32 → f16 is exact), with a few U-Net steps only the U-Net changes.
-#[test]
-fn pretraining_continues_from_the_embedded_base() {
-    use sdlora::demo::pretrain::{pretrain, PretrainConfig};
-    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo_model");
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = |unet_steps: usize| PretrainConfig {
+/// A few U-Net steps on 16 images from `init`, VAE kept.
+fn small_pretraining(init: &std::path::Path, unet_steps: usize) -> sdlora::demo::pretrain::PretrainConfig {
+    sdlora::demo::pretrain::PretrainConfig {
         seed: 1,
         images: 16,
         exclude: sdlora::demo::base::MISSING,
@@ -98,12 +93,22 @@ fn pretraining_continues_from_the_embedded_base() {
         lr: 1e-3,
         seconds: None,
         save_every: 0,
-        init: Some(assets.clone()),
+        init: Some(init.to_path_buf()),
         min_snr_gamma: None,
         texture_last: false,
         decoder_only: false,
         grow_attention: false,
-    };
+    }
+}
+
+/// `--pretrain --init` continues from a model folder: with no steps it writes the same model back
+/// (f16 → f32 → f16 is exact), with a few U-Net steps only the U-Net changes.
+#[test]
+fn pretraining_continues_from_the_embedded_base() {
+    use sdlora::demo::pretrain::{pretrain, PretrainConfig};
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo_model");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = |unet_steps: usize| small_pretraining(&assets, unet_steps);
     let load = |d: &std::path::Path, f: &str| {
         candle_core::safetensors::load(d.join(f), &candle_core::Device::Cpu).unwrap()
     };
@@ -170,23 +175,8 @@ fn grown_attention_starts_as_the_base_and_then_trains() {
     use sdlora::model::load::{load, LoadOptions};
     let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo_model");
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = |unet_steps: usize| PretrainConfig {
-        seed: 1,
-        images: 16,
-        exclude: sdlora::demo::base::MISSING,
-        vae_steps: 0,
-        unet_steps,
-        batch: 4,
-        vae_batch: 4,
-        lr: 1e-3,
-        seconds: None,
-        save_every: 0,
-        init: Some(assets.clone()),
-        min_snr_gamma: None,
-        texture_last: false,
-        decoder_only: false,
-        grow_attention: true,
-    };
+    let cfg =
+        |unet_steps: usize| PretrainConfig { grow_attention: true, ..small_pretraining(&assets, unet_steps) };
     let (grown, trained) = (tmp.path().join("grown"), tmp.path().join("trained"));
     pretrain(&cfg(0), &grown, &mut |_, _, _, _| {}).unwrap();
     let config = std::fs::read_to_string(grown.join("unet/config.json")).unwrap();
