@@ -202,7 +202,7 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
         ["demo", "--pretrain", &o, "--init", &m, "--vae-steps", "0", "--unet-steps", "1", "--images", "4"];
     expect_error(&args, &["nothing-here", "--init"]);
     assert!(!out.exists(), "nothing written");
-    expect_error(&["demo", "--concept", "hexagon"], &["--concept", "star"]);
+    expect_error(&["demo", "--concept", "hexagon"], &["--concept", "pink", "star"]);
     expect_error(&["bench"], &["nothing to do", "--write-model"]);
     let bench_data = tmp.path().join("bench").display().to_string();
     expect_error(&["bench", "--write-data", &bench_data, "--images", "0"], &["--images 0"]);

@@ -64,9 +64,9 @@ pub struct DemoArgs {
     /// exactly what --init drew until --unet-steps train them.
     #[arg(long)]
     pub grow_attention: bool,
-    /// What the LoRA learns: "checkered" (a texture) or a shape (star, …) [default: checkered].
-    /// With --pretrain: the shape left out of pretraining [default there: star]; pretraining never
-    /// draws checks.
+    /// What the LoRA learns: "pink" (a colour), "checkered" (a texture) or a shape (star, …)
+    /// [default: pink]. With --pretrain: the shape left out of pretraining [default there: star];
+    /// pretraining never draws checks or pink.
     #[arg(long)]
     pub concept: Option<String>,
     #[arg(long, default_value_t = 1)]
@@ -101,7 +101,8 @@ pub struct DemoArgs {
     /// noise, or output (the base's own prediction).
     #[arg(long, default_value = "noise", value_name = "noise|output")]
     pub prior_preservation: String,
-    /// Weight of the regularization images' loss, as `train --prior-loss-weight` [default: 1].
+    /// Weight of the regularization images' loss, as `train --prior-loss-weight` [default: 2 for a
+    /// colour, 1 for checkered and shapes].
     #[arg(long, allow_negative_numbers = true)]
     pub prior_loss_weight: Option<f64>,
     /// Differential output preservation, as `train --dop-trigger <concept> --dop-weight W`: each
@@ -119,9 +120,9 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1000)]
     pub max_timestep: usize,
     /// Classifier-free guidance of every image the demo draws (regularization images, target and
-    /// control samples).
-    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
-    pub cfg: f64,
+    /// control samples) [default: 3 for a colour, 5 for checkered and shapes].
+    #[arg(long, allow_negative_numbers = true)]
+    pub cfg: Option<f64>,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -133,10 +134,10 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let name = a.concept.as_deref().unwrap_or(if a.pretrain.is_some() { "star" } else { "checkered" });
+    let name = a.concept.as_deref().unwrap_or(if a.pretrain.is_some() { "star" } else { "pink" });
     let concept = Concept::from_name(name).ok_or_else(|| {
         anyhow::anyhow!(
-            "--concept `{name}`: checkered, or a shape: circle, square, triangle, star, cross, ring"
+            "--concept `{name}`: checkered, pink, or a shape: circle, square, triangle, star, cross, ring"
         )
     })?;
     check_numbers(a)?;
@@ -154,7 +155,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             images: a.images,
             exclude: match concept {
                 Concept::Shape(s) => s,
-                Concept::Texture(_) => crate::demo::base::MISSING,
+                Concept::Texture(_) | Concept::Colour(_) => crate::demo::base::MISSING,
             },
             vae_steps: a.vae_steps,
             unet_steps: a.unet_steps,
@@ -201,7 +202,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         println!("wrote {} in {:.0} s", out.display(), t0.elapsed().as_secs_f64());
         return Ok(());
     }
-    let d = crate::demo::run::DemoOptions::new(a.out.clone());
+    let d = crate::demo::run::DemoOptions::for_concept(a.out.clone(), concept);
     let opts = crate::demo::run::DemoOptions {
         concept,
         steps: a.steps,
@@ -216,7 +217,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         dop_weight: a.dop_weight.map_or(d.dop_weight, |w| (w > 0.0).then_some(w)),
         dop_class: a.dop_class.clone(),
         max_timestep: (a.max_timestep != 1000).then_some(a.max_timestep),
-        sampling: crate::train::evaluate::Sampling { cfg: a.cfg, ..d.sampling },
+        sampling: crate::train::evaluate::Sampling { cfg: a.cfg.unwrap_or(d.sampling.cfg), ..d.sampling },
         min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
         batch: a.lora_batch,
@@ -311,8 +312,8 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
     if !(1..=1000).contains(&a.max_timestep) {
         anyhow::bail!("--max-timestep {} must be 1 to 1000 (the base's training timesteps)", a.max_timestep);
     }
-    if !(a.cfg >= 1.0 && a.cfg.is_finite()) {
-        anyhow::bail!("--cfg {} must be 1 (no guidance) or more", a.cfg);
+    if let Some(cfg) = a.cfg.filter(|c| !(*c >= 1.0 && c.is_finite())) {
+        anyhow::bail!("--cfg {cfg} must be 1 (no guidance) or more");
     }
     Ok(())
 }

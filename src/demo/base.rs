@@ -1,23 +1,24 @@
 //! The demo's base model, compiled into the binary: a diffusers folder pretrained on the tiny world
-//! without stars (and, as every base of the world, without checkered textures) by
+//! without stars (and, as every base of the world, without checkered textures or pink) by
 //! `sdlora demo --pretrain` (exact command and run in assets/demo_model/README.md).
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-use super::world::{Concept, Shape, Texture};
+use super::world::{Colour, Concept, Shape, Texture};
 
 /// The shape the embedded base never saw: pretraining leaves it out.
 pub const MISSING: Shape = Shape::Star;
 
-/// What the demo teaches by default. The world's random scenes never draw checks, so no base saw
-/// them; and as the caption's last word, "checkered" leaves the encoding of the rest of the
-/// caption as the base knows it (`Scene::caption`), where a new shape word changes everything
-/// after it.
-pub const CONCEPT: Concept = Concept::Texture(Texture::Checks);
+/// What the demo teaches by default: pink, a colour no base of the world saw (random scenes never
+/// draw it). A colour is read at the U-Net's 8×8 level, where this base has its only
+/// cross-attention, so a LoRA can learn it there; checks (`--concept checkered`) must be drawn by
+/// the 16×16 ResNets, which see the caption only through the 8×8 features, and the same LoRA
+/// settings learn them in about a third of the samples (assets/demo_model/README.md).
+pub const CONCEPT: Concept = Concept::Colour(Colour::Pink);
 
 /// Whether the embedded base never saw `c`.
 pub fn unseen(c: Concept) -> bool {
-    matches!(c, Concept::Shape(MISSING) | Concept::Texture(Texture::Checks))
+    matches!(c, Concept::Shape(MISSING) | Concept::Texture(Texture::Checks) | Concept::Colour(Colour::Pink))
 }
 
 macro_rules! file {

@@ -104,7 +104,7 @@ pub fn measure(img: &RgbImage) -> Option<Measured> {
 
 /// The palette as (colour, rgb) prototypes.
 fn palette() -> Vec<(Colour, [u8; 3])> {
-    Colour::ALL.iter().map(|&c| (c, c.rgb())).collect()
+    Colour::SCORED.iter().map(|&c| (c, c.rgb())).collect()
 }
 
 fn nearest(p: [u8; 3], protos: &[(Colour, [u8; 3])]) -> Colour {
@@ -214,7 +214,7 @@ fn fill_holes(blob: &[bool], w: usize, h: usize) -> (Vec<bool>, f64) {
 /// Majority vote of the blob's interior pixels (edges blend into the background) over the palette
 /// and its texture shades, the background's own colour excluded.
 fn dominant_colour(px: &[[u8; 3]], blob: &[bool], w: usize, h: usize, bg: Option<Colour>) -> Colour {
-    let protos: Vec<(Colour, [u8; 3])> = Colour::ALL
+    let protos: Vec<(Colour, [u8; 3])> = Colour::SCORED
         .iter()
         .filter(|&&c| Some(c) != bg)
         .flat_map(|&c| [(c, c.rgb()), (c, c.shade())])
@@ -223,13 +223,13 @@ fn dominant_colour(px: &[[u8; 3]], blob: &[bool], w: usize, h: usize, bg: Option
     let interior: Vec<usize> = (0..blob.len()).filter(|&i| inner[i]).collect();
     let pixels: Vec<usize> =
         if interior.len() >= 20 { interior } else { (0..blob.len()).filter(|&i| blob[i]).collect() };
-    let mut votes = [0usize; Colour::ALL.len()];
+    let mut votes = [0usize; Colour::SCORED.len()];
     for i in pixels {
         let c = nearest(px[i], &protos);
-        votes[Colour::ALL.iter().position(|&k| k == c).expect("palette colour")] += 1;
+        votes[Colour::SCORED.iter().position(|&k| k == c).expect("palette colour")] += 1;
     }
     let best = (0..votes.len()).max_by_key(|&i| votes[i]).expect("non-empty palette");
-    Colour::ALL[best]
+    Colour::SCORED[best]
 }
 
 /// A texture's strongest wave must swing the interior this much (0 = the colour, 1 = its shade):
@@ -475,11 +475,12 @@ pub fn checks_as_asked(d: &Detected, asked: Asked) -> bool {
     d.texture.map(|t| t == Texture::Checks) == Some(asked.texture == Texture::Checks)
 }
 
-/// Whether `img` shows the shape `asked` names, checkered if asked (its colour is scored as
-/// forgetting).
+/// Whether `img` shows the shape `asked` names, checkered if asked, and in the asked colour where
+/// that is one the world's scenes never draw (a known colour is scored as forgetting).
 pub fn shows(img: &RgbImage, asked: Asked) -> bool {
     let d = classify(img);
-    d.shape == Some(asked.shape) && checks_as_asked(&d, asked)
+    let colour_ok = Colour::ALL.contains(&asked.colour) || d.colour == Some(asked.colour);
+    d.shape == Some(asked.shape) && checks_as_asked(&d, asked) && colour_ok
 }
 
 /// Share of `samples` that show what their prompt `asked[i]` names: the demo's "learned" score

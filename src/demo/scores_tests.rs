@@ -147,6 +147,12 @@ fn learned_is_the_share_of_samples_showing_what_was_asked() {
     assert_eq!(learned(&render(&checks), &asked(&checks)), 1.0);
     let plain: Vec<Scene> = checks.iter().map(|s| s.with_texture(Texture::Plain)).collect();
     assert_eq!(learned(&render(&plain), &asked(&checks)), 0.0);
+    // a colour concept: the asked shape counts only in pink, where a known colour's shape would
+    let pink = Concept::Colour(Colour::Pink).scenes(5, 8, &[Shape::Circle, Shape::Square, Shape::Cross]);
+    assert_eq!(learned(&render(&pink), &asked(&pink)), 1.0);
+    let red: Vec<Scene> = pink.iter().map(|s| s.with_colour(Colour::Red)).collect();
+    assert_eq!(learned(&render(&red), &asked(&red)), 1.0);
+    assert_eq!(learned(&render(&red), &asked(&pink)), 0.0);
 }
 
 #[test]
@@ -308,6 +314,31 @@ fn checks_through_the_base_vae_are_recognised() {
     }
     eprintln!("shape and checks after the VAE: {right}/40");
     assert!(right >= 37, "{right}/40 checkered shapes recognised after the base's VAE");
+}
+
+/// Pink, the colour no base saw, must come through the base's VAE as pink on the known shapes,
+/// textures included, or the demo could not score a pink LoRA.
+#[test]
+fn pink_through_the_base_vae_is_recognised() {
+    use crate::model::load::{load_folder, LoadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let base = crate::demo::base::write(dir.path()).unwrap();
+    let opts = LoadOptions { unet: false, text_encoders: false, ..Default::default() };
+    let sd = load_folder(&base, &opts).unwrap();
+    let vae = sd.vae.as_ref().unwrap();
+    let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != crate::demo::base::MISSING).collect();
+    let scs = Concept::Colour(Colour::Pink).scenes(1, 40, &known);
+    let mut right = 0;
+    for s in &scs {
+        let x = crate::data::prepare::to_tensor(&s.render(64), &candle_core::Device::Cpu).unwrap();
+        let y = vae.decode(&vae.encode_mean(&x).unwrap()).unwrap();
+        let y = ((y / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+        let rgb = crate::sample::pipeline::to_rgb8(&y).unwrap().remove(0);
+        let d = classify(&RgbImage::from_raw(64, 64, rgb).unwrap());
+        right += (d.shape == Some(s.shape) && d.colour == Some(Colour::Pink)) as usize;
+    }
+    eprintln!("pink shapes after the VAE: {right}/40");
+    assert!(right >= 37, "{right}/40 pink shapes recognised after the base's VAE");
 }
 
 #[test]

@@ -55,9 +55,12 @@ pub enum Colour {
     Orange,
     White,
     Black,
+    /// Never drawn by `Scene::random`: no base of the world saw it (`sdlora demo --concept pink`).
+    Pink,
 }
 
 impl Colour {
+    /// The colours random scenes draw, shapes and backgrounds (pink is not among them).
     pub const ALL: [Colour; 8] = [
         Colour::Red,
         Colour::Green,
@@ -67,6 +70,19 @@ impl Colour {
         Colour::Orange,
         Colour::White,
         Colour::Black,
+    ];
+
+    /// Every colour the scorer tells apart: the world's eight and pink.
+    pub const SCORED: [Colour; 9] = [
+        Colour::Red,
+        Colour::Green,
+        Colour::Blue,
+        Colour::Yellow,
+        Colour::Purple,
+        Colour::Orange,
+        Colour::White,
+        Colour::Black,
+        Colour::Pink,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,11 +95,12 @@ impl Colour {
             Colour::Orange => "orange",
             Colour::White => "white",
             Colour::Black => "black",
+            Colour::Pink => "pink",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Colour> {
-        Colour::ALL.into_iter().find(|c| c.name().eq_ignore_ascii_case(name.trim()))
+        Colour::SCORED.into_iter().find(|c| c.name().eq_ignore_ascii_case(name.trim()))
     }
 
     /// Saturated values, at least ~90 apart (Euclidean, 0–255) so that a nearest-palette vote
@@ -98,6 +115,7 @@ impl Colour {
             Colour::Orange => [250, 130, 20],
             Colour::White => [245, 245, 245],
             Colour::Black => [15, 15, 15],
+            Colour::Pink => [240, 120, 190],
         }
     }
 
@@ -177,28 +195,34 @@ impl Asked {
         Some(Asked { shape: Shape::from_name(&words[at])?, colour, texture })
     }
 
-    /// "checkered ring", "star"
+    /// "checkered ring", "star", "pink ring": the colour only where it is one random scenes never
+    /// draw (what "learned" scores; see `scores::shows`)
     pub fn describe(self) -> String {
-        match self.texture.adjective() {
-            Some(a) => format!("{a} {}", self.shape.name()),
-            None => self.shape.name().into(),
-        }
+        let colour = (!Colour::ALL.contains(&self.colour)).then_some(self.colour.name());
+        colour
+            .into_iter()
+            .chain(self.texture.adjective())
+            .chain([self.shape.name()])
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
-/// What the demo teaches the base: a shape or a texture it never saw.
+/// What the demo teaches the base: a shape, a texture or a colour it never saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Concept {
     Shape(Shape),
     Texture(Texture),
+    Colour(Colour),
 }
 
 impl Concept {
-    /// "star", "checkered"
+    /// "star", "checkered", "pink"
     pub fn name(self) -> &'static str {
         match self {
             Concept::Shape(s) => s.name(),
             Concept::Texture(t) => t.adjective().unwrap_or("plain"),
+            Concept::Colour(c) => c.name(),
         }
     }
 
@@ -206,14 +230,17 @@ impl Concept {
         Shape::from_name(name)
             .map(Concept::Shape)
             .or_else(|| Texture::from_adjective(name).map(Concept::Texture))
+            .or_else(|| Colour::from_name(name).map(Concept::Colour))
     }
 
     /// `n` scenes from `seed` that show the concept: scenes of that shape, or scenes of the shapes
-    /// `others` in that texture.
+    /// `others` in that texture or colour.
     pub fn scenes(self, seed: u64, n: usize, others: &[Shape]) -> Vec<Scene> {
+        let each = |f: &dyn Fn(Scene) -> Scene| scenes(seed, n, others).into_iter().map(f).collect();
         match self {
             Concept::Shape(s) => scenes(seed, n, &[s]),
-            Concept::Texture(t) => scenes(seed, n, others).into_iter().map(|s| s.with_texture(t)).collect(),
+            Concept::Texture(t) => each(&|s| s.with_texture(t)),
+            Concept::Colour(c) => each(&|s| s.with_colour(c)),
         }
     }
 }
@@ -273,9 +300,20 @@ impl Scene {
     /// The same scene with texture `t`, its background moved along the palette where the
     /// texture's shade would be too close to it.
     pub fn with_texture(self, texture: Texture) -> Scene {
+        Scene { texture, ..self }.refit_background()
+    }
+
+    /// The same scene with its shape in `colour`, the background moved as by `with_texture`.
+    pub fn with_colour(self, colour: Colour) -> Scene {
+        Scene { colour, ..self }.refit_background()
+    }
+
+    /// The background, or the next palette colour that differs from the shape's colour (and its
+    /// texture's shade, by `MIN_SHADE_CONTRAST`).
+    fn refit_background(self) -> Scene {
         let fits = |b: Colour| {
             b != self.colour
-                && (texture == Texture::Plain
+                && (self.texture == Texture::Plain
                     || rgb_distance(b.rgb(), self.colour.shade()) >= MIN_SHADE_CONTRAST)
         };
         let at = Colour::ALL.iter().position(|&c| c == self.background).expect("palette colour");
@@ -283,7 +321,7 @@ impl Scene {
             .map(|k| Colour::ALL[(at + k) % Colour::ALL.len()])
             .find(|&b| fits(b))
             .expect("every colour has a background far from its shade");
-        Scene { texture, background, ..self }
+        Scene { background, ..self }
     }
 
     /// "a red striped star on a blue background"; a checkered shape says so last ("a red star on
