@@ -1,21 +1,25 @@
 //! The demo pipeline at a reduced size on the embedded base model: dataset → LoRA through the
 //! train path → base vs LoRA samples with the same seeds → scores → report.html.
 use sdlora::demo::run::{run, DemoOptions};
-use sdlora::demo::world::{Concept, Texture};
+use sdlora::demo::world::{Colour, Concept};
 
-/// At a reduced size, and on checks, the concept that is not the default: its word comes last.
+/// At a reduced size, on pink, the concept that is not the default (the full-size test runs the
+/// default, checks).
 #[test]
 fn demo_runs_end_to_end_and_writes_its_report() {
     let tmp = tempfile::tempdir().unwrap();
+    let d = DemoOptions::for_concept(tmp.path().join("demo"), Concept::Colour(Colour::Pink));
+    // a colour's own defaults: guidance 3, regularization weight 2
+    assert_eq!((d.sampling.cfg, d.prior_loss_weight), (3.0, 2.0));
     let o = DemoOptions {
         images: 4,
         steps: 4,
         samples: 4,
         controls: 4,
-        sampling: sdlora::train::evaluate::Sampling { steps: 10, cfg: 5.0 },
+        sampling: sdlora::train::evaluate::Sampling { steps: 10, ..d.sampling },
         reg: 3,
         max_timestep: Some(500),
-        ..DemoOptions::for_concept(tmp.path().join("demo"), Concept::Texture(Texture::Checks))
+        ..d
     };
     let r = run(&o, None, &mut |_, _, _| {}).unwrap();
     eprintln!("base knows {:?}, learned {}, forgotten {}", r.base_knows, r.learned, r.forgotten_points);
@@ -25,11 +29,12 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png"))
         .count();
     assert_eq!(pngs, 4);
-    // the concept's word comes last, where the base's causal text encoder lets it change nothing
-    // before it
+    // the training images are pink shapes the base knows, captioned as the world captions colours
     for i in 0..4 {
         let caption = std::fs::read_to_string(o.out.join(format!("data/{i:04}.txt"))).unwrap();
-        assert!(caption.ends_with(" background, checkered"), "{caption}");
+        assert!(caption.starts_with("a pink ") && caption.ends_with(" background"), "{caption}");
+        let img = image::open(o.out.join(format!("data/{i:04}.png"))).unwrap().to_rgb8();
+        assert_eq!(sdlora::demo::scores::classify(&img).colour, Some(Colour::Pink), "{caption}");
     }
     let reg: Vec<_> = std::fs::read_dir(o.out.join("reg")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "png")).count(), 3);
@@ -56,7 +61,8 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         "grids during"
     );
     assert!(html.contains("<h2>Scores</h2>") && html.contains("learned"), "scores section");
-    assert!(html.contains("learning &quot;checkered&quot;"), "title names the concept");
+    assert!(html.contains("learning &quot;pink&quot;"), "title names the concept");
+    assert!(!html.contains("already knows"), "the base never saw pink");
     // --max-timestep reaches `train`: the report and the LoRA's metadata say so
     assert!(html.contains("timesteps trained") && html.contains("0–499"), "timestep range");
     let bytes = std::fs::read(o.out.join("demo_lora.safetensors")).unwrap();
@@ -66,22 +72,23 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     assert!(html.contains("of 4 samples for the new prompt") && html.contains("95 % interval"), "interval");
 }
 
-/// The demo at its defaults, as `sdlora demo` runs it (about 4 minutes on 2 cores): pink, the
-/// colour the base never saw. Seeds 1–3 measured learned 80 / 80 / 90 %, forgotten 5 / 15 / 5
-/// points (the goal: ≥ 90 %, ≤ 5): a guard at today's level, not the goal. This test
-/// runs seed 1, and another CPU's float rounding can move a few samples, hence the margin.
+/// The demo at its defaults, as `sdlora demo` runs it (about 4 minutes on 2 cores): a guard at
+/// today's level, not the goal. Seeds 1–5 measured learned 45 / 35 / 35 / 50 / 50 %,
+/// forgotten 5 / 15 / 10 / 25 / 5 points (the goal: ≥ 90 %, ≤ 5); this test runs seed 1,
+/// and another CPU's float rounding can move a few samples, hence the margin.
 #[test]
-fn demo_at_its_defaults_learns_pink_and_keeps_its_controls() {
+fn demo_at_its_defaults_learns_checks_and_keeps_most_controls() {
     let tmp = tempfile::tempdir().unwrap();
     let r = run(&DemoOptions::new(tmp.path().join("demo")), None, &mut |_, _, _| {}).unwrap();
     eprintln!("learned {} forgotten {} ({:?})", r.learned, r.forgotten_points, r.base_knows);
-    assert!(r.learned >= 0.7, "learned {:.0} %", 100.0 * r.learned);
-    assert!(r.forgotten_points <= 10.0, "forgotten {:.0} points", r.forgotten_points);
-    // the base never saw pink: its samples of the same prompts and seeds are other colours
-    assert!(r.learned_base <= 0.1, "base draws pink in {:.0} %", 100.0 * r.learned_base);
+    assert!(r.learned >= 0.3, "learned {:.0} %", 100.0 * r.learned);
+    assert!(r.forgotten_points <= 15.0, "forgotten {:.0} points", r.forgotten_points);
+    // the base never saw checks: its samples of the same prompts and seeds show none
+    assert!(r.learned_base <= 0.1, "base shows checks in {:.0} %", 100.0 * r.learned_base);
     assert!(r.base_knows.shape >= 0.9 && r.base_knows.colour >= 0.9, "{:?}", r.base_knows);
 }
 
+/// A few U-Net steps on 16 images from `init`, VAE kept.
 fn small_pretraining(init: &std::path::Path, unet_steps: usize) -> sdlora::demo::pretrain::PretrainConfig {
     sdlora::demo::pretrain::PretrainConfig {
         seed: 1,

@@ -64,8 +64,8 @@ pub struct DemoArgs {
     /// exactly what --init drew until --unet-steps train them.
     #[arg(long)]
     pub grow_attention: bool,
-    /// What the LoRA learns: "pink" (a colour), "checkered" (a texture) or a shape (star, …)
-    /// [default: pink]. With --pretrain: the shape left out of pretraining [default there: star];
+    /// What the LoRA learns: "checkered" (a texture), "pink" (a colour) or a shape (star, …)
+    /// [default: checkered]. With --pretrain: the shape left out of pretraining [default there: star];
     /// pretraining never draws checks or pink.
     #[arg(long)]
     pub concept: Option<String>,
@@ -134,7 +134,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let name = a.concept.as_deref().unwrap_or(if a.pretrain.is_some() { "star" } else { "pink" });
+    let name = a.concept.as_deref().unwrap_or(if a.pretrain.is_some() { "star" } else { "checkered" });
     let concept = Concept::from_name(name).ok_or_else(|| {
         anyhow::anyhow!(
             "--concept `{name}`: checkered, pink, or a shape: circle, square, triangle, star, cross, ring"
