@@ -291,10 +291,9 @@ fn stripes_along_one_diagonal_are_not_checks() {
     assert!(striped_as_checks <= 2, "{striped_as_checks}/160 one-diagonal stripes taken for checks");
 }
 
-/// The demo's LoRA draws through the base's VAE, so checks must be recognisable after it: real
-/// checkerboards of the known shapes, encoded and decoded by the embedded base's VAE.
-#[test]
-fn checks_through_the_base_vae_are_recognised() {
+/// Seed 1's 40 scenes of `concept` on the shapes the base knows, encoded and decoded by the
+/// embedded base's VAE, and what the scorer reads in each, beside the scene.
+fn through_the_base_vae(concept: Concept) -> Vec<(Scene, Detected)> {
     use crate::model::load::{load_folder, LoadOptions};
     let dir = tempfile::tempdir().unwrap();
     let base = crate::demo::base::write(dir.path()).unwrap();
@@ -302,16 +301,24 @@ fn checks_through_the_base_vae_are_recognised() {
     let sd = load_folder(&base, &opts).unwrap();
     let vae = sd.vae.as_ref().unwrap();
     let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != crate::demo::base::MISSING).collect();
-    let scs = Concept::Texture(Texture::Checks).scenes(1, 40, &known);
-    let mut right = 0;
-    for s in &scs {
+    let scenes = concept.scenes(1, 40, &known);
+    let read = |s: &Scene| {
         let x = crate::data::prepare::to_tensor(&s.render(64), &candle_core::Device::Cpu).unwrap();
         let y = vae.decode(&vae.encode_mean(&x).unwrap()).unwrap();
         let y = ((y / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
         let rgb = crate::sample::pipeline::to_rgb8(&y).unwrap().remove(0);
-        let d = classify(&RgbImage::from_raw(64, 64, rgb).unwrap());
-        right += (d.shape == Some(s.shape) && d.texture == Some(Texture::Checks)) as usize;
-    }
+        classify(&RgbImage::from_raw(64, 64, rgb).unwrap())
+    };
+    scenes.iter().map(|s| (*s, read(s))).collect()
+}
+
+/// The demo's LoRA draws through the base's VAE, so checks must be recognisable after it: real
+/// checkerboards of the known shapes, encoded and decoded by the embedded base's VAE.
+#[test]
+fn checks_through_the_base_vae_are_recognised() {
+    let read = through_the_base_vae(Concept::Texture(Texture::Checks));
+    let right =
+        read.iter().filter(|(s, d)| d.shape == Some(s.shape) && d.texture == Some(Texture::Checks)).count();
     eprintln!("shape and checks after the VAE: {right}/40");
     assert!(right >= 37, "{right}/40 checkered shapes recognised after the base's VAE");
 }
@@ -320,23 +327,9 @@ fn checks_through_the_base_vae_are_recognised() {
 /// textures included, or the demo could not score a pink LoRA.
 #[test]
 fn pink_through_the_base_vae_is_recognised() {
-    use crate::model::load::{load_folder, LoadOptions};
-    let dir = tempfile::tempdir().unwrap();
-    let base = crate::demo::base::write(dir.path()).unwrap();
-    let opts = LoadOptions { unet: false, text_encoders: false, ..Default::default() };
-    let sd = load_folder(&base, &opts).unwrap();
-    let vae = sd.vae.as_ref().unwrap();
-    let known: Vec<Shape> = Shape::ALL.into_iter().filter(|&s| s != crate::demo::base::MISSING).collect();
-    let scs = Concept::Colour(Colour::Pink).scenes(1, 40, &known);
-    let mut right = 0;
-    for s in &scs {
-        let x = crate::data::prepare::to_tensor(&s.render(64), &candle_core::Device::Cpu).unwrap();
-        let y = vae.decode(&vae.encode_mean(&x).unwrap()).unwrap();
-        let y = ((y / 2.0).unwrap() + 0.5).unwrap().clamp(0f32, 1f32).unwrap();
-        let rgb = crate::sample::pipeline::to_rgb8(&y).unwrap().remove(0);
-        let d = classify(&RgbImage::from_raw(64, 64, rgb).unwrap());
-        right += (d.shape == Some(s.shape) && d.colour == Some(Colour::Pink)) as usize;
-    }
+    let read = through_the_base_vae(Concept::Colour(Colour::Pink));
+    let right =
+        read.iter().filter(|(s, d)| d.shape == Some(s.shape) && d.colour == Some(Colour::Pink)).count();
     eprintln!("pink shapes after the VAE: {right}/40");
     assert!(right >= 37, "{right}/40 pink shapes recognised after the base's VAE");
 }
