@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-use super::world::{Colour, Concept, Shape, Texture};
+use super::world::{Concept, Shape, Texture};
 
 /// The shape the embedded base never saw: pretraining leaves it out.
 pub const MISSING: Shape = Shape::Star;
@@ -19,7 +19,10 @@ pub const CONCEPT: Concept = Concept::Texture(Texture::Checks);
 
 /// Whether the embedded base never saw `c`.
 pub fn unseen(c: Concept) -> bool {
-    matches!(c, Concept::Shape(MISSING) | Concept::Texture(Texture::Checks) | Concept::Colour(Colour::Pink))
+    match c {
+        Concept::Colour(c) => c.unseen(),
+        _ => matches!(c, Concept::Shape(MISSING) | Concept::Texture(Texture::Checks)),
+    }
 }
 
 macro_rules! file {

@@ -479,7 +479,7 @@ pub fn checks_as_asked(d: &Detected, asked: Asked) -> bool {
 /// that is one the world's scenes never draw (a known colour is scored as forgetting).
 pub fn shows(img: &RgbImage, asked: Asked) -> bool {
     let d = classify(img);
-    let colour_ok = Colour::ALL.contains(&asked.colour) || d.colour == Some(asked.colour);
+    let colour_ok = !asked.colour.unseen() || d.colour == Some(asked.colour);
     d.shape == Some(asked.shape) && checks_as_asked(&d, asked) && colour_ok
 }
 

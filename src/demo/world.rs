@@ -73,17 +73,20 @@ impl Colour {
     ];
 
     /// Every colour the scorer tells apart: the world's eight and pink.
-    pub const SCORED: [Colour; 9] = [
-        Colour::Red,
-        Colour::Green,
-        Colour::Blue,
-        Colour::Yellow,
-        Colour::Purple,
-        Colour::Orange,
-        Colour::White,
-        Colour::Black,
-        Colour::Pink,
-    ];
+    pub const SCORED: [Colour; 9] = {
+        let mut all = [Colour::Pink; 9];
+        let mut i = 0;
+        while i < Colour::ALL.len() {
+            all[i] = Colour::ALL[i];
+            i += 1;
+        }
+        all
+    };
+
+    /// A colour random scenes never draw (pink), so no base of the world saw it.
+    pub fn unseen(self) -> bool {
+        !Colour::ALL.contains(&self)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -198,7 +201,7 @@ impl Asked {
     /// "checkered ring", "star", "pink ring": the colour only where it is one random scenes never
     /// draw (what "learned" scores; see `scores::shows`)
     pub fn describe(self) -> String {
-        let colour = (!Colour::ALL.contains(&self.colour)).then_some(self.colour.name());
+        let colour = self.colour.unseen().then_some(self.colour.name());
         colour
             .into_iter()
             .chain(self.texture.adjective())

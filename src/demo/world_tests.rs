@@ -193,4 +193,6 @@ fn names_round_trip() {
         assert_eq!(Colour::from_name(&c.name().to_uppercase()), Some(c));
     }
     assert_eq!(Shape::from_name("hexagon"), None);
+    assert_eq!((&Colour::SCORED[..8], Colour::SCORED[8]), (&Colour::ALL[..], Colour::Pink));
+    assert!(Colour::Pink.unseen() && Colour::ALL.iter().all(|c| !c.unseen()));
 }
