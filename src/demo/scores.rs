@@ -510,8 +510,8 @@ pub fn interval95(p: f64, n: usize) -> (f64, f64) {
 pub struct Forgetting {
     /// Control images with an expected shape and colour (the accuracies are over these).
     pub labelled: usize,
-    /// Share of control images showing the expected shape and colour, checkered only if asked,
-    /// base model / with LoRA.
+    /// Share of control images showing the expected shape and colour on the expected background,
+    /// checkered only if asked, base model / with LoRA.
     pub accuracy_base: f64,
     pub accuracy_lora: f64,
     /// (base − LoRA) × 100: percentage points lost (negative = improved).
@@ -537,7 +537,10 @@ pub fn forgotten(base: &[RgbImage], lora: &[RgbImage], expected: &[Asked]) -> Fo
             .zip(expected)
             .filter(|(img, &a)| {
                 let d = classify(img);
-                d.shape == Some(a.shape) && d.colour == Some(a.colour) && checks_as_asked(&d, a)
+                d.shape == Some(a.shape)
+                    && d.colour == Some(a.colour)
+                    && checks_as_asked(&d, a)
+                    && a.background.is_none_or(|b| d.background == Some(b))
             })
             .count();
         ok as f64 / imgs.len().max(1) as f64

@@ -183,6 +183,18 @@ fn forgotten_compares_paired_images() {
         .collect();
     assert_eq!(forgotten(&base, &checked, &expected).drop_points, 50.0);
 
+    // A quarter of the backgrounds repainted, the shapes untouched: a background forgotten counts.
+    let repainted: Vec<RgbImage> = control
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let other = Colour::ALL.into_iter().find(|&c| c != s.colour && c != s.background).unwrap();
+            if i % 4 == 0 { Scene { background: other, texture: Texture::Plain, ..*s } } else { *s }
+                .render(64)
+        })
+        .collect();
+    assert_eq!(forgotten(&base, &repainted, &expected).drop_points, 25.0);
+
     // Every colour changed: nothing right, and the pixel distance grows.
     let recoloured: Vec<RgbImage> = control
         .iter()

@@ -180,12 +180,14 @@ pub struct Asked {
     pub shape: Shape,
     pub colour: Colour,
     pub texture: Texture,
+    /// The colour of "on a blue background"; none where the prompt names no background.
+    pub background: Option<Colour>,
 }
 
 impl Asked {
     /// Reads "a red striped star on a blue background" or "a red star on a blue background,
-    /// checkered": the first shape word, the first colour word before it ("on a blue background"
-    /// names the background), and a texture adjective anywhere (plain without one).
+    /// checkered": the first shape word, the first colour word before it, the colour word right
+    /// before "background", and a texture adjective anywhere (plain without one).
     pub fn parse(prompt: &str) -> Option<Asked> {
         let words: Vec<String> = prompt
             .split(|c: char| !c.is_alphanumeric())
@@ -195,7 +197,9 @@ impl Asked {
         let at = words.iter().position(|w| Shape::from_name(w).is_some())?;
         let colour = words[..at].iter().find_map(|w| Colour::from_name(w))?;
         let texture = words.iter().find_map(|w| Texture::from_adjective(w)).unwrap_or(Texture::Plain);
-        Some(Asked { shape: Shape::from_name(&words[at])?, colour, texture })
+        let background =
+            words[at..].windows(2).find(|w| w[1] == "background").and_then(|w| Colour::from_name(&w[0]));
+        Some(Asked { shape: Shape::from_name(&words[at])?, colour, texture, background })
     }
 
     /// "checkered ring", "star", "pink ring": the colour only where it is one random scenes never
@@ -297,7 +301,12 @@ impl Scene {
     }
 
     pub fn asked(&self) -> Asked {
-        Asked { shape: self.shape, colour: self.colour, texture: self.texture }
+        Asked {
+            shape: self.shape,
+            colour: self.colour,
+            texture: self.texture,
+            background: Some(self.background),
+        }
     }
 
     /// The same scene with texture `t`, its background moved along the palette where the

@@ -36,6 +36,8 @@ fn captions_parse_back_into_what_they_ask() {
     }
     let a = Asked::parse("A Blue  square on a red background").unwrap();
     assert_eq!((a.shape, a.colour, a.texture), (Shape::Square, Colour::Blue, Texture::Plain));
+    assert_eq!(a.background, Some(Colour::Red));
+    assert_eq!(Asked::parse("a blue square, red").unwrap().background, None, "no background named");
     assert_eq!(Asked::parse("a photo of a dog"), None);
     assert_eq!(Asked::parse("a square"), None, "no colour");
     assert_eq!(a.describe(), "square");

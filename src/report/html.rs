@@ -129,7 +129,7 @@ impl Report {
                     "Forgotten",
                     &format!("{:.1} points", f.drop_points),
                     &format!(
-                        "control prompts drawn right: {:.1} % base → {:.1} % with LoRA",
+                        "control prompts drawn right (shape, colour, background, checks): {:.1} % base → {:.1} % with LoRA",
                         f.accuracy_base * 100.0,
                         f.accuracy_lora * 100.0
                     ),
