@@ -244,10 +244,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     bar.finish_and_clear();
     let k = r.base_knows;
     eprintln!(
-        "base on control prompts: colour {:.0} %, shape {:.0} %, checkered as asked {:.0} %; \
+        "base on control prompts: colour {:.0} %, shape {:.0} %, background {:.0} %, checkered as asked {:.0} %; \
          LoRA changed them by {:.1}/255",
         100.0 * k.colour,
         100.0 * k.shape,
+        100.0 * k.background,
         100.0 * k.checks,
         r.mean_pixel_distance
     );

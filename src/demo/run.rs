@@ -276,9 +276,10 @@ pub fn run(
     report.settings.push((
         "base model on the control prompts".into(),
         format!(
-            "colour right {:.0} %, shape right {:.0} %, checkered as asked {:.0} %",
+            "colour right {:.0} %, shape right {:.0} %, background right {:.0} %, checkered as asked {:.0} %",
             100.0 * base_knows.colour,
             100.0 * base_knows.shape,
+            100.0 * base_knows.background,
             100.0 * base_knows.checks
         ),
     ));

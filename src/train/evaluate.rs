@@ -56,11 +56,12 @@ pub struct Evaluation {
 }
 
 /// On the tiny-world control prompts, the share of base samples that show the asked colour, the
-/// asked shape, and checks exactly where asked, each on its own.
+/// asked shape, the asked background, and checks exactly where asked, each on its own.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BaseKnows {
     pub colour: f64,
     pub shape: f64,
+    pub background: f64,
     pub checks: f64,
 }
 
@@ -129,6 +130,7 @@ pub fn evaluate(
             base_knows = BaseKnows {
                 colour: share(&|d, a| d.colour == Some(a.colour)),
                 shape: share(&|d, a| d.shape == Some(a.shape)),
+                background: share(&|d, a| a.background.is_none_or(|b| d.background == Some(b))),
                 checks: share(&|d, a| checks_as_asked(d, a)),
             };
         }
