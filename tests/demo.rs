@@ -17,7 +17,8 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         samples: 4,
         controls: 4,
         sampling: sdlora::train::evaluate::Sampling { steps: 10, ..d.sampling },
-        reg: 3,
+        // more than the 4 training images: only 4 are drawn, as many as training shows per epoch
+        reg: 6,
         max_timestep: Some(500),
         ..d
     };
@@ -37,8 +38,8 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         assert_eq!(sdlora::demo::scores::classify(&img).colour, Some(Colour::Pink), "{caption}");
     }
     let reg: Vec<_> = std::fs::read_dir(o.out.join("reg")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "png")).count(), 3);
-    assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "txt")).count(), 3);
+    assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "png")).count(), 4);
+    assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "txt")).count(), 4);
     // The embedded base was pretrained on the world: it paints the prompt's shape in its colour
     // (chance: 1 in 5 shapes, 1 in 8 colours); a random or broken base does not.
     let k = r.base_knows;

@@ -94,7 +94,9 @@ pub struct DemoArgs {
     #[arg(long, value_name = "REGEX", default_value = "none")]
     pub exclude_layers: String,
     /// Regularization images the base draws of the shapes it knows, mixed into training
-    /// (`train --reg-data`); 0 trains on the concept's images alone.
+    /// (`train --reg-data`); 0 trains on the concept's images alone. At most --images are drawn:
+    /// training shows as many regularization images per epoch as training images (kohya's
+    /// balance), so more would sit out.
     #[arg(long, default_value_t = 20)]
     pub reg: usize,
     /// What the regularization images' loss pulls towards, as `train --prior-preservation`:

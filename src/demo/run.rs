@@ -35,7 +35,8 @@ pub struct DemoOptions {
     /// Sampler steps and guidance of every image the demo draws.
     pub sampling: Sampling,
     /// Regularization images the base draws of known shapes before training (`train --reg-data`,
-    /// DreamBooth's prior preservation); 0: none.
+    /// DreamBooth's prior preservation); 0: none. At most `images` are drawn: training balances
+    /// them to as many as training images, as kohya does, so more would sit out.
     pub reg: usize,
     /// What the regularization images pull towards (`train --prior-preservation`): "noise" or
     /// "output" (the base's own prediction).
@@ -144,9 +145,10 @@ pub fn run(
     let reg_dir = o.out.join("reg");
     let _ = std::fs::remove_dir_all(&reg_dir);
     let mut reg_imgs = vec![];
-    if o.reg > 0 {
+    let n_reg = o.reg.min(o.images);
+    if n_reg > 0 {
         progress("drawing regularization images with the base", 0, 0);
-        let rows: Vec<(String, u64)> = scenes(o.seed + 300, o.reg, &known)
+        let rows: Vec<(String, u64)> = scenes(o.seed + 300, n_reg, &known)
             .iter()
             .enumerate()
             .map(|(i, s)| (s.caption(), o.seed + 400 + i as u64))
@@ -179,9 +181,9 @@ pub fn run(
         // A mirrored checkerboard swaps its cells about the shape's centre, yet without flips
         // seeds 1–5 learned 55/45/25/20/15 % against 45/35/50/30/30 % with them (min-SNR off).
         flip: Some(true),
-        reg_data: (o.reg > 0).then(|| reg_dir.clone()),
-        prior_preservation: (o.reg > 0).then(|| o.prior_preservation.clone()),
-        prior_loss_weight: (o.reg > 0).then_some(o.prior_loss_weight),
+        reg_data: (n_reg > 0).then(|| reg_dir.clone()),
+        prior_preservation: (n_reg > 0).then(|| o.prior_preservation.clone()),
+        prior_loss_weight: (n_reg > 0).then_some(o.prior_loss_weight),
         dop_trigger: o.dop_weight.map(|_| o.concept.name().to_string()),
         dop_weight: o.dop_weight,
         dop_class: o.dop_weight.map(|_| o.dop_class.clone()),
@@ -257,7 +259,7 @@ pub fn run(
         "regularization images (prior loss weight, loss against)".into(),
         format!(
             "{}, {}, {}",
-            o.reg,
+            n_reg,
             o.prior_loss_weight,
             if o.prior_preservation == "output" { "the base's prediction" } else { "the noise" }
         ),
