@@ -183,13 +183,15 @@ fn forgotten_compares_paired_images() {
         .collect();
     assert_eq!(forgotten(&base, &checked, &expected).drop_points, 50.0);
 
+    // A palette colour that is neither the scene's shape nor its background.
+    let other = |s: &Scene| Colour::ALL.into_iter().find(|&c| c != s.colour && c != s.background).unwrap();
+
     // A quarter of the backgrounds repainted, the shapes untouched: a background forgotten counts.
     let repainted: Vec<RgbImage> = control
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let other = Colour::ALL.into_iter().find(|&c| c != s.colour && c != s.background).unwrap();
-            if i % 4 == 0 { Scene { background: other, texture: Texture::Plain, ..*s } } else { *s }
+            if i % 4 == 0 { Scene { background: other(s), texture: Texture::Plain, ..*s } } else { *s }
                 .render(64)
         })
         .collect();
@@ -198,10 +200,7 @@ fn forgotten_compares_paired_images() {
     // Every colour changed: nothing right, and the pixel distance grows.
     let recoloured: Vec<RgbImage> = control
         .iter()
-        .map(|s| {
-            let colour = Colour::ALL.into_iter().find(|&c| c != s.colour && c != s.background).unwrap();
-            Scene { colour, texture: Texture::Plain, ..*s }.render(64)
-        })
+        .map(|s| Scene { colour: other(s), texture: Texture::Plain, ..*s }.render(64))
         .collect();
     let all = forgotten(&base, &recoloured, &expected);
     assert_eq!(all.drop_points, 100.0);
