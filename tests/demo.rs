@@ -193,6 +193,12 @@ fn grown_attention_starts_as_the_base_and_then_trains() {
     pretrain(&cfg(0), &grown, &mut |_, _, _, _| {}).unwrap();
     let config = std::fs::read_to_string(grown.join("unet/config.json")).unwrap();
     assert!(!config.contains("\"DownBlock2D\"") && !config.contains("\"UpBlock2D\""), "{config}");
+    let heads: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        heads["attention_head_dim"],
+        serde_json::json!([2, 8]),
+        "new heads 32 wide, the old ones kept"
+    );
 
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (2, 4, 16, 16), &dev).unwrap();
