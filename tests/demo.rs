@@ -231,6 +231,12 @@ fn grown_attention_starts_as_the_base_and_then_trains() {
     .unwrap();
     let tr = tensors(&trained);
     assert_eq!(tr.len(), g.len(), "a grown --init keeps its attention");
+    let kept = std::fs::read_to_string(trained.join("unet/config.json")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&kept).unwrap()["attention_head_dim"],
+        heads["attention_head_dim"],
+        "and its heads"
+    );
     let out = "down_blocks.0.attentions.0.proj_out.weight";
     let moved =
         tr[out].to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
