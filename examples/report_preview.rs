@@ -6,7 +6,7 @@
 use anyhow::Result;
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
-use sdlora::demo::scores::{add_noise, blur3, forgotten, learned};
+use sdlora::demo::scores::{add_noise, blur3, followed, forgotten, learned};
 use sdlora::demo::world::{scenes, Scene, Shape, IMAGE_SIZE};
 use sdlora::report::{grid, grid_rows, Report, Scores};
 
@@ -43,6 +43,7 @@ fn main() -> Result<()> {
         learned: Some(learned(&after, &stars)),
         learned_base: Some(learned(&before, &stars)),
         learned_of: stars.len(),
+        followed: Some((followed(&after, &stars), followed(&before, &stars))),
         forgetting: Some(forgetting),
     };
 

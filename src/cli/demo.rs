@@ -263,6 +263,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         100.0 * hi,
         100.0 * r.learned_base
     );
+    eprintln!(
+        "the whole prompt (concept, shape, colour and background) in {:.0} % of them; by the base in {:.0} %",
+        100.0 * r.followed.0,
+        100.0 * r.followed.1
+    );
     eprintln!("report: {}", r.report.display());
     println!(
         "learned: {:.1}% forgotten: {:.1} lora_bytes: {} seconds: {:.1}",

@@ -86,6 +86,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 100.0 * hi,
                 100.0 * e.scores.learned_base.unwrap_or(0.0)
             );
+            if let Some((lora, base)) = e.scores.followed {
+                eprintln!(
+                    "         {:.1} % follow the whole prompt (shape, colour, background too; base model: {:.1} %)",
+                    100.0 * lora,
+                    100.0 * base
+                );
+            }
         }
         if let Some(f) = &e.scores.forgetting {
             if f.labelled > 0 {

@@ -101,6 +101,9 @@ pub struct DemoResult {
     pub learned: f64,
     /// The base's samples of the same prompts and seeds, scored the same way.
     pub learned_base: f64,
+    /// Shares of the same samples, LoRA's and base's, that follow the whole prompt (the concept,
+    /// shape, colour and background: `scores::follows`).
+    pub followed: (f64, f64),
     pub forgotten_points: f64,
     pub mean_pixel_distance: f64,
     pub lora_bytes: u64,
@@ -209,6 +212,7 @@ pub fn run(
         crate::train::evaluate::evaluate(&model_id, &lora, &target, &control_prompts, o.side, o.sampling)?;
     let learned = eval.scores.learned.unwrap_or(0.0);
     let learned_base = eval.scores.learned_base.unwrap_or(0.0);
+    let followed = eval.scores.followed.unwrap_or_default();
     let forgetting = eval.scores.forgetting.context("control prompts were sampled")?;
     let base_knows = eval.base_knows;
 
@@ -291,6 +295,7 @@ pub fn run(
     Ok(DemoResult {
         learned,
         learned_base,
+        followed,
         forgotten_points: forgetting.drop_points,
         mean_pixel_distance: forgetting.mean_pixel_distance,
         lora_bytes: summary.lora_bytes,

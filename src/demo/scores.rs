@@ -478,19 +478,41 @@ pub fn checks_as_asked(d: &Detected, asked: Asked) -> bool {
 /// Whether `img` shows the shape `asked` names, checkered if asked, and in the asked colour where
 /// that is one the world's scenes never draw (a known colour is scored as forgetting).
 pub fn shows(img: &RgbImage, asked: Asked) -> bool {
-    let d = classify(img);
+    shows_detected(&classify(img), asked)
+}
+
+fn shows_detected(d: &Detected, asked: Asked) -> bool {
     let colour_ok = !asked.colour.unseen() || d.colour == Some(asked.colour);
-    d.shape == Some(asked.shape) && checks_as_asked(&d, asked) && colour_ok
+    d.shape == Some(asked.shape) && checks_as_asked(d, asked) && colour_ok
+}
+
+/// Whether `img` follows its whole prompt: what `shows` asks, and also the asked colour and
+/// background. A LoRA that draws its concept on a repainted background shows the concept but
+/// breaks the rest of the prompt, which "learned" alone would not tell.
+pub fn follows(img: &RgbImage, asked: Asked) -> bool {
+    let d = classify(img);
+    shows_detected(&d, asked)
+        && d.colour == Some(asked.colour)
+        && asked.background.is_none_or(|b| d.background == Some(b))
 }
 
 /// Share of `samples` that show what their prompt `asked[i]` names: the demo's "learned" score
 /// for images generated from the new concept's prompts.
 pub fn learned(samples: &[RgbImage], asked: &[Asked]) -> f64 {
-    assert_eq!(samples.len(), asked.len(), "learned: each sample pairs with what its prompt asked");
+    share(samples, asked, shows)
+}
+
+/// Share of `samples` that follow their whole prompt `asked[i]` (`follows`).
+pub fn followed(samples: &[RgbImage], asked: &[Asked]) -> f64 {
+    share(samples, asked, follows)
+}
+
+fn share(samples: &[RgbImage], asked: &[Asked], ok: fn(&RgbImage, Asked) -> bool) -> f64 {
+    assert_eq!(samples.len(), asked.len(), "each sample pairs with what its prompt asked");
     if samples.is_empty() {
         return 0.0;
     }
-    samples.iter().zip(asked).filter(|&(s, &a)| shows(s, a)).count() as f64 / samples.len() as f64
+    samples.iter().zip(asked).filter(|&(s, &a)| ok(s, a)).count() as f64 / samples.len() as f64
 }
 
 /// Wilson's 95 % score interval of a share `p` measured on `n` samples: with 20 samples a 45 %

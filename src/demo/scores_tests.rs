@@ -156,6 +156,28 @@ fn learned_is_the_share_of_samples_showing_what_was_asked() {
 }
 
 #[test]
+fn followed_also_asks_for_the_colour_and_background() {
+    let render = |scs: &[Scene]| scs.iter().map(|s| s.render(64)).collect::<Vec<_>>();
+    let checks = Concept::Texture(Texture::Checks).scenes(4, 8, &[Shape::Circle, Shape::Square, Shape::Ring]);
+    let asked: Vec<Asked> = checks.iter().map(|s| s.asked()).collect();
+    assert_eq!(followed(&render(&checks), &asked), 1.0);
+    let other = |s: &Scene| Colour::ALL.into_iter().find(|&c| c != s.colour && c != s.background).unwrap();
+    // the checkered shapes on other backgrounds: the concept is shown, the prompt not followed
+    let moved: Vec<Scene> = checks
+        .iter()
+        .map(|s| Scene { background: other(s), texture: Texture::Plain, ..*s }.with_texture(Texture::Checks))
+        .collect();
+    assert!(moved.iter().zip(&checks).all(|(m, s)| m.background != s.background && m.colour == s.colour));
+    assert_eq!(learned(&render(&moved), &asked), 1.0);
+    assert_eq!(followed(&render(&moved), &asked), 0.0);
+    // in another known colour: "learned" leaves a known colour to "forgotten", the prompt is not followed
+    let recoloured: Vec<Scene> = checks.iter().map(|s| s.with_colour(other(s))).collect();
+    assert!(recoloured.iter().zip(&checks).all(|(r, s)| r.colour != s.colour));
+    assert_eq!(learned(&render(&recoloured), &asked), 1.0);
+    assert_eq!(followed(&render(&recoloured), &asked), 0.0);
+}
+
+#[test]
 fn forgotten_compares_paired_images() {
     let control = scenes(5, 8, &[Shape::Circle, Shape::Square]);
     let expected: Vec<Asked> = control.iter().map(|s| s.asked()).collect();

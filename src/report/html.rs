@@ -22,6 +22,9 @@ pub struct Scores {
     pub learned_base: Option<f64>,
     /// How many samples `learned` was measured on (its 95 % interval follows from it).
     pub learned_of: usize,
+    /// Shares (0–1) of the same samples, LoRA's and base's, that follow the whole prompt: the
+    /// concept and the asked shape, colour and background (`demo::scores::follows`).
+    pub followed: Option<(f64, f64)>,
     pub forgetting: Option<Forgetting>,
 }
 
@@ -120,6 +123,17 @@ impl Report {
                         s.learned_base.map_or(String::new(), |b| format!(" (base: {:.1} %)", b * 100.0)),
                         100.0 * lo,
                         100.0 * hi
+                    ),
+                )?;
+            }
+            if let Some((lora, base)) = s.followed {
+                card(
+                    &mut h,
+                    "Whole prompt",
+                    &format!("{:.1} %", lora * 100.0),
+                    &format!(
+                        "of the same samples show it in the asked colour on the asked background (base: {:.1} %)",
+                        base * 100.0
                     ),
                 )?;
             }

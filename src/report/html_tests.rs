@@ -23,6 +23,7 @@ fn sample_report() -> Report {
             learned: Some(0.875),
             learned_base: Some(0.05),
             learned_of: 8,
+            followed: Some((0.625, 0.0)),
             forgetting: Some(Forgetting {
                 labelled: 8,
                 accuracy_base: 0.95,
@@ -65,7 +66,9 @@ fn written_page_has_plot_grids_scores_and_numbers() {
     for label in ["before", "after", "base vs LoRA"] {
         assert!(html.contains(&format!("<figcaption>{label}</figcaption>")), "{label}");
     }
-    for number in ["87.5 %", "1.5 points", "95.0 %", "93.5 %", "7.9 / 255", "3.2 MiB", "3,355,443 bytes"] {
+    for number in
+        ["87.5 %", "62.5 %", "1.5 points", "95.0 %", "93.5 %", "7.9 / 255", "3.2 MiB", "3,355,443 bytes"]
+    {
         assert!(html.contains(number), "{number}");
     }
     for text in [

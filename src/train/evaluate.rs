@@ -4,7 +4,7 @@
 //! background") are also scored by the exact procedural scorer (`crate::demo::scores`); any
 //! prompt counts towards the mean pixel distance, the one measure that needs no labels.
 use crate::demo::scores::{
-    checks_as_asked, classify, forgotten, learned, mean_abs_difference, Detected, Forgetting,
+    checks_as_asked, classify, followed, forgotten, learned, mean_abs_difference, Detected, Forgetting,
 };
 use crate::demo::world::Asked;
 use crate::model::load::{load, LoadOptions, StableDiffusion};
@@ -89,8 +89,14 @@ pub fn evaluate(
     let (c_base, c_with) = (base_all.split_off(target.len()), with_all.split_off(target.len()));
     let (t_base, t_with) = (base_all, with_all);
     let mut grids = vec![];
-    let mut scores =
-        Scores { target: String::new(), learned: None, learned_base: None, learned_of: 0, forgetting: None };
+    let mut scores = Scores {
+        target: String::new(),
+        learned: None,
+        learned_base: None,
+        learned_of: 0,
+        followed: None,
+        forgetting: None,
+    };
     let mut base_knows = BaseKnows::default();
     if !target.is_empty() {
         let (base, with) = (&t_base, &t_with);
@@ -102,6 +108,7 @@ pub fn evaluate(
             scores.learned = Some(learned(&pick(with), &asked));
             scores.learned_base = Some(learned(&pick(base), &asked));
             scores.learned_of = asked.len();
+            scores.followed = Some((followed(&pick(with), &asked), followed(&pick(base), &asked)));
             let mut names: Vec<String> = asked.iter().map(|a| a.describe()).collect();
             names.sort_unstable();
             names.dedup();
