@@ -14,7 +14,7 @@ pub const MISSING: Shape = Shape::Star;
 /// caption as the base knows it (`Scene::caption`), where a new word before the shape changes
 /// everything after it. Pink (`--concept pink`, a colour no base saw) is learned in far more
 /// samples, but it comes before the shape and its LoRA repaints the backgrounds of about a third
-/// of the control prompts (assets/demo_model/README.md), which "forgotten" does not count.
+/// of the control prompts (assets/demo_model/README.md): seed 1 forgets 35 points, checks 10.
 pub const CONCEPT: Concept = Concept::Texture(Texture::Checks);
 
 /// Whether the embedded base never saw `c`.
