@@ -128,6 +128,14 @@ fn bad_inputs_each_give_one_clear_line() {
     expect_error(&["train", "--config", &toml], &["nan.toml", "lr must be a finite number"]);
     // serde would call a NaN "null, expected f64": the flag is named instead
     run_train(&f, &model, &data, &out, &["--sample-cfg", "nan"], &["--sample-cfg must be a finite number"]);
+    run_train(
+        &f,
+        &model,
+        &data,
+        &out,
+        &["--sample-lora-start", "2"],
+        &["--sample-lora-start 2", "between 0 and 1"],
+    );
 }
 
 #[test]
@@ -215,6 +223,10 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&["demo", "--out", &demo_out, "--lora-batch", "0"], &["--lora-batch", "at least 1"]);
     expect_error(&["demo", "--out", &demo_out, "--samples", "0"], &["--samples", "at least 1"]);
     expect_error(&["demo", "--out", &demo_out, "--cfg", "-1"], &["--cfg -1", "1 (no guidance) or more"]);
+    expect_error(
+        &["demo", "--out", &demo_out, "--lora-start", "-0.1"],
+        &["--lora-start -0.1", "between 0 and 1"],
+    );
     expect_error(&["demo", "--out", &demo_out, "--text-encoder-lr", "inf"], &["--text-encoder-lr inf"]);
     expect_error(&["demo", "--out", &demo_out, "--dop-weight", "-1"], &["--dop-weight -1", "0 or more"]);
     expect_error(&["demo", "--out", &demo_out, "--prior-loss-weight", "nan"], &["--prior-loss-weight NaN"]);

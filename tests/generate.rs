@@ -64,7 +64,7 @@ fn pipeline_case(stem: &str) -> (f64, f64) {
     };
     let latents = (start * sched.init_noise_sigma()).unwrap();
     let unet = sd.unet.as_ref().unwrap();
-    let out = denoise(unet, sched.as_mut(), latents, &g, noise.as_mut(), &mut |_, _| {}).unwrap();
+    let out = denoise(unet, sched.as_mut(), latents, &g, None, noise.as_mut(), &mut |_, _| {}).unwrap();
     let e_lat = rel_err(&out, &t["latents_out"]);
     let image = decode(sd.vae.as_ref().unwrap(), &out).unwrap();
     (e_lat, rel_err(&image, &t["image"]))
@@ -213,11 +213,19 @@ fn write_lora(dir: &Path, out: &Path) {
     };
     let unet = sd.unet.as_mut().unwrap();
     let infos = attach(unet, "", &|p, _| p.contains(".attn"), &spec, 0, &Device::Cpu).unwrap();
+    let n = infos.len();
+    let te = &mut sd.text_encoders[0];
+    let te_infos = attach(te, "", &|p, _| p.contains(".mlp."), &spec, n, &Device::Cpu).unwrap();
+    assert!(!te_infos.is_empty());
     // a noticeable but finite change
-    for a in &infos {
+    for a in infos.iter().chain(&te_infos) {
         a.up.set(&(a.up.as_tensor() * 3.0).unwrap()).unwrap();
     }
-    let adapters: Vec<_> = infos.into_iter().map(|a| ("unet".to_string(), a)).collect();
+    let adapters: Vec<_> = infos
+        .into_iter()
+        .map(|a| ("unet".to_string(), a))
+        .chain(te_infos.into_iter().map(|a| ("text_encoder".to_string(), a)))
+        .collect();
     let layout = unet_layout(&sd);
     write(out, &adapters, sd.family, &layout, LoraFormat::Kohya, DType::F32, HashMap::new()).unwrap();
 }
@@ -237,6 +245,27 @@ fn lora_at_zero_is_the_base_image_and_at_one_is_not() {
     };
     assert_eq!(with(0.0), base_png, "a LoRA at strength 0 changed the image");
     assert_ne!(with(1.0), base_png, "a LoRA at strength 1 left the image unchanged");
+}
+
+/// `lora_start`: the base draws the first steps alone, so holding every step back gives the
+/// base's image exactly, none the LoRA's, a share something else again; and the LoRA is on
+/// again for the next image.
+#[test]
+fn lora_start_leaves_the_first_steps_to_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(&tmp.path().join("m"));
+    let lora = tmp.path().join("l.safetensors");
+    write_lora(&tmp.path().join("m"), &lora);
+    let o = |lora_start: f64| GenerateOptions { steps: 4, lora_start, ..opts(5) };
+    let base_png = png_of(&base, &o(0.0));
+    let mut sd = load_folder(&tmp.path().join("m"), &LoadOptions::default()).unwrap();
+    sdlora::lora::apply::apply_file(&mut sd, &lora, 1.0, 0).unwrap();
+    let full = png_of(&sd, &o(0.0));
+    assert_ne!(full, base_png, "the LoRA changes the image");
+    assert_eq!(png_of(&sd, &o(1.0)), base_png, "every step held back is the base's image");
+    let half = png_of(&sd, &o(0.5));
+    assert!(half != base_png && half != full, "two of four steps by the base is neither image");
+    assert_eq!(png_of(&sd, &o(0.0)), full, "the LoRA is back on after a held-back image");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -298,6 +327,8 @@ fn cli_writes_pngs_with_a1111_parameters() {
         "dpm++2m-karras",
         "--clip-skip",
         "2",
+        "--lora-start",
+        "0.5",
         "--out",
         &o,
     ];
@@ -319,6 +350,7 @@ fn cli_writes_pngs_with_a1111_parameters() {
     assert_eq!(f["Size"], "32x48");
     assert_eq!(f["Model"], "model");
     assert_eq!(f["Clip skip"], "2");
+    assert_eq!(f["Lora start"], "0.5");
     assert_eq!(f["Model hash"].len(), 10);
     let lh = &f["Lora hashes"];
     assert!(lh.starts_with("my_style: ") && lh.len() == "my_style: ".len() + 12, "{lh}");
@@ -356,6 +388,9 @@ fn cli_bad_input_gives_one_error_line() {
     run(&["--model", &sd1, "--cfg", "nan"], &["--cfg NaN", "give a number"]);
     // layers deeper than the penultimate are not implemented: refused rather than drawn with 2
     run(&["--model", &sd1, "--clip-skip", "3"], &["--clip-skip 3", "penultimate"]);
+    // holding back LoRAs that are not there is a mistake in the command, not a no-op
+    run(&["--model", &sd1, "--lora-start", "0.5"], &["--lora-start 0.5", "--lora"]);
+    run(&["--model", &sd1, "--lora-start", "1.5"], &["--lora-start 1.5", "between 0"]);
     // the fixture pipe itself generates fine (16 px: its VAE downsamples by 2)
     let args = base(&["--model", &sd1, "--width", "16"]);
     let (ok, _, err) = sdlora(&args.iter().map(String::as_str).collect::<Vec<_>>());

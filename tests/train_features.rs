@@ -248,6 +248,16 @@ fn sample_grids_before_during_and_after_training() {
     a.sample_cfg = Some(0.5);
     let err = TrainConfig::resolve(&a).err().unwrap().to_string();
     assert!(err.contains("--sample-cfg 0.5 must be 1"), "{err}");
+
+    // --sample-lora-start 1: the base draws every step of the LoRA column too, however trained
+    a.sample_cfg = None;
+    a.sample_lora_start = Some(1.0);
+    a.steps = Some(4);
+    a.output = Some(tmp.path().join("held.safetensors"));
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let s = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
+    let (b, l) = halves(&s.grids.last().unwrap().1);
+    assert!(b.as_raw() == b0.as_raw() && l.as_raw() == b0.as_raw(), "the LoRA held back for every step");
 }
 
 /// kohya's regularization images: as many per epoch as training images (here 2 reg images for

@@ -125,6 +125,11 @@ pub struct DemoArgs {
     /// control samples) [default: 3 for a colour, 5 for checkered and shapes].
     #[arg(long, allow_negative_numbers = true)]
     pub cfg: Option<f64>,
+    /// Share of the sampling steps the base draws alone before the LoRA joins in, for every
+    /// image drawn with the LoRA (the grids during training, target and control samples), as
+    /// `generate --lora-start`: the base lays out the picture, the LoRA adds its checks.
+    #[arg(long, value_name = "SHARE", allow_negative_numbers = true)]
+    pub lora_start: Option<f64>,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -219,7 +224,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         dop_weight: a.dop_weight.map_or(d.dop_weight, |w| (w > 0.0).then_some(w)),
         dop_class: a.dop_class.clone(),
         max_timestep: (a.max_timestep != 1000).then_some(a.max_timestep),
-        sampling: crate::train::evaluate::Sampling { cfg: a.cfg.unwrap_or(d.sampling.cfg), ..d.sampling },
+        sampling: crate::train::evaluate::Sampling {
+            cfg: a.cfg.unwrap_or(d.sampling.cfg),
+            lora_start: a.lora_start.unwrap_or(d.sampling.lora_start),
+            ..d.sampling
+        },
         min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
         batch: a.lora_batch,
@@ -322,6 +331,9 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
     }
     if let Some(cfg) = a.cfg.filter(|c| !(*c >= 1.0 && c.is_finite())) {
         anyhow::bail!("--cfg {cfg} must be 1 (no guidance) or more");
+    }
+    if let Some(s) = a.lora_start.filter(|s| !(0.0..=1.0).contains(s)) {
+        anyhow::bail!("--lora-start {s}: a share of the sampling steps between 0 and 1");
     }
     Ok(())
 }

@@ -18,6 +18,13 @@ pub struct GenerateArgs {
     /// A LoRA to apply, as FILE or FILE:STRENGTH (strength defaults to 1). Repeat for several.
     #[arg(long = "lora", value_name = "FILE[:STRENGTH]")]
     pub loras: Vec<String>,
+    /// Share of the steps the base model draws alone before the LoRAs join in, 0 to 1: the
+    /// first round(SHARE × steps) steps run with every adapter off and the base's own text
+    /// encoding, so the base lays out the picture and the LoRAs add what they learned on top
+    /// (as ComfyUI's LoRA hook keyframes and A1111's loractl extension do). It keeps more of
+    /// the base's composition, at some cost to what the LoRA changes early. 0: every step.
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE", allow_negative_numbers = true)]
+    pub lora_start: f64,
     /// What to draw. Longer than 75 tokens is fine: the prompt is encoded in chunks of 75 tokens
     /// as Automatic1111 does (`BREAK` starts a new chunk).
     #[arg(long)]
@@ -106,6 +113,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if args.steps == 0 || args.batch == 0 {
         bail!("--steps and --batch must be at least 1");
     }
+    if pipeline::lora_start_steps(args.lora_start, args.steps)? > 0 && loras.is_empty() {
+        bail!(
+            "--lora-start {} holds the LoRAs back for some steps: give at least one --lora",
+            args.lora_start
+        );
+    }
     if !args.cfg.is_finite() {
         bail!("--cfg {}: give a number (1 or less turns guidance off)", args.cfg);
     }
@@ -169,6 +182,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         batch: args.batch,
         scheduler: args.scheduler.clone(),
         clip_skip,
+        lora_start: args.lora_start,
     };
     let model_hash = model_location(&sd.source).map(|p| infopng::model_hash(&p)).transpose()?;
 
@@ -198,6 +212,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             model_name: infopng::model_name(&sd.source),
             clip_skip: opts.clip_skip,
             loras: lora_info.clone(),
+            lora_start: opts.lora_start,
         };
         let bytes = infopng::encode_png(img.width, img.height, &img.rgb, &info.to_text())?;
         let path = args.out.join(format!("{index:05}-{}.png", img.seed));

@@ -280,6 +280,7 @@ pub fn pretrain(
         tokenizer_dirs: vec![None],
         scheduler: SchedulerConfig::default(),
         source: "demo".into(),
+        lora_switch: crate::lora::adapter::switch(),
     };
     let prompts = PromptEncoder::new(&sd, 1)?;
     let captions = captions(&world, cfg.texture_last);

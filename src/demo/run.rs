@@ -82,7 +82,7 @@ impl DemoOptions {
             exclude_layers: None,
             samples: 20,
             controls: 20,
-            sampling: Sampling { steps: 20, cfg: if colour { 3.0 } else { 5.0 } },
+            sampling: Sampling { steps: 20, cfg: if colour { 3.0 } else { 5.0 }, lora_start: 0.0 },
             reg: 20,
             prior_preservation: "noise".into(),
             prior_loss_weight: if colour { 2.0 } else { 1.0 },
@@ -196,6 +196,7 @@ pub fn run(
         sample_prompts: Some(during),
         sample_every: Some((o.steps / 4).max(1)),
         sample_cfg: Some(o.sampling.cfg),
+        sample_lora_start: Some(o.sampling.lora_start),
         ..Default::default()
     };
     let cfg = TrainConfig::resolve(&args)?;
@@ -275,8 +276,15 @@ pub fn run(
     report.settings.push((
         "samples".into(),
         format!(
-            "{} target + {} control, {} sampler steps each, guidance {}",
-            o.samples, o.controls, o.sampling.steps, o.sampling.cfg
+            "{} target + {} control, {} sampler steps each, guidance {}{}",
+            o.samples,
+            o.controls,
+            o.sampling.steps,
+            o.sampling.cfg,
+            match crate::sample::pipeline::lora_start_steps(o.sampling.lora_start, o.sampling.steps) {
+                Ok(n) if n > 0 => format!(", the first {n} steps by the base alone (--lora-start)"),
+                _ => String::new(),
+            }
         ),
     ));
     report.settings.push((

@@ -1,6 +1,6 @@
 //! Putting LoRA files onto a loaded model (for generation, parity checks and merging), without
 //! touching the base weights: each file becomes one more adapter on its layers.
-use super::adapter::Lora;
+use super::adapter::{Lora, Switch};
 use super::attach::AdapterInfo;
 use super::format::{read, resolve, unet_layout, LoraTensors, Targets};
 use crate::model::layers::{LayerMut, Visit};
@@ -46,11 +46,12 @@ pub fn apply_file(
     }
     let mut err = None;
     let mut out = vec![];
+    let switch = sd.lora_switch.clone();
     each_component(sd, &mut |comp, m| {
         let Some(map) = by_comp.get(comp) else { return };
         m.visit("", &mut |p, layer| {
             if let Some(t) = map.get(p) {
-                match add(layer, t, multiplier, first_id + out.len()) {
+                match add(layer, t, multiplier, first_id + out.len(), &switch) {
                     Ok((down, up)) => {
                         let alpha = t.alpha.unwrap_or(t.rank() as f64);
                         let info =
@@ -70,7 +71,13 @@ pub fn apply_file(
     }
 }
 
-fn add(layer: LayerMut<'_>, t: &LoraTensors, multiplier: f64, id: usize) -> Result<(Var, Var)> {
+fn add(
+    layer: LayerMut<'_>,
+    t: &LoraTensors,
+    multiplier: f64,
+    id: usize,
+    switch: &Switch,
+) -> Result<(Var, Var)> {
     let r = t.rank();
     // adapters are f32 whatever the base dtype (f64 stays f64 for the reference checks)
     let dtype = crate::model::layers::acc(match &layer {
@@ -99,7 +106,7 @@ fn add(layer: LayerMut<'_>, t: &LoraTensors, multiplier: f64, id: usize) -> Resu
         up: up.clone(),
         scale: t.scale() * multiplier,
         dropout: 0.0,
-        switch: super::adapter::switch(),
+        switch: switch.clone(),
     };
     match layer {
         LayerMut::Linear(l) => l.adapters.push(lora),

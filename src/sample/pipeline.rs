@@ -2,6 +2,7 @@
 //! prompt, start from seeded noise, denoise with classifier-free guidance, decode with the VAE.
 use super::noise::{NoiseSource, SeededNoise};
 use super::{resolve, Scheduler};
+use crate::lora::adapter::Switch;
 use crate::model::load::{Family, StableDiffusion};
 use crate::model::text::{Conditioning, PromptEncoder};
 use crate::model::unet::{UNet2DConditionModel, UNetInput};
@@ -26,6 +27,10 @@ pub struct GenerateOptions {
     pub scheduler: String,
     /// 1 = last text-encoder layer; 2 = penultimate (SD1/SD2).
     pub clip_skip: usize,
+    /// Share of the steps, from the start, that the base model draws alone (its own text
+    /// encoding, every adapter switched off): the first round(lora_start × steps). The base lays
+    /// out the picture, the LoRAs then add what they learned. 0: the LoRAs act on every step.
+    pub lora_start: f64,
 }
 
 impl Default for GenerateOptions {
@@ -41,6 +46,7 @@ impl Default for GenerateOptions {
             batch: 1,
             scheduler: "default".into(),
             clip_skip: 1,
+            lora_start: 0.0,
         }
     }
 }
@@ -116,6 +122,14 @@ impl Guidance {
     }
 }
 
+/// The first `steps` denoising steps run on the base model: `switch` off, `guidance` from the
+/// base's text encoding (`GenerateOptions::lora_start`).
+pub struct BaseFirst<'a> {
+    pub steps: usize,
+    pub guidance: &'a Guidance,
+    pub switch: &'a Switch,
+}
+
 /// The denoising loop: `latents` (already scaled by `init_noise_sigma`) through every step.
 /// `progress(i, n)` after each step.
 pub fn denoise(
@@ -123,22 +137,33 @@ pub fn denoise(
     sched: &mut dyn Scheduler,
     mut latents: Tensor,
     g: &Guidance,
+    base_first: Option<&BaseFirst>,
     noise: &mut dyn NoiseSource,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
     let timesteps = sched.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate() {
+        let (g, base) = match base_first {
+            Some(b) if i < b.steps => (b.guidance, Some(b.switch)),
+            _ => (g, None),
+        };
         let x = if g.scale.is_some() { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let x = sched.scale_model_input(&x, i)?;
         let n = x.dim(0)?;
         let timestep = Tensor::from_vec(vec![t as f32; n], n, x.device())?;
-        let out = unet.forward(&UNetInput {
-            sample: &x,
-            timestep: &timestep,
-            encoder_hidden_states: &g.context,
-            text_embeds: g.text_embeds.as_ref(),
-            time_ids: g.time_ids.as_ref(),
-        })?;
+        let forward = || {
+            unet.forward(&UNetInput {
+                sample: &x,
+                timestep: &timestep,
+                encoder_hidden_states: &g.context,
+                text_embeds: g.text_embeds.as_ref(),
+                time_ids: g.time_ids.as_ref(),
+            })
+        };
+        let out = match base {
+            Some(switch) => switch.off_while(forward)?,
+            None => forward()?,
+        };
         let out = out.to_dtype(DType::F32)?;
         let pred = match g.scale {
             Some(s) => {
@@ -169,6 +194,14 @@ pub fn decode(vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
         images.push(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?);
     }
     Ok(Tensor::cat(&images, 0)?)
+}
+
+/// How many of `steps` the base draws alone for `GenerateOptions::lora_start` = `share`.
+pub fn lora_start_steps(share: f64, steps: usize) -> Result<usize> {
+    if !(0.0..=1.0).contains(&share) {
+        bail!("--lora-start {share}: a share of the steps between 0 (the LoRA on every step) and 1");
+    }
+    Ok((share * steps as f64).round() as usize)
 }
 
 /// [B, 3, H, W] in [0, 1] → 8-bit RGB rows, rounded half to even as numpy does.
@@ -253,33 +286,46 @@ fn generate_rows(
     let encoder = PromptEncoder::new(sd, opts.clip_skip)?;
     let texts: Vec<String> =
         std::iter::once(&opts.negative).chain(rows.iter().map(|r| &r.0)).cloned().collect();
-    let all = encoder.encode_chunked(&sd.text_encoders, &texts).context("encoding the prompt")?;
+    let encode = || encoder.encode_chunked(&sd.text_encoders, &texts).context("encoding the prompt");
     let n = rows.len();
-    let part = |t: &Tensor, negative: bool| -> Result<Tensor> {
-        Ok(if negative {
-            let r = t.narrow(0, 0, 1)?;
-            let mut dims = vec![n];
-            dims.extend(&r.dims()[1..]);
-            r.broadcast_as(dims)?.contiguous()?
-        } else {
-            t.narrow(0, 1, n)?
-        })
-    };
-    let pick = |negative: bool| -> Result<Conditioning> {
-        Ok(Conditioning {
-            context: part(&all.context, negative)?,
-            pooled: all.pooled.as_ref().map(|p| part(p, negative)).transpose()?,
-        })
-    };
-    let (uncond, cond) = (pick(true)?, pick(false)?);
     let xl_size = (sd.family == Family::Sdxl).then_some((height, width));
-    let guidance = Guidance::new(&cond, &uncond, opts.cfg_scale, xl_size)?;
+    let guide = |all: &Conditioning| -> Result<Guidance> {
+        let part = |t: &Tensor, negative: bool| -> Result<Tensor> {
+            Ok(if negative {
+                let r = t.narrow(0, 0, 1)?;
+                let mut dims = vec![n];
+                dims.extend(&r.dims()[1..]);
+                r.broadcast_as(dims)?.contiguous()?
+            } else {
+                t.narrow(0, 1, n)?
+            })
+        };
+        let pick = |negative: bool| -> Result<Conditioning> {
+            Ok(Conditioning {
+                context: part(&all.context, negative)?,
+                pooled: all.pooled.as_ref().map(|p| part(p, negative)).transpose()?,
+            })
+        };
+        Guidance::new(&pick(false)?, &pick(true)?, opts.cfg_scale, xl_size)
+    };
+    let guidance = guide(&encode()?)?;
+    let base_steps = lora_start_steps(opts.lora_start, opts.steps)?;
+    let base_guidance = match base_steps {
+        0 => None,
+        _ => Some(guide(&sd.lora_switch.off_while(encode)?)?),
+    };
+    let base_first = base_guidance.as_ref().map(|guidance| BaseFirst {
+        steps: base_steps,
+        guidance,
+        switch: &sd.lora_switch,
+    });
 
     let seeds: Vec<u64> = rows.iter().map(|r| r.1).collect();
     let mut noise = SeededNoise::new(&seeds);
     let shape = [n, unet.config.in_channels, height / f, width / f];
     let latents = (noise.randn(&shape, unet.conv_in.weight.device())? * sched.init_noise_sigma())?;
-    let latents = denoise(unet, sched.as_mut(), latents, &guidance, &mut noise, progress)?;
+    let latents =
+        denoise(unet, sched.as_mut(), latents, &guidance, base_first.as_ref(), &mut noise, progress)?;
     let images = to_rgb8(&decode(vae, &latents)?)?;
     let out = images
         .into_iter()

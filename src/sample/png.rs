@@ -30,6 +30,8 @@ pub struct Infotext {
     pub model_name: String,
     pub clip_skip: usize,
     pub loras: Vec<LoraInfo>,
+    /// `GenerateOptions::lora_start`; written only when the LoRAs sat out some steps.
+    pub lora_start: f64,
 }
 
 /// A1111's `quote`: values holding `,`, `:` or a newline are JSON strings.
@@ -70,6 +72,9 @@ impl Infotext {
         if !self.loras.is_empty() {
             let list: Vec<String> = self.loras.iter().map(|l| format!("{}: {}", l.name, l.hash)).collect();
             fields.push(("Lora hashes", list.join(", ")));
+        }
+        if self.lora_start > 0.0 {
+            fields.push(("Lora start", self.lora_start.to_string()));
         }
         fields.push(("Version", format!("sdlora {}", env!("CARGO_PKG_VERSION"))));
         let line: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {}", quote(v))).collect();
@@ -226,6 +231,7 @@ mod tests {
                 LoraInfo { name: "a".into(), multiplier: 0.8, hash: "aaaaaaaaaaaa".into() },
                 LoraInfo { name: "b".into(), multiplier: 0.5, hash: "bbbbbbbbbbbb".into() },
             ],
+            lora_start: 0.2,
         };
         let s = t.to_text();
         assert!(
@@ -238,6 +244,8 @@ mod tests {
         assert_eq!(get("Sampler"), Some("DPM++ 2M Karras"));
         assert_eq!(get("Lora hashes"), Some("a: aaaaaaaaaaaa, b: bbbbbbbbbbbb"));
         assert_eq!(get("Clip skip"), Some("2"));
+        assert_eq!(get("Lora start"), Some("0.2"));
+        assert!(!Infotext { lora_start: 0.0, ..t.clone() }.to_text().contains("Lora start"));
         assert_eq!(get("Version"), Some(format!("sdlora {}", env!("CARGO_PKG_VERSION")).as_str()));
     }
 

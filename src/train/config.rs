@@ -227,6 +227,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_cfg: Option<f64>,
+    /// Share of the sampling steps the base draws alone before the LoRA joins in, for every
+    /// image training draws after its start, as `generate --lora-start` [default: 0].
+    #[arg(long, value_name = "SHARE", allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_lora_start: Option<f64>,
     /// A text file of prompts for what the LoRA should learn: after training each is drawn by
     /// base and base + LoRA (seed = --seed + line); tiny-world captions ("a red star on a blue
     /// background") are scored: the report's "learned".
@@ -319,6 +324,8 @@ pub struct TrainConfig {
     pub sample_every: usize,
     #[serde(default = "d_sample_cfg")]
     pub sample_cfg: f64,
+    #[serde(default)]
+    pub sample_lora_start: f64,
     #[serde(default)]
     pub target_prompts: Option<PathBuf>,
     #[serde(default)]
@@ -508,6 +515,12 @@ impl TrainConfig {
         if !(self.sample_cfg >= 1.0 && self.sample_cfg.is_finite()) {
             return bad(format!("--sample-cfg {} must be 1 (no guidance) or more", self.sample_cfg));
         }
+        if !(0.0..=1.0).contains(&self.sample_lora_start) {
+            return bad(format!(
+                "--sample-lora-start {}: a share of the sampling steps between 0 and 1",
+                self.sample_lora_start
+            ));
+        }
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return bad("--caption-dropout is a probability between 0 and 1".into());
         }
@@ -516,7 +529,11 @@ impl TrainConfig {
 
     /// How training draws its sample grids and its target and control prompts.
     pub fn sampling(&self) -> crate::train::evaluate::Sampling {
-        crate::train::evaluate::Sampling { cfg: self.sample_cfg, ..Default::default() }
+        crate::train::evaluate::Sampling {
+            cfg: self.sample_cfg,
+            lora_start: self.sample_lora_start,
+            ..Default::default()
+        }
     }
 
     /// The timesteps training draws from, for a scheduler of `n` training timesteps.

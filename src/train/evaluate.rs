@@ -15,16 +15,18 @@ use image::RgbImage;
 use std::path::Path;
 
 /// How the evaluation samples: the model's own scheduler, `steps` steps, classifier-free
-/// guidance `cfg`.
+/// guidance `cfg`, the base alone for the first `lora_start` of the steps
+/// (`GenerateOptions::lora_start`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
     pub steps: usize,
     pub cfg: f64,
+    pub lora_start: f64,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { steps: 20, cfg: 7.0 }
+        Sampling { steps: 20, cfg: 7.0, lora_start: 0.0 }
     }
 }
 
@@ -38,6 +40,7 @@ pub(crate) fn sample(
     let opts = GenerateOptions {
         steps: how.steps,
         cfg_scale: how.cfg,
+        lora_start: how.lora_start,
         width: side as usize,
         height: side as usize,
         ..Default::default()

@@ -147,7 +147,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let prompts = PromptEncoder::new(&sd, 1)?;
 
     let preset: Preset = cfg.targets.parse().map_err(anyhow::Error::msg)?;
-    let switch = crate::lora::adapter::switch();
+    let switch = sd.lora_switch.clone();
     let spec = LoraSpec {
         rank: cfg.rank,
         alpha: cfg.alpha(),

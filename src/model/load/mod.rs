@@ -124,6 +124,10 @@ pub struct StableDiffusion {
     pub scheduler: SchedulerConfig,
     /// What the user pointed at, for messages and metadata.
     pub source: String,
+    /// Shared by every adapter put on this model (LoRA files applied, adapters in training):
+    /// switched off, the model computes what its base alone does. Sampling uses it to leave the
+    /// first steps to the base (`GenerateOptions::lora_start`), training for base predictions.
+    pub lora_switch: crate::lora::adapter::Switch,
 }
 
 /// SDXL has a second text encoder; SD2 is told apart from SD1 by its 1024-wide context.
@@ -216,5 +220,6 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDiffusion> {
         tokenizer_dirs,
         scheduler,
         source: dir.display().to_string(),
+        lora_switch: crate::lora::adapter::switch(),
     })
 }
