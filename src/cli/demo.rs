@@ -127,7 +127,8 @@ pub struct DemoArgs {
     pub cfg: Option<f64>,
     /// Share of the sampling steps the base draws alone before the LoRA joins in, for every
     /// image drawn with the LoRA (the grids during training, target and control samples), as
-    /// `generate --lora-start`: the base lays out the picture, the LoRA adds its checks.
+    /// `generate --lora-start`: the base lays out the picture, the LoRA adds its checks
+    /// [default: 0].
     #[arg(long, value_name = "SHARE", allow_negative_numbers = true)]
     pub lora_start: Option<f64>,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
