@@ -221,6 +221,7 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     assert!(!out.exists(), "nothing written");
     let demo_out = tmp.path().join("demo").display().to_string();
     expect_error(&["demo", "--out", &demo_out, "--lora-batch", "0"], &["--lora-batch", "at least 1"]);
+    expect_error(&["demo", "--out", &demo_out, "--steps", "0"], &["--steps", "at least 1"]);
     expect_error(&["demo", "--out", &demo_out, "--samples", "0"], &["--samples", "at least 1"]);
     expect_error(&["demo", "--out", &demo_out, "--cfg", "-1"], &["--cfg -1", "1 (no guidance) or more"]);
     expect_error(

@@ -20,6 +20,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         // more than the 4 training images: only 4 are drawn, as many as training shows per epoch
         reg: 6,
         max_timestep: Some(500),
+        lr_scheduler: sdlora::train::optim::LrSchedule::Cosine,
         ..d
     };
     let r = run(&o, None, &mut |_, _, _| {}).unwrap();
@@ -73,24 +74,29 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     let bytes = std::fs::read(o.out.join("demo_lora.safetensors")).unwrap();
     let meta = safetensors::SafeTensors::read_metadata(&bytes).unwrap().1.metadata().clone().unwrap();
     assert!(meta["sdlora_timestep_range"].contains("\"max_timestep\":500"), "{meta:?}");
+    // so does the learning-rate schedule
+    assert_eq!(meta["ss_lr_scheduler"], "cosine");
+    assert!(html.contains("0.0007, cosine, 4"), "schedule in the report's settings");
     // 4 target samples: the interval says how little that measures
     assert!(html.contains("of 4 samples for the new prompt") && html.contains("95 % interval"), "interval");
 }
 
 /// The demo at its defaults, as `sdlora demo` runs it (about 4 minutes on 2 cores): a guard at
-/// today's level, not the goal. Seeds 1–5 measured learned 45 / 35 / 35 / 50 / 50 %,
-/// forgotten 10 / 20 / 10 / 25 / 10 points, backgrounds counted (the goal: ≥ 90 %, ≤ 5),
-/// whole prompt followed 35 / 35 / 35 / 40 / 40 %; this test runs seed 1, and another CPU's float
-/// rounding can move a few samples, hence the margin.
+/// today's level, not the goal. With 1,000 steps and the base drawing the first 4 of 20 sampling
+/// steps, seeds 1–5 measured learned 30 / 40 / 55 / 65 / 55 %, forgotten 0 / 10 / 10 / 20 / 5
+/// points (the goal: ≥ 90 %, ≤ 5), whole prompt followed 25 / 35 / 50 / 60 / 40 %; this
+/// test runs seed 1, and another CPU's float rounding can move a few samples, hence the margin.
 #[test]
 fn demo_at_its_defaults_learns_checks_and_keeps_most_controls() {
     let tmp = tempfile::tempdir().unwrap();
-    let r = run(&DemoOptions::new(tmp.path().join("demo")), None, &mut |_, _, _| {}).unwrap();
+    let o = DemoOptions::new(tmp.path().join("demo"));
+    assert_eq!((o.steps, o.sampling.lora_start), (1000, 0.2), "the defaults this guard measured");
+    let r = run(&o, None, &mut |_, _, _| {}).unwrap();
     eprintln!("learned {} forgotten {} ({:?})", r.learned, r.forgotten_points, r.base_knows);
-    assert!(r.learned >= 0.3, "learned {:.0} %", 100.0 * r.learned);
-    // …most of them with the asked colour and background too (seed 1: 35 %)
-    assert!(r.followed.0 >= 0.2, "whole prompt followed in {:.0} %", 100.0 * r.followed.0);
-    assert!(r.forgotten_points <= 15.0, "forgotten {:.0} points", r.forgotten_points);
+    assert!(r.learned >= 0.2, "learned {:.0} %", 100.0 * r.learned);
+    // …most of them with the asked colour and background too (seed 1: 25 %)
+    assert!(r.followed.0 >= 0.15, "whole prompt followed in {:.0} %", 100.0 * r.followed.0);
+    assert!(r.forgotten_points <= 10.0, "forgotten {:.0} points", r.forgotten_points);
     // the base never saw checks: its samples of the same prompts and seeds show none
     assert!(r.learned_base <= 0.1, "base shows checks in {:.0} %", 100.0 * r.learned_base);
     let k = r.base_knows;

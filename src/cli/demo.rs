@@ -71,15 +71,18 @@ pub struct DemoArgs {
     pub concept: Option<String>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// LoRA training steps.
-    #[arg(long, default_value_t = 700)]
-    pub steps: usize,
+    /// LoRA training steps [default: 1000 for a texture, 700 for a colour or a shape].
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// LoRA batch size.
     #[arg(long, default_value_t = 4)]
     pub lora_batch: usize,
     /// LoRA learning rate.
     #[arg(long, default_value_t = 7e-4, allow_negative_numbers = true)]
     pub lora_lr: f64,
+    /// Schedule of the LoRA's learning rates, as `train --lr-scheduler`.
+    #[arg(long, value_enum, default_value = "constant")]
+    pub lr_scheduler: crate::train::optim::LrSchedule,
     /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 2e-3].
     #[arg(long, allow_negative_numbers = true)]
     pub text_encoder_lr: Option<f64>,
@@ -128,7 +131,8 @@ pub struct DemoArgs {
     /// Share of the sampling steps the base draws alone before the LoRA joins in, for every
     /// image drawn with the LoRA (the grids during training, target and control samples), as
     /// `generate --lora-start`: the base lays out the picture, the LoRA adds its checks
-    /// [default: 0].
+    /// [default: 0.2 for a texture (the first 4 of 20 steps), 0 for a colour or a shape, which
+    /// the LoRA must lay out itself].
     #[arg(long, value_name = "SHARE", allow_negative_numbers = true)]
     pub lora_start: Option<f64>,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
@@ -213,9 +217,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let d = crate::demo::run::DemoOptions::for_concept(a.out.clone(), concept);
     let opts = crate::demo::run::DemoOptions {
         concept,
-        steps: a.steps,
+        steps: a.steps.unwrap_or(d.steps),
         seed: a.seed,
         lr: a.lora_lr,
+        lr_scheduler: a.lr_scheduler,
         rank: a.rank,
         targets: a.targets.clone(),
         exclude_layers: (a.exclude_layers != "none").then(|| a.exclude_layers.clone()),
@@ -310,7 +315,7 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
         }
         return Ok(());
     }
-    if a.steps == 0 || a.lora_batch == 0 || a.rank == 0 || a.samples == 0 {
+    if a.steps == Some(0) || a.lora_batch == 0 || a.rank == 0 || a.samples == 0 {
         anyhow::bail!("--steps, --lora-batch, --rank and --samples must be at least 1");
     }
     positive("--lora-lr", a.lora_lr)?;

@@ -21,8 +21,9 @@ pub struct DemoOptions {
     pub steps: usize,
     pub side: u32,
     pub seed: u64,
-    /// LoRA learning rate.
+    /// LoRA learning rate and its schedule (`train --lr-scheduler`).
     pub lr: f64,
+    pub lr_scheduler: crate::train::optim::LrSchedule,
     /// LoRA rank and layers (`train --targets`: attn, attn-mlp, full).
     pub rank: usize,
     pub targets: String,
@@ -66,23 +67,32 @@ impl DemoOptions {
     /// The defaults for `concept`. A colour samples at guidance 3 with the regularization images'
     /// loss weighted 2: pink, seed 1, 40 + 40 samples, learned 80 % and forgot 2.5 points, against
     /// 80 / 15 at guidance 5 and weight 1. Checks and shapes keep guidance 5 (at 7 checks come
-    /// out over-driven and break outlines) and weight 1.
+    /// out over-driven and break outlines) and weight 1. A texture trains 1,000 steps and leaves
+    /// the first 4 of 20 sampling steps to the base: seeds 1–5 learned 49 % and forgot 9 points
+    /// on average, against 43 % / 15 with 700 steps and the LoRA on every step (a shape must be
+    /// laid out by the LoRA itself, so it keeps every step).
     pub fn for_concept(out: PathBuf, concept: Concept) -> Self {
         let colour = matches!(concept, Concept::Colour(_));
+        let texture = matches!(concept, Concept::Texture(_));
         DemoOptions {
             out,
             concept,
             images: 20,
-            steps: 700,
+            steps: if texture { 1000 } else { 700 },
             side: super::pretrain::SIDE,
             seed: 1,
             lr: 7e-4,
+            lr_scheduler: crate::train::optim::LrSchedule::Constant,
             rank: 8,
             targets: "full".into(),
             exclude_layers: None,
             samples: 20,
             controls: 20,
-            sampling: Sampling { steps: 20, cfg: if colour { 3.0 } else { 5.0 }, lora_start: 0.0 },
+            sampling: Sampling {
+                steps: 20,
+                cfg: if colour { 3.0 } else { 5.0 },
+                lora_start: if texture { 0.2 } else { 0.0 },
+            },
             reg: 20,
             prior_preservation: "noise".into(),
             prior_loss_weight: if colour { 2.0 } else { 1.0 },
@@ -179,6 +189,7 @@ pub fn run(
         targets: Some(o.targets.clone()),
         exclude_layers: o.exclude_layers.clone(),
         lr: Some(o.lr),
+        lr_scheduler: Some(o.lr_scheduler),
         resolution: Some(o.side),
         seed: Some(o.seed),
         // A mirrored checkerboard swaps its cells about the shape's centre, yet without flips
@@ -248,7 +259,10 @@ pub fn run(
         report.grids.insert(1, (title.into(), grid(&reg_imgs[..reg_imgs.len().min(10)], 10)));
     }
     report.grids.extend(eval.grids);
-    report.settings.push(("LoRA learning rate, batch".into(), format!("{}, {}", o.lr, o.batch)));
+    report.settings.push((
+        "LoRA learning rate, schedule, batch".into(),
+        format!("{}, {}, {}", o.lr, format!("{:?}", o.lr_scheduler).to_lowercase(), o.batch),
+    ));
     let layers = match &o.exclude_layers {
         Some(r) => format!("{} except `{r}`", o.targets),
         None => o.targets.clone(),

@@ -243,7 +243,9 @@ pub fn generate_each(
 ) -> Result<Vec<GeneratedImage>> {
     let size_of = |v: usize| if v == 0 { default_size(sd) } else { v };
     let px = size_of(opts.width) * size_of(opts.height);
-    let per_batch = (16 * 64 * 64 / px).clamp(1, 16);
+    let most = (16 * 64 * 64 / px).clamp(1, 16);
+    // even batches: 20 rows as 10 + 10, not 16 + a slow 4
+    let per_batch = rows.len().div_ceil(rows.len().div_ceil(most).max(1)).max(1);
     let mut out = vec![];
     for chunk in rows.chunks(per_batch) {
         out.extend(generate_rows(sd, opts, chunk, &mut |_, _| {})?.0);

@@ -137,11 +137,19 @@ pub fn conv_input_grad(
 ) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     let (_, _, ho, wo) = dy.dims4()?;
+    let own = cpu_f32(dy, w) && kh == kw && kh > 1;
+    if own && stride == 1 {
+        // stride 1 pads both sides by kh − 1 − padding: im2col pads as it gathers, no copy
+        return super::im2col::conv2d_flipped(dy, w, kh - 1 - padding);
+    }
     let d = dilate(dy, stride)?;
     let pad_lo = kh - 1 - padding;
     let pad_hi_h = in_hw.0 + padding - (ho - 1) * stride - 1;
     let pad_hi_w = in_hw.1 + padding - (wo - 1) * stride - 1;
     let d = d.pad_with_zeros(2, pad_lo, pad_hi_h)?.pad_with_zeros(3, kw - 1 - padding, pad_hi_w)?;
+    if own {
+        return super::im2col::conv2d_flipped(&d, w, 0);
+    }
     let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
     conv2d(&d, &wf.to_dtype(d.dtype())?, 0, 1)
 }

@@ -3,8 +3,20 @@
 //! kernel gradient. candle 0.11's tiled im2col writes every element with a stride of its tile,
 //! which made it a third of a sampling step; this path trains the demo's LoRA 1.35× faster
 //! (BENCHMARKS.md).
-use candle_core::{Result, Tensor};
-use rayon::prelude::*;
+use candle_core::{Result, Storage, Tensor};
+use std::sync::Mutex;
+
+/// Runs `f(b)` for every image b < n on candle's own CPU thread pool. On rayon's, candle's
+/// worker kept spinning for the next candle op on a core the images needed (2-core `perf`:
+/// an eighth of a training step's samples).
+fn per_image(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
+}
+
+/// `v` cut into chunks of `len`, each lockable by the one task that fills it.
+fn chunks(v: &mut [f32], len: usize) -> Vec<Mutex<&mut [f32]>> {
+    v.chunks_mut(len).map(Mutex::new).collect()
+}
 
 /// The geometry of one convolution: input [N, C, H, W], kernel KH×KW, output [N, ·, HO, WO].
 struct Im2Col {
@@ -109,27 +121,95 @@ fn geometry(x: &Tensor, (kh, kw): (usize, usize), stride: usize, padding: usize)
     Ok(Im2Col { c, h, w, kh, kw, stride, padding, ho, wo })
 }
 
-/// [N, C, H, W] → channels-last values.
+/// Runs `f` on the values of `t` (f32 on the CPU) in row-major order, borrowed where `t` is
+/// contiguous: every candle copy here was a pass over the activations.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("im2col: expected a contiguous CPU tensor")
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[a..b]))
+}
+
+/// [N, C, H, W] → channels-last values [N, H, W, C], in one pass, images in parallel.
 fn channels_last(x: &Tensor) -> Result<Vec<f32>> {
-    x.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()
+    let (n, c, h, w) = x.dims4()?;
+    let hw = h * w;
+    with_f32(x, |v| {
+        let mut out = vec![0f32; n * hw * c];
+        let parts = chunks(&mut out, hw * c);
+        per_image(n, |b| {
+            let mut ob = parts[b].lock().expect("one task per image");
+            for (ch, plane) in v[b * c * hw..][..c * hw].chunks_exact(hw).enumerate() {
+                for (p, &e) in plane.iter().enumerate() {
+                    ob[p * c + ch] = e;
+                }
+            }
+        });
+        drop(parts);
+        out
+    })
+}
+
+/// The kernel w [O, C, KH, KW] flipped in space with in and out swapped, [C, O, KH, KW] — what
+/// the input gradient convolves with — as channels-last rows [C, KH, KW, O].
+fn flipped_rows(w: &Tensor) -> Result<Vec<f32>> {
+    let (o, c, kh, kw) = w.dims4()?;
+    with_f32(w, |v| {
+        let mut out = vec![0f32; c * kh * kw * o];
+        for oi in 0..o {
+            for ci in 0..c {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let src = ((oi * c + ci) * kh + (kh - 1 - i)) * kw + (kw - 1 - j);
+                        out[((ci * kh + i) * kw + j) * o + oi] = v[src];
+                    }
+                }
+            }
+        }
+        out
+    })
 }
 
 /// y = conv(x, w), x [N, C, H, W] f32 on the CPU, w [O, C, KH, KW]; shapes already checked.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (o, _, kh, kw) = w.dims4()?;
+    conv2d_rows(x, &channels_last(w)?, (o, kh, kw), padding, stride)
+}
+
+/// conv(x, flip(w)ᵀ) with stride 1, x [N, O, H, W], w [O, C, KH, KW]: the input gradient of a
+/// convolution by w, without materialising the flipped kernel as a tensor.
+pub fn conv2d_flipped(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
+    let (_, c, kh, kw) = w.dims4()?;
+    conv2d_rows(x, &flipped_rows(w)?, (c, kh, kw), padding, 1)
+}
+
+/// The convolution with a kernel given as channels-last rows [O, KH, KW, C].
+fn conv2d_rows(
+    x: &Tensor,
+    wr: &[f32],
+    (o, kh, kw): (usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
     let n = x.dim(0)?;
     let g = geometry(x, (kh, kw), stride, padding)?;
     let (p, k) = (g.p(), g.k());
     let xl = channels_last(x)?;
-    let wr = channels_last(w)?; // [O, KH, KW, C]: the columns' order
     let mut y = vec![0f32; n * o * p];
     // one image per task: its [P, K] matrix stays in cache for its GEMM; a lone image (the VAE
     // decodes one at a time) gives the threads to the GEMM instead
-    let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
-    y.par_chunks_mut(o * p).enumerate().for_each(|(b, yb)| {
-        let col = g.matrix(&xl, b);
-        gemm((o, p, k), yb, &wr, (k, 1), &col, (1, k), threads);
-    });
+    if n == 1 {
+        let col = g.matrix(&xl, 0);
+        gemm((o, p, k), &mut y, wr, (k, 1), &col, (1, k), rayon::current_num_threads());
+    } else {
+        let parts = chunks(&mut y, o * p);
+        per_image(n, |b| {
+            let col = g.matrix(&xl, b);
+            gemm((o, p, k), &mut parts[b].lock().expect("one task per image"), wr, (k, 1), &col, (1, k), 1);
+        });
+    }
     Tensor::from_vec(y, (n, o, g.ho, g.wo), x.device())
 }
 
@@ -148,22 +228,26 @@ pub fn kernel_grad(
         candle_core::bail!("kernel_grad: dy {:?} is not the output of this convolution", dy.dims());
     }
     let xl = channels_last(x)?;
-    let dyv: Vec<f32> = dy.flatten_all()?.to_vec1()?;
     let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
-    let dw = (0..n)
-        .into_par_iter()
-        .map(|b| {
+    let dw = with_f32(dy, |dyv| {
+        let mut each = vec![0f32; n * o * k];
+        let parts = chunks(&mut each, o * k);
+        let one = |b: usize| {
             let col = g.matrix(&xl, b);
-            let mut dwb = vec![0f32; o * k];
+            let mut dwb = parts[b].lock().expect("one task per image");
             gemm((o, k, p), &mut dwb, &dyv[b * o * p..], (p, 1), &col, (k, 1), threads);
-            dwb
-        })
-        .reduce(
-            || vec![0f32; o * k],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+        };
+        if n == 1 {
+            one(0)
+        } else {
+            per_image(n, one)
+        }
+        drop(parts);
+        let mut dw = vec![0f32; o * k];
+        for part in each.chunks_exact(o * k) {
+            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        dw
+    })?;
     Tensor::from_vec(dw, (o, kh, kw, c), x.device())?.permute((0, 3, 1, 2))?.contiguous()
 }
