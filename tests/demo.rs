@@ -82,19 +82,19 @@ fn demo_runs_end_to_end_and_writes_its_report() {
 }
 
 /// The demo at its defaults, as `sdlora demo` runs it (about 4 minutes on 2 cores): a guard at
-/// today's level, not the goal. With 1,000 steps and the base drawing the first 4 of 20 sampling
-/// steps, seeds 1–5 measured learned 30 / 40 / 55 / 65 / 55 %, forgotten 0 / 10 / 10 / 20 / 5
-/// points (the goal: ≥ 90 %, ≤ 5), whole prompt followed 25 / 35 / 50 / 60 / 40 %; this
+/// today's level, not the goal. With 1,000 steps and the base drawing the first 6 of 20 sampling
+/// steps, seeds 1–5 measured learned 35 / 40 / 70 / 60 / 50 %, forgotten 0 / 5 / 5 / 25 / 0
+/// points (the goal: ≥ 90 %, ≤ 5), whole prompt followed 30 / 35 / 65 / 55 / 40 %; this
 /// test runs seed 1, and another CPU's float rounding can move a few samples, hence the margin.
 #[test]
 fn demo_at_its_defaults_learns_checks_and_keeps_most_controls() {
     let tmp = tempfile::tempdir().unwrap();
     let o = DemoOptions::new(tmp.path().join("demo"));
-    assert_eq!((o.steps, o.sampling.lora_start), (1000, 0.2), "the defaults this guard measured");
+    assert_eq!((o.steps, o.sampling.lora_start), (1000, 0.3), "the defaults this guard measured");
     let r = run(&o, None, &mut |_, _, _| {}).unwrap();
     eprintln!("learned {} forgotten {} ({:?})", r.learned, r.forgotten_points, r.base_knows);
     assert!(r.learned >= 0.2, "learned {:.0} %", 100.0 * r.learned);
-    // …most of them with the asked colour and background too (seed 1: 25 %)
+    // …most of them with the asked colour and background too (seed 1: 30 %)
     assert!(r.followed.0 >= 0.15, "whole prompt followed in {:.0} %", 100.0 * r.followed.0);
     assert!(r.forgotten_points <= 10.0, "forgotten {:.0} points", r.forgotten_points);
     // the base never saw checks: its samples of the same prompts and seeds show none

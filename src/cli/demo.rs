@@ -131,7 +131,7 @@ pub struct DemoArgs {
     /// Share of the sampling steps the base draws alone before the LoRA joins in, for every
     /// image drawn with the LoRA (the grids during training, target and control samples), as
     /// `generate --lora-start`: the base lays out the picture, the LoRA adds its checks
-    /// [default: 0.2 for a texture (the first 4 of 20 steps), 0 for a colour or a shape, which
+    /// [default: 0.3 for a texture (the first 6 of 20 steps), 0 for a colour or a shape, which
     /// the LoRA must lay out itself].
     #[arg(long, value_name = "SHARE", allow_negative_numbers = true)]
     pub lora_start: Option<f64>,
