@@ -262,7 +262,7 @@ pub fn run(
     report.grids.extend(eval.grids);
     report.settings.push((
         "LoRA learning rate, schedule, batch".into(),
-        format!("{}, {}, {}", o.lr, format!("{:?}", o.lr_scheduler).to_lowercase(), o.batch),
+        format!("{}, {}, {}", o.lr, o.lr_scheduler.name(), o.batch),
     ));
     let layers = match &o.exclude_layers {
         Some(r) => format!("{} except `{r}`", o.targets),

@@ -54,7 +54,7 @@ pub fn kohya_metadata(
     put("ss_unet_lr", format!("{}", cfg.lr));
     put("ss_text_encoder_lr", cfg.text_encoder_lr.map(|v| format!("{v}")).unwrap_or_else(|| "None".into()));
     put("ss_network_train_unet_only", py_bool(cfg.text_encoder_lr.is_none()));
-    put("ss_lr_scheduler", format!("{:?}", cfg.lr_scheduler).to_lowercase());
+    put("ss_lr_scheduler", cfg.lr_scheduler.name().to_string());
     put("ss_lr_warmup_steps", cfg.warmup_steps.to_string());
     put("ss_batch_size_per_device", cfg.batch_size.to_string());
     put("ss_gradient_accumulation_steps", cfg.grad_accum.to_string());

@@ -118,6 +118,17 @@ pub enum LrSchedule {
     Cosine,
 }
 
+impl LrSchedule {
+    /// The name `--lr-scheduler` takes, kohya's `ss_lr_scheduler` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Linear => "linear",
+            LrSchedule::Cosine => "cosine",
+        }
+    }
+}
+
 /// Learning rate at `step` (0-based) of `total`: linear warmup, then the schedule.
 pub fn lr_at(schedule: LrSchedule, base: f64, step: usize, total: usize, warmup: usize) -> f64 {
     if step < warmup {

@@ -153,7 +153,9 @@ fn channels_last(x: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// The kernel w [O, C, KH, KW] flipped in space with in and out swapped, [C, O, KH, KW] — what
-/// the input gradient convolves with — as channels-last rows [C, KH, KW, O].
+/// the input gradient convolves with — as channels-last rows [C, KH, KW, O]. Rebuilt on every
+/// call rather than cached: a cache would keep a second f32 copy of every frozen kernel, which
+/// at SD sizes costs more memory than this one pass over the kernel costs time.
 fn flipped_rows(w: &Tensor) -> Result<Vec<f32>> {
     let (o, c, kh, kw) = w.dims4()?;
     with_f32(w, |v| {
