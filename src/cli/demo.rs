@@ -64,14 +64,14 @@ pub struct DemoArgs {
     /// exactly what --init drew until --unet-steps train them.
     #[arg(long)]
     pub grow_attention: bool,
-    /// What the LoRA learns: "checkered" (a texture), "pink" (a colour) or a shape (star, …)
-    /// [default: checkered]. With --pretrain: the shape left out of pretraining [default there: star];
+    /// What the LoRA learns: "pink" (a colour), "checkered" (a texture) or a shape (star, …)
+    /// [default: pink]. With --pretrain: the shape left out of pretraining [default there: star];
     /// pretraining never draws checks or pink.
     #[arg(long)]
     pub concept: Option<String>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// LoRA training steps [default: 1000 for a texture, 700 for a colour or a shape].
+    /// LoRA training steps [default: 600 for a colour, 1000 for a texture, 700 for a shape].
     #[arg(long)]
     pub steps: Option<usize>,
     /// LoRA batch size.
@@ -130,9 +130,9 @@ pub struct DemoArgs {
     pub cfg: Option<f64>,
     /// Share of the sampling steps the base draws alone before the LoRA joins in, for every
     /// image drawn with the LoRA (the grids during training, target and control samples), as
-    /// `generate --lora-start`: the base lays out the picture, the LoRA adds its checks
-    /// [default: 0.3 for a texture (the first 6 of 20 steps), 0 for a colour or a shape, which
-    /// the LoRA must lay out itself].
+    /// `generate --lora-start`: the base lays out the picture, the LoRA adds its colour or
+    /// texture [default: 0.3 for a colour or a texture (the first 6 of 20 steps), 0 for a shape,
+    /// which the LoRA must lay out itself].
     #[arg(long, value_name = "SHARE", allow_negative_numbers = true)]
     pub lora_start: Option<f64>,
     /// A base model folder (e.g. from --pretrain) instead of the embedded one.
@@ -146,7 +146,8 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let name = a.concept.as_deref().unwrap_or(if a.pretrain.is_some() { "star" } else { "checkered" });
+    let default = if a.pretrain.is_some() { "star" } else { crate::demo::base::CONCEPT.name() };
+    let name = a.concept.as_deref().unwrap_or(default);
     let concept = Concept::from_name(name).ok_or_else(|| {
         anyhow::anyhow!(
             "--concept `{name}`: checkered, pink, or a shape: circle, square, triangle, star, cross, ring"

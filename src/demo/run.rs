@@ -65,13 +65,17 @@ impl DemoOptions {
     }
 
     /// The defaults for `concept`. A colour samples at guidance 3 with the regularization images'
-    /// loss weighted 2: pink, seed 1, 40 + 40 samples, learned 80 % and forgot 2.5 points, against
-    /// 80 / 15 at guidance 5 and weight 1. Checks and shapes keep guidance 5 (at 7 checks come
-    /// out over-driven and break outlines) and weight 1. A texture trains 1,000 steps and leaves
-    /// the first 6 of 20 sampling steps to the base: seeds 1–5 learned 51 % and forgot 7 points on
-    /// average (4 steps: 49 % / 9; 3: 51 / 12; 8: 41 / 8), against 43 % / 15 with 700 steps and
-    /// the LoRA on every step (a shape must be laid out by the LoRA itself, so it keeps every
-    /// step).
+    /// loss weighted 2 (pink, seed 1, before backgrounds were scored: 80 % learned, 2.5 points
+    /// forgotten, against 80 / 15 at guidance 5 and weight 1). Checks and shapes keep guidance 5
+    /// (at 7 checks come out over-driven and break outlines) and weight 1. A colour or a texture
+    /// leaves the first 6 of 20 sampling steps to the base, which lays out shape and background:
+    /// pink's LoRAs of seeds 1–3 (700 steps) forgot 20 / 5 / 0 points so, 35 / 20 / 15 with the
+    /// LoRA on every step. Pink trains 600 steps: seeds 1–5 at 400, 500 and 600 steps learned
+    /// 84 / 84 / 85 % on average and forgot 1 / 2 / 2 points (seeds 1–4 at 700: 88 % / 11); on
+    /// other prompts and seeds (1–3) 600 steps read 85 / 3, 400 steps 83 / 7, 700 steps 82 / 8.
+    /// A texture trains 1,000 steps: seeds 1–5 learned checks in 51 % and forgot 7 points on
+    /// average (4 base steps: 49 % / 9; 3: 51 / 12; 8: 41 / 8), against 43 % / 15 with 700 steps
+    /// and the LoRA on every step. A shape must be laid out by the LoRA itself: every step.
     pub fn for_concept(out: PathBuf, concept: Concept) -> Self {
         let colour = matches!(concept, Concept::Colour(_));
         let texture = matches!(concept, Concept::Texture(_));
@@ -79,7 +83,13 @@ impl DemoOptions {
             out,
             concept,
             images: 20,
-            steps: if texture { 1000 } else { 700 },
+            steps: if texture {
+                1000
+            } else if colour {
+                600
+            } else {
+                700
+            },
             side: super::pretrain::SIDE,
             seed: 1,
             lr: 7e-4,
@@ -92,7 +102,7 @@ impl DemoOptions {
             sampling: Sampling {
                 steps: 20,
                 cfg: if colour { 3.0 } else { 5.0 },
-                lora_start: if texture { 0.3 } else { 0.0 },
+                lora_start: if texture || colour { 0.3 } else { 0.0 },
             },
             reg: 20,
             prior_preservation: "noise".into(),
