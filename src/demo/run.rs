@@ -69,8 +69,8 @@ impl DemoOptions {
     /// forgotten, against 80 / 15 at guidance 5 and weight 1). Checks and shapes keep guidance 5
     /// (at 7 checks come out over-driven and break outlines) and weight 1. A colour or a texture
     /// leaves the first 6 of 20 sampling steps to the base, which lays out shape and background:
-    /// pink's LoRAs of seeds 1–3 (700 steps) forgot 20 / 5 / 0 points so, 35 / 20 / 15 with the
-    /// LoRA on every step. Pink trains 600 steps: seeds 1–5 at 400, 500 and 600 steps learned
+    /// pink's LoRAs of seeds 1–3 (700 steps) forgot 20 / 5 / 0 points this way, 35 / 20 / 15 with
+    /// the LoRA on every step. Pink trains 600 steps: seeds 1–5 at 400, 500 and 600 steps learned
     /// 84 / 84 / 85 % on average and forgot 1 / 2 / 2 points (seeds 1–4 at 700: 88 % / 11); on
     /// other prompts and seeds (1–3) 600 steps read 85 / 3, 400 steps 83 / 7, 700 steps 82 / 8.
     /// A texture trains 1,000 steps: seeds 1–5 learned checks in 51 % and forgot 7 points on
@@ -83,12 +83,10 @@ impl DemoOptions {
             out,
             concept,
             images: 20,
-            steps: if texture {
-                1000
-            } else if colour {
-                600
-            } else {
-                700
+            steps: match concept {
+                Concept::Colour(_) => 600,
+                Concept::Texture(_) => 1000,
+                Concept::Shape(_) => 700,
             },
             side: super::pretrain::SIDE,
             seed: 1,
