@@ -83,7 +83,8 @@ pub struct DemoArgs {
     /// Schedule of the LoRA's learning rates, as `train --lr-scheduler`.
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_scheduler: crate::train::optim::LrSchedule,
-    /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 2e-3].
+    /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 4e-3 for a
+    /// colour, 2e-3 otherwise].
     #[arg(long, allow_negative_numbers = true)]
     pub text_encoder_lr: Option<f64>,
     /// LoRA rank (network dim)
