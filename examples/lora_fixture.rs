@@ -2,7 +2,7 @@
 //! tools/fixtures/check_our_lora.py to load with diffusers' `load_lora_weights`:
 //! `cargo run --example lora_fixture` then `python tools/fixtures/check_our_lora.py`.
 use candle_core::{DType, Device};
-use sdlora::lora::format::{write, LoraFormat};
+use sdlora::lora::format::{write, LoraFormat, WriteAs};
 use sdlora::lora::targets::{text_encoder_selects, unet_selects, Preset};
 use sdlora::lora::{attach, Init, LoraSpec};
 use sdlora::model::load::{load_folder, LoadOptions};
@@ -39,7 +39,8 @@ fn main() -> anyhow::Result<()> {
         {
             let path = root.join(name).join("lora").join(file);
             let layout = sdlora::lora::format::unet_layout(&sd);
-            write(&path, &adapters, sd.family, &layout, fmt, DType::F32, Default::default())?;
+            let how = WriteAs { family: sd.family, layout: &layout, format: fmt, dtype: DType::F32 };
+            write(&path, &adapters, vec![], how, Default::default())?;
             println!("wrote {}", path.display());
         }
     }

@@ -234,5 +234,8 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&["demo", "--out", &demo_out, "--reg", "0", "--prior-loss-weight", "2"], &["--reg above 0"]);
     expect_error(&["demo", "--out", &demo_out, "--dop-class", "striped"], &["--dop-class", "weight above 0"]);
     expect_error(&["demo", "--out", &demo_out, "--max-timestep", "0"], &["--max-timestep 0", "1 to 1000"]);
+    expect_error(&["demo", "--out", &demo_out, "--embedding-lr", "-1"], &["--embedding-lr -1", "0 or more"]);
+    let no_embedding = ["demo", "--out", &demo_out, "--init-word", "none", "--embedding-lr", "1e-3"];
+    expect_error(&no_embedding, &["--embedding-lr", "--init-word WORD"]);
     assert!(!tmp.path().join("demo").exists(), "nothing written");
 }

@@ -52,8 +52,9 @@ fn sd15_rank8_attn_mlp_lora_file_is_about_6_5_mb() {
     let named: Vec<(String, _)> = adapters.into_iter().map(|a| ("unet".to_string(), a)).collect();
     let family = sdlora::model::load::Family::Sd1;
     let layout = sdlora::model::load::ldm_keys::UnetLayout::standard(family);
-    format::write(&path, &named, family, &layout, format::LoraFormat::Kohya, DType::F16, Default::default())
-        .unwrap();
+    let how =
+        format::WriteAs { family, layout: &layout, format: format::LoraFormat::Kohya, dtype: DType::F16 };
+    format::write(&path, &named, vec![], how, Default::default()).unwrap();
     let bytes = std::fs::metadata(&path).unwrap().len();
     assert!((6_000_000..7_000_000).contains(&bytes), "{bytes} bytes");
 }

@@ -2,7 +2,7 @@
 //! tools/fixtures/schedulers.py), determinism, the PNG infotext, LoRAs, CLI errors.
 mod common;
 use candle_core::{DType, Device, Tensor};
-use sdlora::lora::format::{unet_layout, write, LoraFormat};
+use sdlora::lora::format::{unet_layout, write, LoraFormat, WriteAs};
 use sdlora::lora::{attach, Init, LoraSpec};
 use sdlora::model::load::{load_folder, Family, LoadOptions, StableDiffusion};
 use sdlora::model::text::PromptEncoder;
@@ -227,7 +227,8 @@ fn write_lora(dir: &Path, out: &Path) {
         .chain(te_infos.into_iter().map(|a| ("text_encoder".to_string(), a)))
         .collect();
     let layout = unet_layout(&sd);
-    write(out, &adapters, sd.family, &layout, LoraFormat::Kohya, DType::F32, HashMap::new()).unwrap();
+    let how = WriteAs { family: sd.family, layout: &layout, format: LoraFormat::Kohya, dtype: DType::F32 };
+    write(out, &adapters, vec![], how, HashMap::new()).unwrap();
 }
 
 #[test]

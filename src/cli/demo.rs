@@ -87,6 +87,14 @@ pub struct DemoArgs {
     /// colour, 2e-3 otherwise].
     #[arg(long, allow_negative_numbers = true)]
     pub text_encoder_lr: Option<f64>,
+    /// Also train the concept word's token embedding, starting from this word's (several,
+    /// comma-separated: their mean), as `train --train-embedding <concept> --init-word`; "none"
+    /// leaves it alone [default: none].
+    #[arg(long, value_name = "WORD")]
+    pub init_word: Option<String>,
+    /// Learning rate of that embedding [default: 1e-3].
+    #[arg(long, allow_negative_numbers = true)]
+    pub embedding_lr: Option<f64>,
     /// LoRA rank (network dim)
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
@@ -217,6 +225,16 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         return Ok(());
     }
     let d = crate::demo::run::DemoOptions::for_concept(a.out.clone(), concept);
+    let trains_embedding = match a.init_word.as_deref() {
+        Some(w) => w != "none",
+        None => d.embedding.is_some(),
+    };
+    if a.embedding_lr.is_some() && !trains_embedding {
+        anyhow::bail!(
+            "--embedding-lr: concept {} trains no embedding here — start one with --init-word WORD",
+            concept.name()
+        );
+    }
     let opts = crate::demo::run::DemoOptions {
         concept,
         steps: a.steps.unwrap_or(d.steps),
@@ -239,6 +257,12 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         },
         min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
+        embedding: match (a.init_word.as_deref(), &d.embedding) {
+            (Some("none"), _) => None,
+            (Some(w), _) => Some((w.to_string(), a.embedding_lr.unwrap_or(1e-3))),
+            (None, Some((w, l))) => Some((w.clone(), a.embedding_lr.unwrap_or(*l))),
+            (None, None) => None,
+        },
         batch: a.lora_batch,
         samples: a.samples,
         controls: a.samples,
@@ -322,6 +346,7 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
     }
     positive("--lora-lr", a.lora_lr)?;
     zero_or_more("--text-encoder-lr", a.text_encoder_lr)?;
+    zero_or_more("--embedding-lr", a.embedding_lr)?;
     zero_or_more("--prior-loss-weight", a.prior_loss_weight)?;
     zero_or_more("--dop-weight", a.dop_weight)?;
     if a.reg == 0 && a.prior_loss_weight.is_some() {

@@ -1,5 +1,5 @@
 //! The LoRA toolbox: `convert`, `inspect`, `resize`, `extract`, `merge`.
-use crate::lora::format::{read, write_entries, Entry, LoraFormat};
+use crate::lora::format::{read, write_entries, write_tensors, Entry, LoraFormat, WriteAs};
 use crate::lora::merge::{merge_loras, read_model, write_folder, write_single_file};
 use crate::lora::ops::{extract, resize, standard_entries, standard_layout};
 use crate::train::config::parse_dtype;
@@ -91,7 +91,9 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
     let (family, entries) = standard_entries(&file, &a.input.display().to_string())?;
     let dtype = file.modules.values().next().map(|t| t.down.dtype()).unwrap_or(candle_core::DType::F32);
     let dtype = if dtype == candle_core::DType::F64 { stored_dtype(&a.input)? } else { dtype };
-    write_entries(&a.output, &entries, family, &standard_layout(family), to, dtype, file.metadata.clone())?;
+    let how = WriteAs { family, layout: &standard_layout(family), format: to, dtype };
+    let extra = file.embedding_tensors(family, dtype)?;
+    write_tensors(&a.output, &entries, extra, how, file.metadata.clone())?;
     println!("wrote {} ({} modules, {} format, {})", a.output.display(), entries.len(), a.to, family.name());
     Ok(())
 }
@@ -123,10 +125,16 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
         .map(|(c, p, t)| serde_json::json!({"component": c, "module": p, "rank": t.rank(), "alpha": t.alpha.unwrap_or(t.rank() as f64), "conv": t.down.rank() == 4}))
         .collect();
     let meta: std::collections::BTreeMap<&String, &String> = file.metadata.iter().collect();
+    // bundled embeddings: word, text encoder, width
+    let embeddings: Vec<serde_json::Value> = file
+        .embeddings
+        .iter()
+        .map(|(w, k, t)| serde_json::json!({"word": w, "text_encoder": k, "width": t.elem_count()}))
+        .collect();
     let j = serde_json::json!({
         "file": a.input.display().to_string(), "format": format!("{:?}", file.format).to_lowercase(),
         "base_family": family.name(), "modules": per_comp, "parameters": params, "dtype": format!("{dtype:?}").to_lowercase(),
-        "bytes": bytes, "layers": layers, "metadata": meta,
+        "bytes": bytes, "layers": layers, "metadata": meta, "embeddings": embeddings,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&j)?);
@@ -141,6 +149,9 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     );
     println!("  parameters   {params}");
     println!("  dtype        {dtype:?}, {bytes} bytes");
+    for (w, k, t) in &file.embeddings {
+        println!("  embedding    \"{w}\" (text encoder {}, {} wide)", k + 1, t.elem_count());
+    }
     let mut ranks: std::collections::BTreeMap<(usize, String), usize> = Default::default();
     for (_, _, t) in &entries {
         *ranks.entry((t.rank(), format!("{}", t.alpha.unwrap_or(t.rank() as f64)))).or_default() += 1;
@@ -178,15 +189,9 @@ pub fn resize_cmd(a: &ResizeArgs) -> Result<()> {
     let mut meta = file.metadata.clone();
     meta.insert("ss_network_dim".into(), a.rank.to_string());
     meta.insert("ss_network_alpha".into(), a.rank.to_string());
-    write_entries(
-        &a.output,
-        &out,
-        family,
-        &standard_layout(family),
-        file.format_for_write(),
-        parse_dtype(&a.save_dtype)?,
-        meta,
-    )?;
+    let dtype = parse_dtype(&a.save_dtype)?;
+    let how = WriteAs { family, layout: &standard_layout(family), format: file.format_for_write(), dtype };
+    write_tensors(&a.output, &out, file.embedding_tensors(family, dtype)?, how, meta)?;
     let mean = energies.iter().sum::<f64>() / energies.len().max(1) as f64;
     let min = energies.iter().cloned().fold(1.0, f64::min);
     println!(

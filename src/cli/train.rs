@@ -111,6 +111,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let report_path = cfg.output.with_extension("report.html");
     report.write(&report_path)?;
     eprintln!("report: {}", report_path.display());
+    if let Some(w) = &cfg.train_embedding {
+        eprintln!(
+            "the LoRA bundles the embedding of \"{w}\" (Automatic1111, sdlora); for diffusers, `sdlora merge` it into the model"
+        );
+    }
     println!(
         "wrote {} ({} bytes): {} steps in {:.1} s, {:.2} images/s, eval loss {:.4} → {:.4}{}",
         summary.lora_path.display(),

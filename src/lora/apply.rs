@@ -65,10 +65,16 @@ pub fn apply_file(
             }
         });
     });
-    match err {
-        Some(e) => Err(e),
-        None => Ok(out),
+    if let Some(e) = err {
+        return Err(e);
     }
+    // a bundled embedding is part of the prompt: whole at any multiplier, as Automatic1111 has it
+    if !file.embeddings.is_empty() {
+        let prompts = crate::model::text::PromptEncoder::new(sd, 1)?;
+        let name = path.display().to_string();
+        super::embedding::install_bundled(&prompts, &mut sd.text_encoders, &file.embeddings, &name)?;
+    }
+    Ok(out)
 }
 
 fn add(

@@ -52,9 +52,23 @@ pub struct LoraFile {
     /// Module stem as written in the file (kohya name, or `unet.<path>` for PEFT).
     pub modules: BTreeMap<String, LoraTensors>,
     pub metadata: HashMap<String, String>,
+    /// Bundled embeddings (`super::embedding`): (word, text encoder index, vector).
+    pub embeddings: Vec<(String, usize, Tensor)>,
 }
 
 impl LoraFile {
+    /// The file's bundled embeddings under their Automatic1111 names, for writing a copy.
+    pub fn embedding_tensors(&self, family: Family, dtype: DType) -> Result<Vec<(String, Tensor)>> {
+        let encoders = if family == Family::Sdxl { 2 } else { 1 };
+        self.embeddings
+            .iter()
+            .map(|(w, k, t)| {
+                let name = super::embedding::bundle_keys(w, encoders).swap_remove(*k);
+                Ok((name, t.to_dtype(dtype)?))
+            })
+            .collect()
+    }
+
     /// The format to write a transformed copy in: the same, with legacy names written as PEFT.
     pub fn format_for_write(&self) -> LoraFormat {
         if self.format == LoraFormat::DiffusersLegacy {
@@ -109,8 +123,13 @@ pub fn read(path: &Path) -> Result<LoraFile> {
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut format = None;
     let mut unknown = vec![];
+    let mut embeddings = vec![];
     for name in st.names() {
         let t = &tensors[name];
+        if let Some((word, k)) = super::embedding::parse_key(name) {
+            embeddings.push((word, k, t.to_dtype(DType::F32)?));
+            continue;
+        }
         match split_key(name) {
             Some((stem, role, f)) => {
                 format = format.or(Some(f));
@@ -162,7 +181,7 @@ pub fn read(path: &Path) -> Result<LoraFile> {
             }
         }
     }
-    Ok(LoraFile { format, modules, metadata })
+    Ok(LoraFile { format, modules, metadata, embeddings })
 }
 
 /// The component-qualified module paths a model offers adapters on: (component, path).
@@ -238,17 +257,24 @@ pub fn entries(adapters: &[(String, AdapterInfo)]) -> Vec<Entry> {
         .collect()
 }
 
-/// Writes adapters (component, info) to `path` atomically (temp file, then rename).
+/// How a LoRA file is written: for the model family and U-Net layout, in `format` and `dtype`.
+pub struct WriteAs<'a> {
+    pub family: Family,
+    pub layout: &'a UnetLayout,
+    pub format: LoraFormat,
+    pub dtype: DType,
+}
+
+/// Writes adapters (component, info) and `extra` tensors (bundled embeddings) to `path`
+/// atomically (temp file, then rename).
 pub fn write(
     path: &Path,
     adapters: &[(String, AdapterInfo)],
-    family: Family,
-    layout: &UnetLayout,
-    format: LoraFormat,
-    dtype: DType,
+    extra: Vec<(String, Tensor)>,
+    how: WriteAs,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    write_entries(path, &entries(adapters), family, layout, format, dtype, metadata)
+    write_tensors(path, &entries(adapters), extra, how, metadata)
 }
 
 pub fn write_entries(
@@ -258,10 +284,21 @@ pub fn write_entries(
     layout: &UnetLayout,
     format: LoraFormat,
     dtype: DType,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    write_tensors(path, entries, vec![], WriteAs { family, layout, format, dtype }, metadata)
+}
+
+/// `write_entries` with `extra` tensors (bundled embeddings) beside the adapters.
+pub fn write_tensors(
+    path: &Path,
+    entries: &[Entry],
+    mut tensors: Vec<(String, Tensor)>,
+    how: WriteAs,
     mut metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let WriteAs { family, layout, format, dtype } = how;
     let kohya = KohyaNames::new(family, layout);
-    let mut tensors: Vec<(String, Tensor)> = vec![];
     for (comp, mpath, t) in entries {
         let (down, up) = (t.down.to_dtype(dtype)?, t.up.to_dtype(dtype)?);
         match format {

@@ -151,8 +151,44 @@ pub fn merge_loras(model: &mut ModelTensors, loras: &[(PathBuf, f64)]) -> Result
             m.insert(key, merged);
             n += 1;
         }
+        for (word, k, v) in &file.embeddings {
+            merge_embedding(model, word, *k, v)
+                .with_context(|| format!("{}: embedding `{word}`", path.display()))?;
+            n += 1;
+        }
     }
     Ok(n)
+}
+
+/// A bundled embedding becomes its word's row of the text encoder's token embedding table: in
+/// the merged model every prompt encodes as with the LoRA file applied.
+fn merge_embedding(model: &mut ModelTensors, word: &str, k: usize, v: &Tensor) -> Result<()> {
+    let comp = ["text_encoder", "text_encoder_2"].get(k).context("no such text encoder")?;
+    let tok = match model.folder.as_ref().map(|f| f.join(["tokenizer", "tokenizer_2"][k])) {
+        Some(d) if d.is_dir() => crate::model::tokenizer::ClipTokenizer::from_folder(&d)?,
+        _ => crate::model::tokenizer::ClipTokenizer::embedded()?,
+    };
+    let m = model.comps.get_mut(*comp).with_context(|| format!("the model has no {comp}"))?;
+    let key = ["text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight"]
+        .into_iter()
+        .find(|k| m.contains_key(*k))
+        .with_context(|| format!("the model's {comp} has no token embedding table"))?;
+    let table = &m[key];
+    let (vocab, d) = table.dims2()?;
+    let id = match tok.encode_raw(word)?[..] {
+        [id] => id as usize % vocab,
+        _ => bail!("`{word}` is not one token of the model's vocabulary"),
+    };
+    if v.elem_count() != d {
+        bail!(
+            "{} values, the model's {comp} is {d} wide — merge into the model it was trained on",
+            v.elem_count()
+        );
+    }
+    let row = v.reshape((1, d))?.to_dtype(table.dtype())?;
+    let merged = table.slice_assign(&[id..id + 1, 0..d], &row)?;
+    m.insert(key.to_string(), merged);
+    Ok(())
 }
 
 /// Writes a diffusers folder (configs, weights, and the source's scheduler/tokenizer files).

@@ -2,6 +2,7 @@
 pub mod adapter;
 pub mod apply;
 pub mod attach;
+pub mod embedding;
 pub mod format;
 pub mod merge;
 pub mod names;

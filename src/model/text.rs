@@ -147,12 +147,13 @@ impl PromptEncoder {
         Ok(Conditioning { context, pooled })
     }
 
-    /// Training the text encoder(s): forward keeping what backward needs.
+    /// Training the text encoder(s): forward keeping what backward needs, and the token ids
+    /// [B, 77] of each encoder.
     pub fn encode_train(
         &self,
         encoders: &[ClipTextModel],
         prompts: &[String],
-    ) -> Result<(Conditioning, Vec<ClipSaved>)> {
+    ) -> Result<(Conditioning, Vec<ClipSaved>, Vec<Tensor>)> {
         let dev = encoders[0].token_embedding.device();
         let vocab: Vec<usize> = encoders.iter().map(|e| e.config.vocab_size).collect();
         let ids = self.ids(prompts, &vocab, dev)?;
@@ -163,10 +164,11 @@ impl PromptEncoder {
             outs.push(o);
             saved.push(s);
         }
-        Ok((self.assemble(&outs, encoders)?, saved))
+        Ok((self.assemble(&outs, encoders)?, saved, ids))
     }
 
-    /// Backward from the conditioning's gradients into the text encoders' adapters.
+    /// Backward from the conditioning's gradients into the text encoders' adapters; returns
+    /// each encoder's token-embedding gradient [B, 77, D].
     pub fn backward_train(
         &self,
         encoders: &[ClipTextModel],
@@ -174,20 +176,21 @@ impl PromptEncoder {
         d_context: &Tensor,
         d_pooled: Option<&Tensor>,
         g: &mut AdapterGrads,
-    ) -> Result<()> {
+    ) -> Result<Vec<Tensor>> {
         if self.family == Family::Sdxl {
             let w0 = encoders[0].config.hidden_size;
             let w1 = d_context.dim(D::Minus1)? - w0;
             let parts = [d_context.narrow(D::Minus1, 0, w0)?, d_context.narrow(D::Minus1, w0, w1)?];
+            let mut out = vec![];
             for (i, (e, s)) in encoders.iter().zip(saved).enumerate() {
                 let d = ClipOutputGrads {
                     penultimate: Some(parts[i].clone()),
                     pooled: if i == 1 { d_pooled.cloned() } else { None },
                     ..Default::default()
                 };
-                e.backward(s, d, g)?;
+                out.push(e.backward(s, d, g)?);
             }
-            return Ok(());
+            return Ok(out);
         }
         let s = saved.into_iter().next().expect("one text encoder");
         let d = if self.clip_skip >= 2 {
@@ -202,8 +205,7 @@ impl PromptEncoder {
         } else {
             ClipOutputGrads { last_hidden_state: Some(d_context.clone()), ..Default::default() }
         };
-        encoders[0].backward(s, d, g)?;
-        Ok(())
+        Ok(vec![encoders[0].backward(s, d, g)?])
     }
 }
 

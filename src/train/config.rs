@@ -60,6 +60,20 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_encoder_lr: Option<f64>,
+    /// Also train this word's token embedding (pivotal tuning; one CLIP token, e.g. the
+    /// trigger word of your captions), written into the LoRA file as Automatic1111's bundled
+    /// embedding. Prompts without the word encode exactly as the base's do.
+    #[arg(long, value_name = "WORD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_embedding: Option<String>,
+    /// Start the embedding from this word's (kohya's --init_word) [default: its own].
+    #[arg(long, value_name = "WORD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_word: Option<String>,
+    /// Learning rate of the embedding [default: --lr].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding_lr: Option<f64>,
     /// Learning-rate schedule after warmup [default: constant].
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -268,6 +282,12 @@ pub struct TrainConfig {
     pub lr: f64,
     #[serde(default)]
     pub text_encoder_lr: Option<f64>,
+    #[serde(default)]
+    pub train_embedding: Option<String>,
+    #[serde(default)]
+    pub init_word: Option<String>,
+    #[serde(default)]
+    pub embedding_lr: Option<f64>,
     #[serde(default = "d_sched")]
     pub lr_scheduler: LrSchedule,
     #[serde(default)]
@@ -451,6 +471,15 @@ impl TrainConfig {
             return bad(format!("--targets `{}`: choose attn, attn-mlp, full or cross-kv", self.targets));
         }
         self.excluded_layers()?;
+        if self.train_embedding.is_none() && (self.init_word.is_some() || self.embedding_lr.is_some()) {
+            return bad(
+                "--init-word and --embedding-lr act on an embedding: name its word with --train-embedding"
+                    .into(),
+            );
+        }
+        if let Some(l) = self.embedding_lr.filter(|l| !(*l >= 0.0 && l.is_finite())) {
+            return bad(format!("--embedding-lr {l} must be 0 or more"));
+        }
         self.format
             .parse::<crate::lora::format::LoraFormat>()
             .map_err(|e| anyhow::anyhow!("--format: {e}"))?;

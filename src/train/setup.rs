@@ -24,6 +24,8 @@ pub struct Run {
     pub resolution: u32,
     pub device: Device,
     pub train_text: bool,
+    /// `--train-embedding`: its vectors are the last parameters.
+    pub embedding: Option<crate::lora::embedding::TrainedWord>,
     pub sched: NoiseSchedule,
     /// Latents found in the cache and latents the VAE computed in this run.
     pub latents_cached: (usize, usize),
@@ -166,8 +168,11 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
             adapters.push(("unet".to_string(), a));
         }
     }
-    let train_text = cfg.text_encoder_lr.is_some();
-    if train_text {
+    if cfg.train_embedding.is_some() && sd.text_encoders.is_empty() {
+        anyhow::bail!("--train-embedding: {} has no text encoder", cfg.model);
+    }
+    let train_text = cfg.text_encoder_lr.is_some() || cfg.train_embedding.is_some();
+    if cfg.text_encoder_lr.is_some() {
         for (i, te) in sd.text_encoders.iter_mut().enumerate() {
             let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
             let spec = LoraSpec { seed: cfg.seed + 1 + i as u64, ..spec.clone() };
@@ -196,6 +201,22 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         params.extend([a.down.clone(), a.up.clone()]);
         lr_scale.extend([s, s]);
     }
+    let embedding = match &cfg.train_embedding {
+        Some(w) => {
+            let t = crate::lora::embedding::TrainedWord::new(
+                &prompts,
+                &mut sd.text_encoders,
+                w,
+                cfg.init_word.as_deref(),
+            )?;
+            for v in &t.vectors {
+                params.push(v.clone());
+                lr_scale.push(cfg.embedding_lr.map_or(1.0, |l| l / cfg.lr));
+            }
+            Some(t)
+        }
+        None => None,
+    };
     let opt = AdamW::new(&params, 1e-2)?;
     let sched = NoiseSchedule::new(&sd.scheduler)?;
     Ok(Run {
@@ -210,6 +231,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         resolution,
         device,
         train_text,
+        embedding,
         sched,
         latents_cached,
         text_cache,

@@ -2,6 +2,7 @@
 //! step, every random choice of the run is known again (see `batches`), so resuming continues
 //! bit for bit.
 use super::optim::AdamW;
+use crate::lora::embedding::TrainedWord;
 use crate::lora::AdapterInfo;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -13,16 +14,26 @@ pub fn state_path(lora: &Path) -> PathBuf {
     lora.with_extension("state.safetensors")
 }
 
-fn layout(adapters: &[(String, AdapterInfo)]) -> String {
-    let v: Vec<String> = adapters.iter().map(|(c, a)| format!("{c}/{}:{}", a.path, a.rank())).collect();
+fn layout(adapters: &[(String, AdapterInfo)], word: Option<&TrainedWord>) -> String {
+    let mut v: Vec<String> = adapters.iter().map(|(c, a)| format!("{c}/{}:{}", a.path, a.rank())).collect();
+    v.extend(word.map(|w| format!("embedding/{}", w.word)));
     serde_json::to_string(&v).unwrap_or_default()
 }
 
-pub fn save(path: &Path, adapters: &[(String, AdapterInfo)], opt: &AdamW, step: usize) -> Result<()> {
+pub fn save(
+    path: &Path,
+    adapters: &[(String, AdapterInfo)],
+    word: Option<&TrainedWord>,
+    opt: &AdamW,
+    step: usize,
+) -> Result<()> {
     let mut t: Vec<(String, Tensor)> = vec![];
     for (i, (_, a)) in adapters.iter().enumerate() {
         t.push((format!("adapter.{i}.down"), a.down.as_tensor().to_device(&Device::Cpu)?));
         t.push((format!("adapter.{i}.up"), a.up.as_tensor().to_device(&Device::Cpu)?));
+    }
+    for (k, v) in word.iter().flat_map(|w| &w.vectors).enumerate() {
+        t.push((format!("embedding.{k}"), v.as_tensor().to_device(&Device::Cpu)?));
     }
     for (j, (m, v)) in opt.moments().iter().enumerate() {
         t.push((format!("adam.{j}.m"), m.to_device(&Device::Cpu)?));
@@ -31,13 +42,18 @@ pub fn save(path: &Path, adapters: &[(String, AdapterInfo)], opt: &AdamW, step: 
     let meta = HashMap::from([
         ("step".to_string(), step.to_string()),
         ("adam_step".to_string(), opt.step.to_string()),
-        ("layout".to_string(), layout(adapters)),
+        ("layout".to_string(), layout(adapters, word)),
     ]);
     crate::lora::format::save_atomic(path, &t, &meta)
 }
 
 /// Restores adapters and optimizer; returns the step to continue from.
-pub fn load(path: &Path, adapters: &[(String, AdapterInfo)], opt: &mut AdamW) -> Result<usize> {
+pub fn load(
+    path: &Path,
+    adapters: &[(String, AdapterInfo)],
+    word: Option<&TrainedWord>,
+    opt: &mut AdamW,
+) -> Result<usize> {
     crate::model::weights::check_safetensors(path)?;
     let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
@@ -53,9 +69,9 @@ pub fn load(path: &Path, adapters: &[(String, AdapterInfo)], opt: &mut AdamW) ->
         meta.get(k)
             .with_context(|| format!("{}: not an sdlora training state (no `{k}`){hint}", path.display()))
     };
-    if get("layout")? != &layout(adapters) {
+    if get("layout")? != &layout(adapters, word) {
         bail!(
-            "{}: this state was saved for other LoRA layers or rank — resume with the same --model, --targets, --exclude-layers, --rank and --text-encoder-lr",
+            "{}: this state was saved for other LoRA layers or rank — resume with the same --model, --targets, --exclude-layers, --rank, --text-encoder-lr and --train-embedding",
             path.display()
         );
     }
@@ -67,6 +83,9 @@ pub fn load(path: &Path, adapters: &[(String, AdapterInfo)], opt: &mut AdamW) ->
     for (i, (_, a)) in adapters.iter().enumerate() {
         a.down.set(&take(format!("adapter.{i}.down"))?.to_device(a.down.device())?)?;
         a.up.set(&take(format!("adapter.{i}.up"))?.to_device(a.up.device())?)?;
+    }
+    for (k, v) in word.iter().flat_map(|w| &w.vectors).enumerate() {
+        v.set(&take(format!("embedding.{k}"))?.to_device(v.device())?)?;
     }
     let dev = adapters.first().map(|(_, a)| a.down.device().clone()).unwrap_or(Device::Cpu);
     let moments = (0..opt.moments().len())

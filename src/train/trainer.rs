@@ -5,7 +5,7 @@ use super::config::{parse_dtype, TrainConfig};
 use super::optim::{clip_grad_norm, lr_at};
 use super::setup::Run;
 use super::{metadata, state};
-use crate::lora::format::{unet_layout, write, LoraFormat};
+use crate::lora::format::{unet_layout, write, LoraFormat, WriteAs};
 use crate::lora::AdapterGrads;
 use crate::model::text::Conditioning;
 use crate::model::unet::UNetInput;
@@ -119,8 +119,8 @@ fn micro_step(
 
     let encoders = &run.sd.text_encoders;
     let (cond, te_saved) = if run.train_text {
-        let (c, s) = run.prompts.encode_train(encoders, &captions)?;
-        (c, Some(s))
+        let (c, s, ids) = run.prompts.encode_train(encoders, &captions)?;
+        (c, Some((s, ids)))
     } else {
         (base_conditioning(run, &captions, text)?, None)
     };
@@ -152,8 +152,14 @@ fn micro_step(
     }
     let dpred = (diff.broadcast_mul(&w)? * (2.0 * scale * loss_scale(run) / (n_el * n) as f64))?;
     let d = unet.backward(saved, &dpred.to_dtype(pred.dtype())?, g)?;
-    if let Some(s) = te_saved {
-        run.prompts.backward_train(encoders, s, &d.encoder_hidden_states, d.text_embeds.as_ref(), g)?;
+    if let Some((s, ids)) = te_saved {
+        let d_embeds =
+            run.prompts.backward_train(encoders, s, &d.encoder_hidden_states, d.text_embeds.as_ref(), g)?;
+        if let Some(e) = &run.embedding {
+            for (k, (ids, d)) in ids.iter().zip(&d_embeds).enumerate() {
+                g.add_weight(e.vectors[k].as_tensor(), e.grad(k, ids, d)?)?;
+            }
+        }
     }
     Ok(loss)
 }
@@ -168,12 +174,17 @@ fn base_conditioning(
     let dev = &run.device;
     for c in captions {
         if !text.contains_key(c) {
-            let cond = match run.text_cache.get(c, dev) {
+            // a trained embedding changes the encoder's table: such runs keep their encodings
+            // off the disk cache, which other runs read
+            let disk = run.embedding.is_none();
+            let cond = match run.text_cache.get(c, dev).filter(|_| disk) {
                 Some(x) => x,
                 None => {
                     let encode = || run.prompts.encode(&run.sd.text_encoders, std::slice::from_ref(c));
                     let x = run.switch.off_while(encode)?;
-                    run.text_cache.put(c, &x);
+                    if disk {
+                        run.text_cache.put(c, &x);
+                    }
                     x
                 }
             };
@@ -322,7 +333,10 @@ pub fn train_loss_of(run: &Run, cfg: &TrainConfig, samples: &[usize], k: u64) ->
 pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64, f64)) -> Result<Summary> {
     let mut start = 0;
     if let Some(p) = &cfg.resume {
-        start = state::load(p, &run.adapters, &mut run.opt)?;
+        start = state::load(p, &run.adapters, run.embedding.as_ref(), &mut run.opt)?;
+        if let Some(e) = &run.embedding {
+            e.install(&mut run.sd.text_encoders)?;
+        }
         if start >= cfg.steps {
             bail!(
                 "{}: already at step {start} of --steps {} — raise --steps to train further",
@@ -365,6 +379,12 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
                 None => grads.extend([a.down.zeros_like()?, a.up.zeros_like()?]),
             }
         }
+        for v in run.embedding.iter().flat_map(|e| &e.vectors) {
+            grads.push(match g.weights.get(&v.as_tensor().id()) {
+                Some(d) => d.clone(),
+                None => v.zeros_like()?,
+            });
+        }
         let ls = loss_scale(&run);
         if ls != 1.0 {
             grads = grads.iter().map(|g| g / ls).collect::<candle_core::Result<_>>()?;
@@ -386,6 +406,9 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         let lr = lr_at(cfg.lr_scheduler, cfg.lr, step, cfg.steps, cfg.warmup_steps);
         let lrs: Vec<f64> = run.lr_scale.iter().map(|s| s * lr).collect();
         run.opt.step(&run.params, &grads, &lrs)?;
+        if let Some(e) = &run.embedding {
+            e.install(&mut run.sd.text_encoders)?;
+        }
         losses.push(loss);
         on_step(step + 1, loss, images as f64 / t0.elapsed().as_secs_f64());
         let done = step + 1;
@@ -399,7 +422,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done < cfg.steps {
             let p = step_path(&cfg.output, done);
             save(&run, cfg, &p, done)?;
-            state::save(&state::state_path(&p), &run.adapters, &run.opt, done)?;
+            state::save(&state::state_path(&p), &run.adapters, run.embedding.as_ref(), &run.opt, done)?;
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
@@ -410,7 +433,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         grids.push((cfg.steps, g));
     }
     save(&run, cfg, &cfg.output, cfg.steps)?;
-    state::save(&state::state_path(&cfg.output), &run.adapters, &run.opt, cfg.steps)?;
+    state::save(&state::state_path(&cfg.output), &run.adapters, run.embedding.as_ref(), &run.opt, cfg.steps)?;
     let lora_bytes = std::fs::metadata(&cfg.output)?.len();
     Ok(Summary {
         steps: cfg.steps - start,
@@ -445,13 +468,8 @@ fn save(run: &Run, cfg: &TrainConfig, path: &Path, steps_done: usize) -> Result<
     let n_reg = run.items.iter().filter(|i| i.reg).count();
     let counts = (run.items.len() - n_reg, n_reg);
     let meta = metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, counts, &tags, steps_done);
-    write(
-        path,
-        &run.adapters,
-        run.sd.family,
-        &unet_layout(&run.sd),
-        format,
-        parse_dtype(&cfg.save_dtype)?,
-        meta,
-    )
+    let dtype = parse_dtype(&cfg.save_dtype)?;
+    let extra = run.embedding.as_ref().map(|e| e.tensors(dtype)).transpose()?.unwrap_or_default();
+    let layout = unet_layout(&run.sd);
+    write(path, &run.adapters, extra, WriteAs { family: run.sd.family, layout: &layout, format, dtype }, meta)
 }
