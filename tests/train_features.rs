@@ -545,6 +545,16 @@ fn trained_embedding_is_bundled_resumes_exactly_and_changes_only_its_word() {
     let word = "a red circle on a blue background";
     assert!(dist(&off(word), &encoding(&base, word)) > 1e-4, "the word's embedding is not in use");
 
+    // another tool's two-vector embedding: one clear line, naming the file
+    let mut two = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let v2 = two[key].clone();
+    two.insert(key.to_string(), candle_core::Tensor::cat(&[&v2, &v2], 0).unwrap());
+    let two_path = tmp.path().join("two.safetensors");
+    candle_core::safetensors::save(&two, &two_path).unwrap();
+    let mut m2 = load(&model.display().to_string(), &LoadOptions::default()).unwrap();
+    let e = sdlora::lora::apply::apply_file(&mut m2, &two_path, 1.0, 0).err().unwrap().to_string();
+    assert!(e.contains("two.safetensors") && e.contains("2 vectors"), "{e}");
+
     // merged into the model, the embedding is its word's row of the token table
     let mut m = sdlora::lora::merge::read_model(&model.display().to_string(), None).unwrap();
     sdlora::lora::merge::merge_loras(&mut m, &[(out.clone(), 1.0)]).unwrap();

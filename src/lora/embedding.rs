@@ -133,6 +133,12 @@ pub fn install_bundled(
             bail!("{file}: embedding `{word}` is for a second text encoder this model lacks — use the LoRA with the model it was trained on")
         };
         let d = te.config.hidden_size;
+        if t.elem_count() > d && t.elem_count() % d == 0 {
+            bail!(
+                "{file}: embedding `{word}` has {} vectors; only one-vector embeddings (one-token words) are read — use the LoRA without its embedding in a tool that reads those",
+                t.elem_count() / d
+            );
+        }
         if t.elem_count() != d {
             bail!(
                 "{file}: embedding `{word}` has {} values, this model's text encoder {d} (one vector of its width) — use the LoRA with the model it was trained on",
