@@ -218,6 +218,10 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&["demo", "--pretrain", &o, "--images", "0"], &["--images", "at least 1"]);
     expect_error(&["demo", "--pretrain", &o, "--lr", "nan"], &["--lr NaN", "positive"]);
     expect_error(&["demo", "--pretrain", &o, "--grow-attention"], &["--grow-attention", "--init"]);
+    expect_error(
+        &["demo", "--pretrain", &o, "--unknown-colours", "1.5"],
+        &["--unknown-colours 1.5", "0 to 1"],
+    );
     assert!(!out.exists(), "nothing written");
     let demo_out = tmp.path().join("demo").display().to_string();
     expect_error(&["demo", "--out", &demo_out, "--lora-batch", "0"], &["--lora-batch", "at least 1"]);

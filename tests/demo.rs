@@ -125,6 +125,7 @@ fn small_pretraining(init: &std::path::Path, unet_steps: usize) -> sdlora::demo:
         texture_last: false,
         decoder_only: false,
         grow_attention: false,
+        unknown_colours: 0.0,
     }
 }
 
@@ -288,6 +289,36 @@ fn pretraining_names_textures_last_in_every_other_caption() {
         }
     }
     assert!(reworded > 50, "{reworded} of 400 reworded");
+}
+
+/// `--pretrain --unknown-colours` puts a word the world never uses where the colour was, in about
+/// the asked share of captions, and never "pink": the base must not see the demo's concept.
+#[test]
+fn pretraining_puts_unknown_words_in_the_colour_slot() {
+    use sdlora::demo::pretrain::{captions, unknown_colours};
+    use sdlora::demo::world::{scenes, Asked, Colour};
+    let world = scenes(1, 400, &[]);
+    let plain = captions(&world, true);
+    let mut mixed = plain.clone();
+    unknown_colours(&mut mixed, &world, 0.3, 1).unwrap();
+    let mut words = std::collections::BTreeSet::new();
+    for ((s, p), m) in world.iter().zip(&plain).zip(&mixed) {
+        if p == m {
+            continue;
+        }
+        // only the colour changed: the same caption with the scene's colour put back
+        let w = m.split(' ').nth(1).unwrap();
+        assert_eq!(m.replacen(&format!("a {w} "), &format!("a {} ", s.colour.name()), 1), *p);
+        assert!(Asked::parse(m).is_none_or(|a| a.colour != Colour::Pink), "{m}");
+        assert!(!w.contains("pink") && Colour::from_name(w).is_none(), "{m}");
+        words.insert(w.to_string());
+    }
+    let changed = plain.iter().zip(&mixed).filter(|(p, m)| p != m).count();
+    assert!((80..=160).contains(&changed), "{changed} of 400 captions changed at share 0.3");
+    assert!(words.len() > changed / 2, "{} distinct words in {changed} captions", words.len());
+    let mut again = plain.clone();
+    unknown_colours(&mut again, &world, 0.3, 1).unwrap();
+    assert_eq!(again, mixed, "seeded");
 }
 
 /// Every `sdlora train` run scores itself when given target/control prompts: tiny-world captions

@@ -523,8 +523,12 @@ fn trained_embedding_is_bundled_resumes_exactly_and_changes_only_its_word() {
     assert_eq!(d, [1, base.text_encoders[0].config.hidden_size]);
     let enc = sdlora::model::text::PromptEncoder::new(&base, 1).unwrap();
     let row = |w: &str| {
-        let t =
-            sdlora::lora::embedding::token_of(&enc, 0, base.text_encoders[0].config.vocab_size, w).unwrap();
+        let t = sdlora::lora::embedding::token_of(
+            &enc.tokenizers[0].0,
+            base.text_encoders[0].config.vocab_size,
+            w,
+        )
+        .unwrap();
         let r = base.text_encoders[0].token_embedding.get(t as usize).unwrap();
         r.to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
     };
@@ -592,7 +596,8 @@ fn embedding_flags_explain_their_mistakes() {
     let run = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).unwrap();
     let te = &run.sd.text_encoders[0];
     let row = |w: &str| {
-        let t = sdlora::lora::embedding::token_of(&run.prompts, 0, te.config.vocab_size, w).unwrap();
+        let t =
+            sdlora::lora::embedding::token_of(&run.prompts.tokenizers[0].0, te.config.vocab_size, w).unwrap();
         te.token_embedding.get(t as usize).unwrap().to_dtype(candle_core::DType::F32).unwrap()
     };
     let mean = ((row("square") + row("red")).unwrap() / 2.0).unwrap();

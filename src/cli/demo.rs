@@ -64,6 +64,11 @@ pub struct DemoArgs {
     /// exactly what --init drew until --unet-steps train them.
     #[arg(long)]
     pub grow_attention: bool,
+    /// Pretraining: share of captions whose colour word is a word of CLIP's vocabulary the world
+    /// never uses ("a harbour ring on …", the picture keeps its colour), so the base lays out the
+    /// asked shape after a colour word it does not know — as "pink" is to it.
+    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
+    pub unknown_colours: f64,
     /// What the LoRA learns: "pink" (a colour), "checkered" (a texture) or a shape (star, …)
     /// [default: pink]. With --pretrain: the shape left out of pretraining [default there: star];
     /// pretraining never draws checks or pink.
@@ -194,6 +199,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             texture_last: a.texture_last,
             decoder_only: a.decoder_only,
             grow_attention: a.grow_attention,
+            unknown_colours: a.unknown_colours,
         };
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -336,6 +342,9 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
             anyhow::bail!("--images, --batch and --vae-batch must be at least 1");
         }
         positive("--lr", a.lr)?;
+        if !(0.0..=1.0).contains(&a.unknown_colours) {
+            anyhow::bail!("--unknown-colours {} is a share of the captions: give 0 to 1", a.unknown_colours);
+        }
         for (name, s) in [("--vae-seconds", a.vae_seconds), ("--unet-seconds", a.unet_seconds)] {
             s.map_or(Ok(()), |s| positive(name, s))?;
         }

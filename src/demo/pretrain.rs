@@ -2,7 +2,7 @@
 //! shape: first the VAE (an autoencoder on the images), then the U-Net (ε-prediction) on its
 //! latents, every weight trainable (the layers' full-training path). The text encoder stays at
 //! its seeded random init: its outputs still tell every caption apart.
-use super::world::{scenes, Scene, Shape, Texture};
+use super::world::{scenes, Colour, Scene, Shape, Texture};
 use crate::data::prepare::to_tensor;
 use crate::lora::AdapterGrads;
 use crate::model::clip::ClipTextModel;
@@ -82,6 +82,11 @@ pub struct PretrainConfig {
     /// start seeded-random with a zero output projection, so the grown model draws exactly what
     /// `init` drew until training moves them.
     pub grow_attention: bool,
+    /// Share of captions whose colour is a word of CLIP's vocabulary the world never uses (the
+    /// picture keeps its colour): the base learns to lay out the shape after an unknown colour
+    /// word, as SD does after a new word ("a pink cross"), rather than read its random encoding as
+    /// another shape.
+    pub unknown_colours: f64,
 }
 
 /// Cuts a time-boxed phase to the steps that fit, paced on steps 20–40 (the first ones include
@@ -283,7 +288,8 @@ pub fn pretrain(
         lora_switch: crate::lora::adapter::switch(),
     };
     let prompts = PromptEncoder::new(&sd, 1)?;
-    let captions = captions(&world, cfg.texture_last);
+    let mut captions = captions(&world, cfg.texture_last);
+    unknown_colours(&mut captions, &world, cfg.unknown_colours, cfg.seed)?;
     let mut ctx = vec![];
     for chunk in captions.chunks(64) {
         ctx.push(prompts.encode(std::slice::from_ref(&te), chunk)?.context);
@@ -416,6 +422,33 @@ pub fn captions(world: &[Scene], texture_last: bool) -> Vec<String> {
         .enumerate()
         .map(|(i, s)| s.caption_with(s.texture == Texture::Checks || (texture_last && i % 2 == 1)))
         .collect()
+}
+
+/// Puts a word the world never uses in place of the colour in a `share` of `captions` ("a harbour
+/// ring on a blue background"), each caption's word and draw seeded by its index. Never "pink" or
+/// another word of the world, so the concept stays unseen.
+pub fn unknown_colours(captions: &mut [String], world: &[Scene], share: f64, seed: u64) -> Result<()> {
+    if share <= 0.0 {
+        return Ok(());
+    }
+    let own: Vec<&str> = (Colour::SCORED.iter().map(|c| c.name()))
+        .chain(Shape::ALL.iter().map(|s| s.name()))
+        .chain(Texture::ALL.iter().filter_map(|t| t.adjective()))
+        .chain(["background", "plain"])
+        .collect();
+    let words: Vec<String> = crate::model::tokenizer::ClipTokenizer::embedded()?
+        .words()
+        .into_iter()
+        .filter(|w| !own.iter().any(|o| w.contains(o)))
+        .collect();
+    for (i, (c, s)) in captions.iter_mut().zip(world).enumerate() {
+        let mut rng = rng_for(seed, "unknown colour", i as u64);
+        if rng.random::<f64>() < share {
+            let w = &words[rng.random_range(0..words.len())];
+            *c = c.replacen(&format!("a {} ", s.colour.name()), &format!("a {w} "), 1);
+        }
+    }
+    Ok(())
 }
 
 fn save(out: &Path, pc: &PipelineConfig, comps: &[(&str, &BTreeMap<String, Var>)]) -> Result<()> {

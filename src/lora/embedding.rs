@@ -9,6 +9,7 @@
 //! alone (`--lora-start`): it belongs to the prompt, not to the adapters.
 use crate::model::clip::ClipTextModel;
 use crate::model::text::PromptEncoder;
+use crate::model::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
@@ -31,10 +32,10 @@ pub fn parse_key(name: &str) -> Option<(String, usize)> {
     None
 }
 
-/// The row of `word` in encoder `k`'s embedding table: its one token, folded into a tiny
-/// model's vocabulary as `PromptEncoder::ids` folds it.
-pub fn token_of(prompts: &PromptEncoder, k: usize, vocab: usize, word: &str) -> Result<u32> {
-    let ids = prompts.tokenizers[k].0.encode_raw(word)?;
+/// The row of `word` in an embedding table of `vocab` rows: its one token of `tok`, folded into
+/// a tiny model's vocabulary as `PromptEncoder::ids` folds it.
+pub fn token_of(tok: &ClipTokenizer, vocab: usize, word: &str) -> Result<u32> {
+    let ids = tok.encode_raw(word)?;
     match ids[..] {
         [id] => Ok(id % vocab as u32),
         _ => bail!(
@@ -44,16 +45,22 @@ pub fn token_of(prompts: &PromptEncoder, k: usize, vocab: usize, word: &str) -> 
     }
 }
 
+/// `table` [N, D] with row `token` replaced by `v` (D values, any shape or dtype).
+pub fn with_row(table: &Tensor, token: u32, v: &Tensor) -> Result<Tensor> {
+    let d = table.dims2()?.1;
+    if v.elem_count() != d {
+        bail!("{} values for a table {d} wide — use it with the model it was trained on", v.elem_count());
+    }
+    let row = v.to_dtype(table.dtype())?.to_device(table.device())?.reshape((1, d))?;
+    let id = token as usize;
+    Ok(table.slice_assign(&[id..id + 1, 0..d], &row)?)
+}
+
 /// Replaces row `token` of the encoder's embedding table with `v` [D].
 pub fn set_row(te: &mut ClipTextModel, token: u32, v: &Tensor) -> Result<()> {
-    let t = &te.token_embedding;
-    let (n, d) = t.dims2()?;
     // detached: a trained vector is a variable, and a table recording ops would chain every
     // step's table to the last one
-    let row = v.detach().to_dtype(t.dtype())?.to_device(t.device())?.reshape((1, d))?;
-    let id = token as usize;
-    te.token_embedding = t.slice_assign(&[id..id + 1, 0..d], &row)?.detach();
-    debug_assert_eq!(te.token_embedding.dims2()?, (n, d));
+    te.token_embedding = with_row(&te.token_embedding, token, &v.detach())?.detach();
     Ok(())
 }
 
@@ -76,11 +83,11 @@ impl TrainedWord {
         let (mut tokens, mut vectors) = (vec![], vec![]);
         for (k, te) in encoders.iter_mut().enumerate() {
             let vocab = te.config.vocab_size;
-            let token = token_of(prompts, k, vocab, word).context("--train-embedding")?;
+            let token = token_of(&prompts.tokenizers[k].0, vocab, word).context("--train-embedding")?;
             let from = match init {
                 Some(words) => words
                     .split(',')
-                    .map(|w| token_of(prompts, k, vocab, w.trim()).context("--init-word"))
+                    .map(|w| token_of(&prompts.tokenizers[k].0, vocab, w.trim()).context("--init-word"))
                     .collect::<Result<Vec<u32>>>()?,
                 None => vec![token],
             };
@@ -145,7 +152,7 @@ pub fn install_bundled(
                 t.elem_count()
             );
         }
-        let token = token_of(prompts, *k, te.config.vocab_size, word)
+        let token = token_of(&prompts.tokenizers[*k].0, te.config.vocab_size, word)
             .with_context(|| format!("{file}: embedding `{word}`"))?;
         set_row(te, token, &t.flatten_all()?)?;
     }

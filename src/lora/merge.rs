@@ -174,19 +174,9 @@ fn merge_embedding(model: &mut ModelTensors, word: &str, k: usize, v: &Tensor) -
         .find(|k| m.contains_key(*k))
         .with_context(|| format!("the model's {comp} has no token embedding table"))?;
     let table = &m[key];
-    let (vocab, d) = table.dims2()?;
-    let id = match tok.encode_raw(word)?[..] {
-        [id] => id as usize % vocab,
-        _ => bail!("`{word}` is not one token of the model's vocabulary"),
-    };
-    if v.elem_count() != d {
-        bail!(
-            "{} values, the model's {comp} is {d} wide — merge into the model it was trained on",
-            v.elem_count()
-        );
-    }
-    let row = v.reshape((1, d))?.to_dtype(table.dtype())?;
-    let merged = table.slice_assign(&[id..id + 1, 0..d], &row)?;
+    let id = crate::lora::embedding::token_of(&tok, table.dims2()?.0, word)?;
+    let merged = crate::lora::embedding::with_row(table, id, v)
+        .with_context(|| format!("embedding `{word}` into the model's {comp}"))?;
     m.insert(key.to_string(), merged);
     Ok(())
 }

@@ -89,6 +89,17 @@ impl ClipTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The vocabulary's whole words of plain lowercase letters (tokens ending in `</w>`), sorted:
+    /// each encodes as one token.
+    pub fn words(&self) -> Vec<String> {
+        let mut w: Vec<String> = (self.inner.get_vocab(false).into_keys())
+            .filter_map(|t| t.strip_suffix("</w>").map(str::to_string))
+            .filter(|w| w.len() >= 3 && w.bytes().all(|b| b.is_ascii_lowercase()))
+            .collect();
+        w.sort();
+        w
+    }
+
     pub fn bos_id(&self) -> u32 {
         self.bos
     }
