@@ -45,6 +45,7 @@ fn main() -> Result<()> {
         learned_of: stars.len(),
         followed: Some((followed(&after, &stars), followed(&before, &stars))),
         forgetting: Some(forgetting),
+        misses: vec![],
     };
 
     // A synthetic loss: a decaying mean with the large per-step spread of diffusion training.

@@ -79,6 +79,11 @@ fn demo_runs_end_to_end_and_writes_its_report() {
     // so does the learning-rate schedule
     assert_eq!(meta["ss_lr_scheduler"], "cosine");
     assert!(html.contains("0.0007, cosine, 4"), "schedule in the report's settings");
+    // the misses table lists exactly the target samples "learned" did not count, and at least
+    // as many control samples as "forgotten" lost on balance
+    let (t, c) = (html.matches("<tr><th>target ").count(), html.matches("<tr><th>control ").count());
+    assert_eq!(t, ((1.0 - r.learned) * 4.0).round() as usize, "target misses");
+    assert!(c as f64 >= (r.forgotten_points * 4.0 / 100.0).round(), "{c} control misses");
     // 4 target samples: the interval says how little that measures
     assert!(html.contains("of 4 samples for the new prompt") && html.contains("95 % interval"), "interval");
 }

@@ -481,9 +481,27 @@ pub fn shows(img: &RgbImage, asked: Asked) -> bool {
     shows_detected(&classify(img), asked)
 }
 
-fn shows_detected(d: &Detected, asked: Asked) -> bool {
+/// Whether `img` shows what `asked` names (`shows`), from its classification.
+pub fn shows_detected(d: &Detected, asked: Asked) -> bool {
     let colour_ok = !asked.colour.unseen() || d.colour == Some(asked.colour);
     d.shape == Some(asked.shape) && checks_as_asked(d, asked) && colour_ok
+}
+
+/// Whether a control sample classified as `d` is drawn right: the asked shape and colour,
+/// checkered only if asked, on the asked background.
+pub fn draws_right(d: &Detected, a: Asked) -> bool {
+    d.shape == Some(a.shape)
+        && d.colour == Some(a.colour)
+        && checks_as_asked(d, a)
+        && a.background.is_none_or(|b| d.background == Some(b))
+}
+
+/// What the scorer read in a sample, for the report: "white square on blue", ", checkered"
+/// when it found checks, "?" for what it could not tell.
+pub fn describe(d: &Detected) -> String {
+    let colour = |c: Option<Colour>| c.map_or("?", |c| c.name());
+    let checks = if d.texture == Some(Texture::Checks) { ", checkered" } else { "" };
+    format!("{} {} on {}{checks}", colour(d.colour), d.shape.map_or("?", |s| s.name()), colour(d.background))
 }
 
 /// Whether `img` follows its whole prompt: what `shows` asks, and also the asked colour and
@@ -554,17 +572,7 @@ pub fn forgotten(base: &[RgbImage], lora: &[RgbImage], expected: &[Asked]) -> Fo
         expected.len()
     );
     let accuracy = |imgs: &[RgbImage]| {
-        let ok = imgs
-            .iter()
-            .zip(expected)
-            .filter(|(img, &a)| {
-                let d = classify(img);
-                d.shape == Some(a.shape)
-                    && d.colour == Some(a.colour)
-                    && checks_as_asked(&d, a)
-                    && a.background.is_none_or(|b| d.background == Some(b))
-            })
-            .count();
+        let ok = imgs.iter().zip(expected).filter(|(img, &a)| draws_right(&classify(img), a)).count();
         ok as f64 / imgs.len().max(1) as f64
     };
     let (accuracy_base, accuracy_lora) = (accuracy(base), accuracy(lora));

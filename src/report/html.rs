@@ -26,6 +26,21 @@ pub struct Scores {
     /// concept and the asked shape, colour and background (`demo::scores::follows`).
     pub followed: Option<(f64, f64)>,
     pub forgetting: Option<Forgetting>,
+    /// The samples these scores count against the LoRA, as the scorer read them.
+    pub misses: Vec<Miss>,
+}
+
+/// A target sample that does not show the concept, or a control sample the base drew right and
+/// the LoRA did not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Miss {
+    /// "target" or "control", and the sample's column in that grid (from 1).
+    pub group: &'static str,
+    pub column: usize,
+    pub prompt: String,
+    /// What the scorer read in the base's and the LoRA's sample (`demo::scores::describe`).
+    pub base: String,
+    pub lora: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -162,6 +177,26 @@ impl Report {
                         procedurally (segmentation, geometry, and the checks' waves along both \
                         diagonals), not by a learned classifier.</p>\n",
             );
+            if !s.misses.is_empty() {
+                h.push_str(
+                    "<h3>Misses</h3>\n<p class=\"hint\">Samples of the new prompt that do not show it, \
+                     and control samples the base drew right and the LoRA did not, as the scorer \
+                     read them; the column is the sample's in the grids below.</p>\n<table>\n\
+                     <tr><th>sample</th><th>prompt</th><th>base drew</th><th>LoRA drew</th></tr>\n",
+                );
+                for m in &s.misses {
+                    writeln!(
+                        h,
+                        "<tr><th>{} {}</th><td>{}</td><td>{}</td><td>{}</td></tr>",
+                        m.group,
+                        m.column,
+                        escape(&m.prompt),
+                        escape(&m.base),
+                        escape(&m.lora)
+                    )?;
+                }
+                h.push_str("</table>\n");
+            }
         }
 
         h.push_str("<h2>Loss</h2>\n<figure class=\"plot\">\n");

@@ -31,6 +31,22 @@ fn sample_report() -> Report {
                 drop_points: 1.5,
                 mean_pixel_distance: 7.94,
             }),
+            misses: vec![
+                Miss {
+                    group: "target",
+                    column: 3,
+                    prompt: "a red star on a blue background".into(),
+                    base: "red circle on blue".into(),
+                    lora: "red square on blue".into(),
+                },
+                Miss {
+                    group: "control",
+                    column: 1,
+                    prompt: "a <green> ring".into(),
+                    base: "green ring on ?".into(),
+                    lora: "yellow ring on ?".into(),
+                },
+            ],
         }),
         lora_bytes: 3_355_443,
         seconds: 245.0,
@@ -82,6 +98,12 @@ fn written_page_has_plot_grids_scores_and_numbers() {
     ] {
         assert!(html.contains(text), "{text}");
     }
+    // one row per miss, the prompt escaped
+    assert!(html.contains("<h3>Misses</h3>"));
+    assert!(html.contains(
+        "<tr><th>target 3</th><td>a red star on a blue background</td><td>red circle on blue</td><td>red square on blue</td></tr>"
+    ));
+    assert!(html.contains("<th>control 1</th><td>a &lt;green&gt; ring</td>"));
     assert!(html.contains("<th>rank</th><td>16</td>"));
     // Title escaped; self-contained: no external reference of any kind.
     assert!(html.contains("Teach a &lt;star&gt; &amp; keep the rest"));

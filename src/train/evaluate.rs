@@ -4,11 +4,12 @@
 //! background") are also scored by the exact procedural scorer (`crate::demo::scores`); any
 //! prompt counts towards the mean pixel distance, the one measure that needs no labels.
 use crate::demo::scores::{
-    checks_as_asked, classify, followed, forgotten, learned, mean_abs_difference, Detected, Forgetting,
+    checks_as_asked, classify, describe, draws_right, followed, forgotten, learned, mean_abs_difference,
+    shows_detected, Detected, Forgetting,
 };
 use crate::demo::world::Asked;
 use crate::model::load::{load, LoadOptions, StableDiffusion};
-use crate::report::html::{grid_rows, Scores};
+use crate::report::html::{grid_rows, Miss, Scores};
 use crate::sample::pipeline::{generate_each, GenerateOptions};
 use anyhow::{Context, Result};
 use image::RgbImage;
@@ -74,6 +75,11 @@ fn titled(what: &str, prompts: &[(String, u64)]) -> String {
     format!("{what} — {}", cols.join("; "))
 }
 
+fn miss(group: &'static str, i: usize, prompt: &str, base: &RgbImage, lora: Detected) -> Miss {
+    let (base, lora) = (describe(&classify(base)), describe(&lora));
+    Miss { group, column: i + 1, prompt: prompt.to_string(), base, lora }
+}
+
 /// Samples `target` and `control` prompts (seed = `seed` + index) with and without the LoRA.
 pub fn evaluate(
     model: &str,
@@ -99,6 +105,7 @@ pub fn evaluate(
         learned_of: 0,
         followed: None,
         forgetting: None,
+        misses: vec![],
     };
     let mut base_knows = BaseKnows::default();
     if !target.is_empty() {
@@ -116,6 +123,12 @@ pub fn evaluate(
             names.sort_unstable();
             names.dedup();
             scores.target = names.join(", ");
+            for &(i, a) in &wanted {
+                let d = classify(&with[i]);
+                if !shows_detected(&d, a) {
+                    scores.misses.push(miss("target", i, &target[i].0, &base[i], d));
+                }
+            }
         }
         grids.push((
             titled("target prompts: base (top) vs LoRA (bottom), same seeds", target),
@@ -134,6 +147,12 @@ pub fn evaluate(
         if !labelled.is_empty() {
             let seen: Vec<(Detected, Asked)> =
                 labelled.iter().map(|&(i, a)| (classify(&base[i]), a)).collect();
+            for (&(i, a), (b, _)) in labelled.iter().zip(&seen) {
+                let d = classify(&with[i]);
+                if draws_right(b, a) && !draws_right(&d, a) {
+                    scores.misses.push(miss("control", i, &control[i].0, &base[i], d));
+                }
+            }
             let share = |ok: &dyn Fn(&Detected, Asked) -> bool| {
                 seen.iter().filter(|(d, a)| ok(d, *a)).count() as f64 / seen.len() as f64
             };
