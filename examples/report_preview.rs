@@ -6,7 +6,8 @@
 use anyhow::Result;
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
-use sdlora::demo::scores::{add_noise, blur3, followed, forgotten, learned};
+use sdlora::demo::metrics::{followed, forgotten, learned};
+use sdlora::demo::scores::{add_noise, blur3};
 use sdlora::demo::world::{scenes, Scene, Shape, IMAGE_SIZE};
 use sdlora::report::{grid, grid_rows, Report, Scores};
 

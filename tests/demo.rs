@@ -387,7 +387,7 @@ fn train_scores_target_and_control_prompts() {
 /// still show the asked shape with checks to the scorer, and striped ones still do not.
 #[test]
 fn checks_survive_the_base_vae_so_learned_can_reach_100_percent() {
-    use sdlora::demo::scores::shows;
+    use sdlora::demo::metrics::shows;
     use sdlora::demo::world::{Concept, Shape, Texture};
     let tmp = tempfile::tempdir().unwrap();
     let base = sdlora::demo::base::write(&tmp.path().join("base")).unwrap();

@@ -301,7 +301,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         100.0 * k.checks,
         r.mean_pixel_distance
     );
-    let (lo, hi) = crate::demo::scores::interval95(r.learned, a.samples);
+    let (lo, hi) = crate::demo::metrics::interval95(r.learned, a.samples);
     eprintln!(
         "concept shown in {:.0} % of {} target samples (95 % interval {:.0}–{:.0} %); by the base in {:.0} % of them",
         100.0 * r.learned,

@@ -76,7 +76,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eprintln!("sampling {} target and {} control prompts, base and LoRA", target.len(), control.len());
         let e = evaluate(&cfg.model, &summary.lora_path, &target, &control, resolution, cfg.sampling())?;
         if let Some(l) = e.scores.learned {
-            let (lo, hi) = crate::demo::scores::interval95(l, e.scores.learned_of);
+            let (lo, hi) = crate::demo::metrics::interval95(l, e.scores.learned_of);
             eprintln!(
                 "learned: {:.1} % of {} target samples show a {} (95 % interval {:.0}–{:.0} %; base model: {:.1} %)",
                 100.0 * l,

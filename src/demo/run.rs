@@ -131,7 +131,7 @@ pub struct DemoResult {
     /// The base's samples of the same prompts and seeds, scored the same way.
     pub learned_base: f64,
     /// Shares of the same samples, LoRA's and base's, that follow the whole prompt (the concept,
-    /// shape, colour and background: `scores::follows`).
+    /// shape, colour and background: `metrics::follows`).
     pub followed: (f64, f64),
     pub forgotten_points: f64,
     pub mean_pixel_distance: f64,

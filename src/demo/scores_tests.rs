@@ -1,6 +1,7 @@
 //! Tests of the procedural scorer: accuracy on clean and degraded renders of the world, and the
 //! two demo scores.
 use super::*;
+use crate::demo::metrics::*;
 use crate::demo::world::{scenes, Asked, Concept, Scene, Texture};
 use rand::{Rng, SeedableRng};
 

@@ -203,7 +203,7 @@ impl Asked {
     }
 
     /// "checkered ring", "star", "pink ring": the colour only where it is one random scenes never
-    /// draw (what "learned" scores; see `scores::shows`)
+    /// draw (what "learned" scores; see `metrics::shows`)
     pub fn describe(self) -> String {
         let colour = self.colour.unseen().then_some(self.colour.name());
         colour

@@ -2,7 +2,7 @@
 //! sample grids (PNG data URIs) and the demo's scores. No external URL, script or font, so the
 //! file opens offline, survives being mailed, and cannot leak anything when opened.
 use super::plot::loss_svg;
-use crate::demo::scores::Forgetting;
+use crate::demo::metrics::Forgetting;
 use crate::train::trainer::Summary;
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
@@ -23,7 +23,7 @@ pub struct Scores {
     /// How many samples `learned` was measured on (its 95 % interval follows from it).
     pub learned_of: usize,
     /// Shares (0–1) of the same samples, LoRA's and base's, that follow the whole prompt: the
-    /// concept and the asked shape, colour and background (`demo::scores::follows`).
+    /// concept and the asked shape, colour and background (`demo::metrics::follows`).
     pub followed: Option<(f64, f64)>,
     pub forgetting: Option<Forgetting>,
     /// The samples these scores count against the LoRA, as the scorer read them.
@@ -38,7 +38,7 @@ pub struct Miss {
     pub group: &'static str,
     pub column: usize,
     pub prompt: String,
-    /// What the scorer read in the base's and the LoRA's sample (`demo::scores::describe`).
+    /// What the scorer read in the base's and the LoRA's sample (`demo::metrics::describe`).
     pub base: String,
     pub lora: String,
 }
@@ -127,7 +127,7 @@ impl Report {
             let target = escape(&s.target);
             h.push_str("<h2>Scores</h2>\n<section class=\"cards scores\">\n");
             if let Some(l) = s.learned {
-                let (lo, hi) = crate::demo::scores::interval95(l, s.learned_of);
+                let (lo, hi) = crate::demo::metrics::interval95(l, s.learned_of);
                 card(
                     &mut h,
                     "Learned",

@@ -3,10 +3,11 @@
 //! with the same seed. Prompts in the tiny world's caption form ("a red striped star on a blue
 //! background") are also scored by the exact procedural scorer (`crate::demo::scores`); any
 //! prompt counts towards the mean pixel distance, the one measure that needs no labels.
-use crate::demo::scores::{
-    checks_as_asked, classify, describe, draws_right, followed, forgotten, learned, mean_abs_difference,
-    shows_detected, Detected, Forgetting,
+use crate::demo::metrics::{
+    checks_as_asked, describe, draws_right, followed, forgotten, learned, mean_abs_difference,
+    shows_detected, Forgetting,
 };
+use crate::demo::scores::{classify, Detected};
 use crate::demo::world::Asked;
 use crate::model::load::{load, LoadOptions, StableDiffusion};
 use crate::report::html::{grid_rows, Miss, Scores};
