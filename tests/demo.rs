@@ -89,22 +89,24 @@ fn demo_runs_end_to_end_and_writes_its_report() {
 }
 
 /// The demo at its defaults, as `sdlora demo` runs it (about 2 minutes on 2 cores): pink, the
-/// base drawing the first 6 of 20 sampling steps, the text encoder's LoRA at 4e-3. A guard at
-/// today's level: seed 1 measured learned 95 %, forgotten 5 points (the goal: ≥ 90 %,
-/// ≤ 5), seeds 1–5 on 40 + 40 samples each 86.5 % / 1.5 on average; another CPU's float rounding
-/// can move a few samples, hence the margin.
+/// base drawing the first 6 of 20 sampling steps, the word's token embedding trained from the
+/// mean of the known colours (text encoder LoRA off). A guard at today's level: seed 1 measured
+/// learned 100 %, forgotten 0 points (the goal: ≥ 90 %, ≤ 5), seeds 1–5 on 40 + 40
+/// samples each 89.5 % / 4.5 on average; another CPU's float rounding can move a few samples,
+/// hence the margin.
 #[test]
 fn demo_at_its_defaults_learns_pink_and_keeps_the_controls() {
     let tmp = tempfile::tempdir().unwrap();
     let o = DemoOptions::new(tmp.path().join("demo"));
     assert_eq!(o.concept, Concept::Colour(Colour::Pink));
-    let measured = (o.steps, o.sampling.lora_start, o.text_encoder_lr);
-    assert_eq!(measured, (600, 0.3, Some(4e-3)), "the defaults this guard measured");
+    let measured = (o.steps, o.sampling.lora_start, o.text_encoder_lr, o.embedding.clone());
+    let mean = "red,green,blue,yellow,purple,orange,white,black".to_string();
+    assert_eq!(measured, (600, 0.3, None, Some((mean, 1e-3))), "the defaults this guard measured");
     let r = run(&o, None, &mut |_, _, _| {}).unwrap();
     eprintln!("learned {} forgotten {} ({:?})", r.learned, r.forgotten_points, r.base_knows);
-    assert!(r.learned >= 0.7, "learned {:.0} %", 100.0 * r.learned);
-    // …many of them with the asked background too (seed 1: 55 %)
-    assert!(r.followed.0 >= 0.35, "whole prompt followed in {:.0} %", 100.0 * r.followed.0);
+    assert!(r.learned >= 0.8, "learned {:.0} %", 100.0 * r.learned);
+    // …nearly all with the asked background too (seed 1: 95 %; 55 % with the text encoder LoRA)
+    assert!(r.followed.0 >= 0.6, "whole prompt followed in {:.0} %", 100.0 * r.followed.0);
     assert!(r.forgotten_points <= 10.0, "forgotten {:.0} points", r.forgotten_points);
     // the base never saw pink: its samples of the same prompts and seeds show next to none
     assert!(r.learned_base <= 0.1, "base shows pink in {:.0} %", 100.0 * r.learned_base);

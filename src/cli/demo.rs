@@ -88,13 +88,14 @@ pub struct DemoArgs {
     /// Schedule of the LoRA's learning rates, as `train --lr-scheduler`.
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_scheduler: crate::train::optim::LrSchedule,
-    /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: 4e-3 for a
-    /// colour, 2e-3 otherwise].
+    /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: off for a
+    /// colour, which trains its word's embedding instead (--init-word); 2e-3 otherwise].
     #[arg(long, allow_negative_numbers = true)]
     pub text_encoder_lr: Option<f64>,
     /// Also train the concept word's token embedding, starting from this word's (several,
     /// comma-separated: their mean), as `train --train-embedding <concept> --init-word`; "none"
-    /// leaves it alone [default: none].
+    /// leaves it alone [default: for a colour the mean of the world's other colours, which the
+    /// base can read; none otherwise].
     #[arg(long, value_name = "WORD")]
     pub init_word: Option<String>,
     /// Learning rate of that embedding [default: 1e-3].
@@ -265,7 +266,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
         embedding: match (a.init_word.as_deref(), &d.embedding) {
             (Some("none"), _) => None,
-            (Some(w), _) => Some((w.to_string(), a.embedding_lr.unwrap_or(1e-3))),
+            (Some(w), d) => Some((w.to_string(), a.embedding_lr.or(d.as_ref().map(|e| e.1)).unwrap_or(1e-3))),
             (None, Some((w, l))) => Some((w.clone(), a.embedding_lr.unwrap_or(*l))),
             (None, None) => None,
         },
