@@ -94,6 +94,33 @@ fn trained_embedding_is_bundled_resumes_exactly_and_changes_only_its_word() {
     let merged = load(&merged_dir.display().to_string(), &LoadOptions::default()).unwrap();
     assert!(dist(&encoding(&merged, word), &off(word)) < 1e-6, "the merged model encodes otherwise");
 
+    // converted for diffusers: the LoRA file holds LoRA tensors only (diffusers refuses any
+    // other), the embedding goes beside it in diffusers' advanced-script layout; kohya keeps it
+    let tools = sdlora::cli::tools::ConvertArgs {
+        input: out.clone(),
+        output: tmp.path().join("a/peft.safetensors"),
+        to: "peft".into(),
+    };
+    sdlora::cli::tools::convert(&tools).unwrap();
+    let peft = tensor_names(&tools.output);
+    assert!(!peft.is_empty() && peft.iter().all(|n| n.contains(".lora_")), "{peft:?}");
+    let apart = tmp.path().join("a/peft_circle_emb.safetensors");
+    let e = candle_core::safetensors::load(&apart, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(e.keys().collect::<Vec<_>>(), ["clip_l"]);
+    let got: Vec<f32> =
+        e["clip_l"].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!((e["clip_l"].dims(), dist(&got, &v)), (&d[..], 0.0));
+    let back = sdlora::cli::tools::ConvertArgs {
+        input: tools.output.clone(),
+        output: tmp.path().join("a/kohya.safetensors"),
+        to: "kohya".into(),
+    };
+    sdlora::cli::tools::convert(&back).unwrap();
+    assert!(!tensor_names(&back.output).iter().any(|n| n.starts_with("bundle_emb")), "nothing to bundle");
+    let rebundled = sdlora::cli::tools::ConvertArgs { input: out.clone(), ..back };
+    sdlora::cli::tools::convert(&rebundled).unwrap();
+    assert!(tensor_names(&rebundled.output).iter().any(|n| n == key), "kohya keeps the bundle");
+
     // 2 steps, then --resume for 2 more == 4 straight (LoRA and embedding, byte for byte)
     let half = tmp.path().join("b/emb-half.safetensors");
     run(&half, 2, None);

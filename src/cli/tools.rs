@@ -13,7 +13,10 @@ pub struct ConvertArgs {
     pub input: PathBuf,
     /// Where to write the converted LoRA.
     pub output: PathBuf,
-    /// Target format: kohya (A1111, ComfyUI, diffusers) or peft (diffusers' own).
+    /// Target format: kohya (A1111, ComfyUI, diffusers) or peft (diffusers' own). A trained
+    /// embedding (`train --train-embedding`) stays bundled in kohya's file, which Automatic1111
+    /// reads; for peft it is written beside it as `<output>_<word>_emb.safetensors`, which
+    /// diffusers' `load_textual_inversion` reads (diffusers rejects it inside a LoRA file).
     #[arg(long, default_value = "kohya")]
     pub to: String,
 }
@@ -92,9 +95,52 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
     let dtype = file.modules.values().next().map(|t| t.down.dtype()).unwrap_or(candle_core::DType::F32);
     let dtype = if dtype == candle_core::DType::F64 { stored_dtype(&a.input)? } else { dtype };
     let how = WriteAs { family, layout: &standard_layout(family), format: to, dtype };
-    let extra = file.embedding_tensors(family, dtype)?;
+    // diffusers refuses a LoRA file with any other tensor in it, so for diffusers a bundled
+    // embedding goes to a file of its own; kohya's names keep it bundled, as Automatic1111 reads it
+    let bundled = to == LoraFormat::Kohya;
+    let extra = if bundled { file.embedding_tensors(family, dtype)? } else { vec![] };
     write_tensors(&a.output, &entries, extra, how, file.metadata.clone())?;
     println!("wrote {} ({} modules, {} format, {})", a.output.display(), entries.len(), a.to, family.name());
+    if !bundled {
+        write_embeddings_apart(&file, family, dtype, &a.output)?;
+    }
+    Ok(())
+}
+
+/// Each bundled embedding of `file` as `<output stem>_<word>_emb.safetensors` in the layout of
+/// diffusers' advanced training script (`clip_l`, and `clip_g` for SDXL: [1, width] each).
+fn write_embeddings_apart(
+    file: &crate::lora::format::LoraFile,
+    family: crate::model::load::Family,
+    dtype: candle_core::DType,
+    output: &std::path::Path,
+) -> Result<()> {
+    let mut words: Vec<&str> = file.embeddings.iter().map(|(w, _, _)| w.as_str()).collect();
+    words.sort();
+    words.dedup();
+    for word in words {
+        let mut tensors = vec![];
+        for (_, k, t) in file.embeddings.iter().filter(|(w, _, _)| w == word) {
+            let name = if *k == 0 { "clip_l" } else { "clip_g" };
+            tensors.push((name.to_string(), t.reshape((1, t.elem_count()))?.to_dtype(dtype)?));
+        }
+        let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = output.with_file_name(format!("{stem}_{word}_emb.safetensors"));
+        crate::lora::format::save_atomic(&path, &tensors, &Default::default())?;
+        let te2 = match family {
+            crate::model::load::Family::Sdxl => {
+                ", and [\"clip_g\"] with text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2"
+            }
+            _ => "",
+        };
+        println!(
+            "wrote {}: the embedding of \"{word}\", which diffusers loads apart from the LoRA: \
+             pipe.load_textual_inversion(load_file(path)[\"clip_l\"], token=\"<{word}>\", \
+             text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer){te2}; then write <{word}> \
+             where the captions said {word}",
+            path.display()
+        );
+    }
     Ok(())
 }
 

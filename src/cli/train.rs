@@ -113,7 +113,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     eprintln!("report: {}", report_path.display());
     if let Some(w) = &cfg.train_embedding {
         eprintln!(
-            "the LoRA bundles the embedding of \"{w}\" (Automatic1111, sdlora); for diffusers, `sdlora merge` it into the model"
+            "the LoRA bundles the embedding of \"{w}\" (Automatic1111, sdlora); for diffusers, `sdlora convert --to peft` it (the embedding goes to a file beside it) or `sdlora merge` it into the model"
         );
     }
     println!(
