@@ -264,11 +264,12 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         },
         min_snr_gamma: a.min_snr_gamma.map_or(d.min_snr_gamma, |g| (g > 0.0).then_some(g)),
         text_encoder_lr: a.text_encoder_lr.map_or(d.text_encoder_lr, |l| (l > 0.0).then_some(l)),
-        embedding: match (a.init_word.as_deref(), &d.embedding) {
-            (Some("none"), _) => None,
-            (Some(w), d) => Some((w.to_string(), a.embedding_lr.or(d.as_ref().map(|e| e.1)).unwrap_or(1e-3))),
-            (None, Some((w, l))) => Some((w.clone(), a.embedding_lr.unwrap_or(*l))),
-            (None, None) => None,
+        embedding: match a.init_word.as_deref() {
+            Some("none") => None,
+            Some(w) => {
+                Some((w.to_string(), a.embedding_lr.unwrap_or(d.embedding.as_ref().map_or(1e-3, |e| e.1))))
+            }
+            None => d.embedding.clone().map(|(w, l)| (w, a.embedding_lr.unwrap_or(l))),
         },
         batch: a.lora_batch,
         samples: a.samples,
