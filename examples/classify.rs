@@ -9,8 +9,8 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        let c = sdlora::demo::scores::classify(&img);
-        let m = sdlora::demo::scores::measure(&img);
+        let c = sdlora::eval::scores::classify(&img);
+        let m = sdlora::eval::scores::measure(&img);
         println!("{p}: {:?} {:?} {:?} {:?}", c.shape, c.colour, c.texture, m.and_then(|m| m.features));
     }
 }

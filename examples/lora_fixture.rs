@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
             seed: 11,
             dtype: DType::F32,
             dropout: 0.0,
-            switch: sdlora::lora::adapter::switch(),
+            switch: sdlora::model::layers::adapter::switch(),
         };
         let mut adapters = vec![];
         let unet = sd.unet.as_mut().expect("unet");

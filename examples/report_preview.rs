@@ -6,9 +6,9 @@
 use anyhow::Result;
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
-use sdlora::demo::metrics::{followed, forgotten, learned};
-use sdlora::demo::scores::{add_noise, blur3};
-use sdlora::demo::world::{scenes, Scene, Shape, IMAGE_SIZE};
+use sdlora::eval::metrics::{followed, forgotten, learned};
+use sdlora::eval::scores::{add_noise, blur3};
+use sdlora::eval::world::{scenes, Scene, Shape, IMAGE_SIZE};
 use sdlora::report::{grid, grid_rows, Report, Scores};
 
 fn main() -> Result<()> {

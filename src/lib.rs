@@ -1,11 +1,22 @@
 //! sdlora: fine-tune Stable Diffusion with LoRA.
 //!
-//! The pipeline reads top-down: `model` (frozen networks with explicit forward/backward),
-//! `lora` (adapters and their file formats). Beside it: `demo` (the tiny procedural world and
-//! its exact scores) and `report` (the self-contained HTML training report).
+//! Modules are layers; each uses only those above it in this list (a test checks it):
+//!
+//! - `util`: atomic writes, small statistics.
+//! - `report`: the self-contained HTML training report; takes plain data.
+//! - `model`: configs, loading, and the frozen networks (U-Net, VAE, CLIP) built from layers that
+//!   each have a forward and an explicit backward; the LoRA adapter is one of those layers.
+//! - `lora`: which layers get adapters, attaching them, kohya/PEFT files, merge, resize, extract.
+//! - `data`: image folders and captions to cached latents and buckets.
+//! - `sample`: schedulers and the text-to-image pipeline.
+//! - `train`: settings, setup, the training loop, optimizer, checkpoints.
+//! - `eval`: base against base + LoRA on target and control prompts; the tiny world's exact scorer.
+//! - `demo`: the embedded tiny-world demo and the pretraining of its base model.
+//! - `cli`: one module per subcommand.
 pub mod cli;
 pub mod data;
 pub mod demo;
+pub mod eval;
 pub mod lora;
 pub mod model;
 pub mod report;

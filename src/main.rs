@@ -1,5 +1,3 @@
-use clap::Parser;
-
 fn main() {
     // candle asks for its thread count on every CPU op and, unless RAYON_NUM_THREADS is set,
     // works it out by reading /proc/cpuinfo each time: measured at ~10 % of a training step.
@@ -7,7 +5,7 @@ fn main() {
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    let cli = sdlora::cli::Cli::parse();
+    let cli = sdlora::cli::parse();
     if let Err(e) = sdlora::cli::run(cli) {
         // one line, no backtrace: what went wrong, which file, what to do
         eprintln!("error: {e:#}");

@@ -1,10 +1,11 @@
 //! Finite-difference checks of every layer's explicit backward, in f64 on random inputs.
-mod common;
+use crate::common;
 use candle_core::{DType, Device, Tensor};
 use common::{dot, fd_check, randn, var};
-use sdlora::lora::{attach, AdapterGrads, Init, LoraSpec};
+use sdlora::lora::{attach, Init, LoraSpec};
 use sdlora::model::blocks::{ResnetBlock2D, Transformer2D};
 use sdlora::model::layers::load::{conv, group_norm, layer_norm, linear};
+use sdlora::model::layers::Grads;
 use sdlora::model::layers::*;
 use sdlora::model::weights::Weights;
 
@@ -23,7 +24,7 @@ fn lora_spec(rank: usize) -> LoraSpec {
         seed: 5,
         dtype: DType::F64,
         dropout: 0.0,
-        switch: sdlora::lora::adapter::switch(),
+        switch: sdlora::model::layers::adapter::switch(),
     }
 }
 
@@ -33,7 +34,7 @@ fn add_lora(m: &mut dyn Visit, rank: usize) -> Vec<sdlora::lora::AdapterInfo> {
 }
 
 /// Checks the adapter gradients of `infos` against finite differences of `loss`.
-fn check_adapters(infos: &[sdlora::lora::AdapterInfo], g: &AdapterGrads, loss: &dyn Fn() -> f64) {
+fn check_adapters(infos: &[sdlora::lora::AdapterInfo], g: &Grads, loss: &dyn Fn() -> f64) {
     assert!(!infos.is_empty());
     for a in infos {
         let (dd, du) = g.get(a.id).unwrap_or_else(|| panic!("no gradient for adapter {}", a.path));
@@ -49,7 +50,7 @@ fn linear_with_lora() {
     let x = var(&[2, 4, 5], 2);
     let r = randn(&[2, 4, 6], 3);
     let (_, s) = l.forward(&x).unwrap();
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let dx = l.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&l.fwd(&x).unwrap(), &r);
     fd_check("linear dx", &x, &dx, &loss, 20);
@@ -62,7 +63,7 @@ fn check_conv(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, hw: 
     let x = var(&[2, cin, hw, hw], 8);
     let (y, s) = c.forward(&x).unwrap();
     let r = randn(y.dims(), 9);
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let dx = c.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&c.fwd(&x).unwrap(), &r);
     fd_check(&format!("conv{k}x{k}/s{stride}/p{pad} dx"), &x, &dx, &loss, 25);
@@ -93,7 +94,7 @@ fn group_norm_and_fused_silu() {
         let x = var(&[2, 6, 3, 3], 12);
         let r = randn(&[2, 6, 3, 3], 13);
         let (_, s) = n.forward(&x, silu).unwrap();
-        let dx = n.backward(s, &r, &mut AdapterGrads::default()).unwrap();
+        let dx = n.backward(s, &r, &mut Grads::default()).unwrap();
         fd_check(
             &format!("group_norm silu={silu}"),
             &x,
@@ -110,7 +111,7 @@ fn layer_norm_backward() {
     let x = var(&[2, 3, 7], 15);
     let r = randn(&[2, 3, 7], 16);
     let (_, s) = n.forward(&x).unwrap();
-    let dx = n.backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    let dx = n.backward(s, &r, &mut Grads::default()).unwrap();
     fd_check("layer_norm", &x, &dx, &|| dot(&n.fwd(&x).unwrap(), &r), 30);
 }
 
@@ -159,7 +160,7 @@ fn self_attention_plain_and_causal() {
         let x = var(&[2, 5, 8], 22);
         let r = randn(&[2, 5, 8], 23);
         let (_, s) = a.forward(&x, None).unwrap();
-        let mut g = AdapterGrads::default();
+        let mut g = Grads::default();
         let (dx, dctx) = a.backward(s, &r, &mut g).unwrap();
         assert!(dctx.is_none());
         let loss = || dot(&a.fwd(&x, None).unwrap(), &r);
@@ -175,7 +176,7 @@ fn cross_attention() {
     let ctx = var(&[2, 3, 6], 25);
     let r = randn(&[2, 5, 8], 26);
     let (_, s) = a.forward(&x, Some(&ctx)).unwrap();
-    let (dx, dctx) = a.backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    let (dx, dctx) = a.backward(s, &r, &mut Grads::default()).unwrap();
     let loss = || dot(&a.fwd(&x, Some(&ctx)).unwrap(), &r);
     fd_check("cross-attention dx", &x, &dx, &loss, 25);
     fd_check("cross-attention dctx", &ctx, &dctx.unwrap(), &loss, 25);
@@ -189,7 +190,7 @@ fn resnet_block() {
     let t = var(&[2, 5], 29);
     let r = randn(&[2, 6, 4, 4], 30);
     let (_, s) = b.forward(&x, Some(&t)).unwrap();
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let (dx, dt) = b.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&b.forward(&x, Some(&t)).unwrap().0, &r);
     fd_check("resnet dx", &x, &dx, &loss, 30);
@@ -206,7 +207,7 @@ fn transformer_2d_conv_and_linear_projection() {
         let ctx = var(&[2, 4, 6], 33);
         let r = randn(&[2, 8, 3, 3], 34);
         let (_, s) = t.forward(&x, &ctx).unwrap();
-        let mut g = AdapterGrads::default();
+        let mut g = Grads::default();
         let (dx, dctx) = t.backward(s, &r, &mut g).unwrap();
         let loss = || dot(&t.forward(&x, &ctx).unwrap().0, &r);
         fd_check(&format!("transformer2d linear={linear_proj} dx"), &x, &dx, &loss, 30);
@@ -253,7 +254,7 @@ fn clip_text_encoder_backward() {
             penultimate: Some(rp.clone()),
             pooled: Some(rq.clone()),
         };
-        let mut g = AdapterGrads::default();
+        let mut g = Grads::default();
         let dx = m.backward(s, grads, &mut g).unwrap();
         let loss = || {
             let o = m.forward_train(&ids, &x).unwrap().0;
@@ -274,7 +275,7 @@ fn base_weight_gradients_when_weights_are_variables() {
         *t = v.as_tensor().clone();
         v
     };
-    let check = |what: &str, v: &Var, g: &AdapterGrads, loss: &dyn Fn() -> f64| {
+    let check = |what: &str, v: &Var, g: &Grads, loss: &dyn Fn() -> f64| {
         let grad = g.weights.get(&v.as_tensor().id()).unwrap_or_else(|| panic!("{what}: no gradient"));
         fd_check(what, v, grad, loss, 10);
     };
@@ -283,7 +284,7 @@ fn base_weight_gradients_when_weights_are_variables() {
     let (w, b) = (vars(&mut l.weight), vars(l.bias.as_mut().unwrap()));
     let x = var(&[2, 3, 5], 51);
     let r = randn(&[2, 3, 4], 52);
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let (_, s) = l.forward(&x).unwrap();
     l.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&l.fwd(&x).unwrap(), &r);
@@ -295,7 +296,7 @@ fn base_weight_gradients_when_weights_are_variables() {
     let x = var(&[2, 3, 6, 6], 54);
     let (y, s) = c.forward(&x).unwrap();
     let r = randn(y.dims(), 55);
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     c.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&c.fwd(&x).unwrap(), &r);
     check("conv weight", &w, &g, &loss);
@@ -305,7 +306,7 @@ fn base_weight_gradients_when_weights_are_variables() {
     let (w, b) = (vars(&mut n.weight), vars(&mut n.bias));
     let x = var(&[2, 6, 3, 3], 57);
     let r = randn(&[2, 6, 3, 3], 58);
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let (_, s) = n.forward(&x, true).unwrap();
     n.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&n.forward(&x, true).unwrap().0, &r);
@@ -315,7 +316,7 @@ fn base_weight_gradients_when_weights_are_variables() {
     let (w, b) = (vars(&mut n.weight), vars(n.bias.as_mut().unwrap()));
     let x = var(&[2, 3, 7], 60);
     let r = randn(&[2, 3, 7], 61);
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let (_, s) = n.forward(&x).unwrap();
     n.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&n.fwd(&x).unwrap(), &r);
@@ -335,19 +336,19 @@ fn vae_encoder_and_decoder_backward() {
     let x = var(&[1, 3, 8, 8], 71);
     let (m, s) = vae.encode_train(&x).unwrap();
     let r = randn(m.dims(), 72);
-    let dx = vae.encode_backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    let dx = vae.encode_backward(s, &r, &mut Grads::default()).unwrap();
     fd_check("vae encoder", &x, &dx, &|| dot(&vae.encode_moments(&x).unwrap(), &r), 20);
     let z = var(&[1, 2, 4, 4], 73);
     let (y, s) = vae.decode_train(&z).unwrap();
     let r = randn(y.dims(), 74);
-    let dz = vae.decode_backward(s, &r, &mut AdapterGrads::default()).unwrap();
+    let dz = vae.decode_backward(s, &r, &mut Grads::default()).unwrap();
     fd_check("vae decoder", &z, &dz, &|| dot(&vae.decode(&z).unwrap(), &r), 20);
 }
 
 /// LoRA dropout: with the step's seed fixed the masks are fixed, so the backward is checkable.
 #[test]
 fn lora_dropout_backward() {
-    let switch = sdlora::lora::adapter::switch();
+    let switch = sdlora::model::layers::adapter::switch();
     let spec = LoraSpec { dropout: 0.5, switch: switch.clone(), ..lora_spec(2) };
     switch.set_dropout_seed(1234);
     let mut l = linear(&weights(80).pp("l"), 6, 5, true).unwrap();
@@ -355,7 +356,7 @@ fn lora_dropout_backward() {
     let x = var(&[2, 3, 6], 81);
     let r = randn(&[2, 3, 5], 82);
     let (_, s) = l.forward(&x).unwrap();
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let dx = l.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&l.fwd(&x).unwrap(), &r);
     fd_check("linear+dropout dx", &x, &dx, &loss, 20);
@@ -365,7 +366,7 @@ fn lora_dropout_backward() {
     let x = var(&[2, 3, 6, 6], 84);
     let (y, s) = c.forward(&x).unwrap();
     let r = randn(y.dims(), 85);
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let dx = c.backward(s, &r, &mut g).unwrap();
     let loss = || dot(&c.fwd(&x).unwrap(), &r);
     fd_check("conv+dropout dx", &x, &dx, &loss, 20);
@@ -382,7 +383,7 @@ fn lora_dropout_backward() {
 /// nothing and collects no gradient; switched back on, the layer is the LoRA's again.
 #[test]
 fn switched_off_adapters_leave_the_base_layer() {
-    let switch = sdlora::lora::adapter::switch();
+    let switch = sdlora::model::layers::adapter::switch();
     let spec = LoraSpec { switch: switch.clone(), ..lora_spec(2) };
     let base = linear(&weights(90).pp("l"), 6, 5, true).unwrap();
     let mut l = linear(&weights(90).pp("l"), 6, 5, true).unwrap();
@@ -399,7 +400,7 @@ fn switched_off_adapters_leave_the_base_layer() {
     switch.set_off(true);
     assert_eq!(diff(&l.fwd(&x).unwrap(), &base.fwd(&x).unwrap()), 0.0);
     assert_eq!(diff(&c.fwd(&xc).unwrap(), &c0.fwd(&xc).unwrap()), 0.0);
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let (y, s) = c.forward(&xc).unwrap();
     let dx = c.backward(s, &randn(y.dims(), 94), &mut g).unwrap();
     assert_eq!(dx.dims(), xc.dims());

@@ -1,6 +1,6 @@
 //! Bad input gets one clear error line naming the file and the fix — never a panic — and
 //! leaves no output behind.
-mod common;
+use crate::common;
 use common::data::{tiny_dataset, tiny_model};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -206,8 +206,19 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     let missing = tmp.path().join("nothing-here");
     let out = tmp.path().join("base");
     let (m, o) = (missing.display().to_string(), out.display().to_string());
-    let args =
-        ["demo", "--pretrain", &o, "--init", &m, "--vae-steps", "0", "--unet-steps", "1", "--images", "4"];
+    let args = [
+        "demo-pretrain",
+        "--out",
+        &o,
+        "--init",
+        &m,
+        "--vae-steps",
+        "0",
+        "--unet-steps",
+        "1",
+        "--images",
+        "4",
+    ];
     expect_error(&args, &["nothing-here", "--init"]);
     assert!(!out.exists(), "nothing written");
     expect_error(&["demo", "--concept", "hexagon"], &["--concept", "pink", "star"]);
@@ -215,11 +226,11 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     let bench_data = tmp.path().join("bench").display().to_string();
     expect_error(&["bench", "--write-data", &bench_data, "--images", "0"], &["--images 0"]);
     // numbers are checked before anything runs, under the demo's own flag names
-    expect_error(&["demo", "--pretrain", &o, "--images", "0"], &["--images", "at least 1"]);
-    expect_error(&["demo", "--pretrain", &o, "--lr", "nan"], &["--lr NaN", "positive"]);
-    expect_error(&["demo", "--pretrain", &o, "--grow-attention"], &["--grow-attention", "--init"]);
+    expect_error(&["demo-pretrain", "--out", &o, "--images", "0"], &["--images", "at least 1"]);
+    expect_error(&["demo-pretrain", "--out", &o, "--lr", "nan"], &["--lr NaN", "positive"]);
+    expect_error(&["demo-pretrain", "--out", &o, "--grow-attention"], &["--grow-attention", "--init"]);
     expect_error(
-        &["demo", "--pretrain", &o, "--unknown-colours", "1.5"],
+        &["demo-pretrain", "--out", &o, "--unknown-colours", "1.5"],
         &["--unknown-colours 1.5", "0 to 1"],
     );
     assert!(!out.exists(), "nothing written");

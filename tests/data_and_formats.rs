@@ -1,6 +1,6 @@
 //! Inputs users actually have: grayscale, 16-bit, transparent and EXIF-rotated images; legacy
 //! diffusers LoRA names; a bf16 base model; captions cached on disk.
-mod common;
+use crate::common;
 use common::data::{tiny_dataset, tiny_model};
 use sdlora::data::dataset::{load_rgb, scan};
 use sdlora::train::config::{TrainArgs, TrainConfig};
@@ -129,11 +129,11 @@ fn f16_base_trains_and_captions_are_cached_on_disk() {
     tiny_model(&model);
     tiny_dataset(&data, 2);
     let mut b = args(&model, &data, &tmp.path().join("bf16.safetensors"));
-    b.dtype = Some("bf16".into());
+    b.dtype = Some(sdlora::model::Precision::Bf16);
     let err = setup::setup(&TrainConfig::resolve(&b).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
     assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
     let mut a = args(&model, &data, &tmp.path().join("f16.safetensors"));
-    a.dtype = Some("f16".into());
+    a.dtype = Some(sdlora::model::Precision::F16);
     a.cache_dir = Some(cache.clone());
     let cfg = TrainConfig::resolve(&a).unwrap();
     let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();

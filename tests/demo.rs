@@ -1,7 +1,7 @@
 //! The demo pipeline at a reduced size on the embedded base model: dataset → LoRA through the
 //! train path → base vs LoRA samples with the same seeds → scores → report.html.
 use sdlora::demo::run::{run, DemoOptions};
-use sdlora::demo::world::{Colour, Concept, Texture};
+use sdlora::eval::world::{Colour, Concept, Texture};
 
 /// At a reduced size, on checks, the concept that is not the default (the full-size test runs the
 /// default, pink).
@@ -16,7 +16,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         steps: 4,
         samples: 4,
         controls: 4,
-        sampling: sdlora::train::evaluate::Sampling { steps: 10, ..d.sampling },
+        sampling: sdlora::sample::pipeline::Sampling { steps: 10, ..d.sampling },
         // more than the 4 training images: only 4 are drawn, as many as training shows per epoch
         reg: 6,
         max_timestep: Some(500),
@@ -36,7 +36,7 @@ fn demo_runs_end_to_end_and_writes_its_report() {
         let caption = std::fs::read_to_string(o.out.join(format!("data/{i:04}.txt"))).unwrap();
         assert!(caption.ends_with(" background, checkered"), "{caption}");
         let img = image::open(o.out.join(format!("data/{i:04}.png"))).unwrap().to_rgb8();
-        assert_eq!(sdlora::demo::scores::classify(&img).texture, Some(Texture::Checks), "{caption}");
+        assert_eq!(sdlora::eval::scores::classify(&img).texture, Some(Texture::Checks), "{caption}");
     }
     let reg: Vec<_> = std::fs::read_dir(o.out.join("reg")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(reg.iter().filter(|p| p.extension().is_some_and(|x| x == "png")).count(), 4);
@@ -280,7 +280,7 @@ fn grown_attention_starts_as_the_base_and_then_trains() {
 #[test]
 fn pretraining_names_textures_last_in_every_other_caption() {
     use sdlora::demo::pretrain::captions;
-    use sdlora::demo::world::{scenes, Asked, Texture};
+    use sdlora::eval::world::{scenes, Asked, Texture};
     let world = scenes(1, 400, &[]);
     let (plain, last) = (captions(&world, false), captions(&world, true));
     let ends_with_texture = |c: &str| c.ends_with(", striped") || c.ends_with(", dotted");
@@ -303,7 +303,7 @@ fn pretraining_names_textures_last_in_every_other_caption() {
 #[test]
 fn pretraining_puts_unknown_words_in_the_colour_slot() {
     use sdlora::demo::pretrain::{captions, unknown_colours};
-    use sdlora::demo::world::{scenes, Asked, Colour};
+    use sdlora::eval::world::{scenes, Asked, Colour};
     let world = scenes(1, 400, &[]);
     let plain = captions(&world, true);
     let mut mixed = plain.clone();
@@ -332,7 +332,7 @@ fn pretraining_puts_unknown_words_in_the_colour_slot() {
 /// get learned/forgotten, any prompt the pixel distance; the report shows them with the grids.
 #[test]
 fn train_scores_target_and_control_prompts() {
-    use sdlora::demo::world::{scenes, write_dataset, Shape};
+    use sdlora::eval::world::{scenes, write_dataset, Shape};
     let tmp = tempfile::tempdir().unwrap();
     let base = sdlora::demo::base::write(&tmp.path().join("base")).unwrap();
     let data = tmp.path().join("data");
@@ -389,8 +389,8 @@ fn train_scores_target_and_control_prompts() {
 /// still show the asked shape with checks to the scorer, and striped ones still do not.
 #[test]
 fn checks_survive_the_base_vae_so_learned_can_reach_100_percent() {
-    use sdlora::demo::metrics::shows;
-    use sdlora::demo::world::{Concept, Shape, Texture};
+    use sdlora::eval::metrics::shows;
+    use sdlora::eval::world::{Concept, Shape, Texture};
     let tmp = tempfile::tempdir().unwrap();
     let base = sdlora::demo::base::write(&tmp.path().join("base")).unwrap();
     let sd = sdlora::model::load::load(&base.display().to_string(), &Default::default()).unwrap();
@@ -405,8 +405,8 @@ fn checks_survive_the_base_vae_so_learned_can_reach_100_percent() {
     };
     for texture in [Texture::Checks, Texture::Stripes] {
         let scenes = Concept::Texture(texture).scenes(7, 20, &known);
-        let checkered = |s: &sdlora::demo::world::Scene, img: &image::RgbImage| {
-            shows(img, sdlora::demo::world::Asked { texture: Texture::Checks, ..s.asked() })
+        let checkered = |s: &sdlora::eval::world::Scene, img: &image::RgbImage| {
+            shows(img, sdlora::eval::world::Asked { texture: Texture::Checks, ..s.asked() })
         };
         let seen = scenes.iter().filter(|s| checkered(s, &round_trip(&s.render(64)))).count();
         match texture {

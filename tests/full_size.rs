@@ -35,7 +35,7 @@ fn sd15_adapters(preset: &str, rank: usize) -> Vec<sdlora::lora::AdapterInfo> {
         seed: 0,
         dtype: DType::F32,
         dropout: 0.0,
-        switch: sdlora::lora::adapter::switch(),
+        switch: sdlora::model::layers::adapter::switch(),
     };
     let preset: Preset = preset.parse().unwrap();
     attach(&mut unet, "", &|p, l| unet_selects(preset, p, l), &spec, 0, &Device::Cpu).unwrap()

@@ -1,6 +1,6 @@
 //! `sdlora generate`: whole pipelines against diffusers (tests/fixtures/schedulers/pipe_*, from
 //! tools/fixtures/schedulers.py), determinism, the PNG infotext, LoRAs, CLI errors.
-mod common;
+use crate::common;
 use candle_core::{DType, Device, Tensor};
 use sdlora::lora::format::{unet_layout, write, LoraFormat, WriteAs};
 use sdlora::lora::{attach, Init, LoraSpec};
@@ -209,7 +209,7 @@ fn write_lora(dir: &Path, out: &Path) {
         seed: 3,
         dtype: DType::F32,
         dropout: 0.0,
-        switch: sdlora::lora::adapter::switch(),
+        switch: sdlora::model::layers::adapter::switch(),
     };
     let unet = sd.unet.as_mut().unwrap();
     let infos = attach(unet, "", &|p, _| p.contains(".attn"), &spec, 0, &Device::Cpu).unwrap();

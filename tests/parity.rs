@@ -2,8 +2,8 @@
 //! by tools/fixtures/generate.py from tiny random-weight models built from diffusers' test
 //! configs. f32 within 1e-4 relative; the f64 references much tighter.
 use candle_core::{DType, Device, Tensor};
-use sdlora::lora::AdapterGrads;
 use sdlora::model::clip::ClipOutputGrads;
+use sdlora::model::layers::Grads;
 use sdlora::model::load::{load_folder, LoadOptions, StableDiffusion};
 use sdlora::model::unet::UNetInput;
 use std::collections::HashMap;
@@ -69,7 +69,7 @@ fn unet_parity_scaled(name: &str, dtype: DType, suffix: &str, tol: f64, loss_sca
     let (out, saved) = unet.forward_train(&input).unwrap();
     close(&format!("{name} unet out{suffix}"), &out, &t[&format!("out{suffix}")], tol);
     let dout = (mse_grad(&out, &t["target"]) * loss_scale).unwrap();
-    let d = unet.backward(saved, &dout, &mut AdapterGrads::default()).unwrap();
+    let d = unet.backward(saved, &dout, &mut Grads::default()).unwrap();
     let un = |x: &Tensor| (x.to_dtype(DType::F64).unwrap() / loss_scale).unwrap();
     close(&format!("{name} grad sample{suffix}"), &un(&d.sample), &t[&format!("grad_sample{suffix}")], tol);
     // f16 on CPU: candle's f16 GEMM accumulates in f16; the context gradient sums over every
@@ -125,7 +125,7 @@ fn text_parity(name: &str, which: usize, dtype: DType, suffix: &str, tol: f64) {
         last_hidden_state: Some(mse_grad(&o.last_hidden_state, &t["target"])),
         ..Default::default()
     };
-    let d = te.backward(saved, grads, &mut AdapterGrads::default()).unwrap();
+    let d = te.backward(saved, grads, &mut Grads::default()).unwrap();
     close(&what("grad_inputs_embeds"), &d, &t[&format!("grad_inputs_embeds{suffix}")], tol);
 }
 
@@ -173,7 +173,7 @@ fn lora_parity(name: &str, file: &str, dtype: DType, suffix: &str, tol: f64) {
     };
     let (out, saved) = unet.forward_train(&input).unwrap();
     close(&format!("{name} {file} out{suffix}"), &out, &t[&format!("out{suffix}")], tol);
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let d = unet.backward(saved, &mse_grad(&out, &t["target"]), &mut g).unwrap();
     close(&format!("{name} {file} grad sample{suffix}"), &d.sample, &t[&format!("grad_sample{suffix}")], tol);
     let gk = if suffix.is_empty() { "grad." } else { "grad_f64." };

@@ -1,6 +1,6 @@
 //! `sdlora train` end to end on a tiny random model: the loss falls, resume is exact, the file
 //! reads back as the adapters that were trained.
-mod common;
+use crate::common;
 use common::data::{tiny_dataset, tiny_model};
 use sdlora::train::config::{TrainArgs, TrainConfig};
 use sdlora::train::{setup, trainer};

@@ -1,7 +1,7 @@
 //! A trained token embedding (pivotal tuning, `--train-embedding`) end to end on the tiny model:
 //! bundled into the LoRA, resumed exactly, changing only its word's encoding, and the mistakes
 //! its flags explain.
-mod common;
+use crate::common;
 use common::data::{tensor_names, tiny_dataset, tiny_model, train_args};
 use sdlora::train::config::TrainConfig;
 use sdlora::train::{setup, trainer};
@@ -99,7 +99,7 @@ fn trained_embedding_is_bundled_resumes_exactly_and_changes_only_its_word() {
     let tools = sdlora::cli::tools::ConvertArgs {
         input: out.clone(),
         output: tmp.path().join("a/peft.safetensors"),
-        to: "peft".into(),
+        to: sdlora::lora::format::LoraFormat::Peft,
     };
     sdlora::cli::tools::convert(&tools).unwrap();
     let peft = tensor_names(&tools.output);
@@ -113,7 +113,7 @@ fn trained_embedding_is_bundled_resumes_exactly_and_changes_only_its_word() {
     let back = sdlora::cli::tools::ConvertArgs {
         input: tools.output.clone(),
         output: tmp.path().join("a/kohya.safetensors"),
-        to: "kohya".into(),
+        to: sdlora::lora::format::LoraFormat::Kohya,
     };
     sdlora::cli::tools::convert(&back).unwrap();
     assert!(!tensor_names(&back.output).iter().any(|n| n.starts_with("bundle_emb")), "nothing to bundle");

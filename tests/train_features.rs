@@ -1,6 +1,6 @@
 //! Training options end to end on tiny random models: config files, the latent cache,
 //! text-encoder LoRA, SDXL, and every augmentation/schedule option together.
-mod common;
+use crate::common;
 use common::data::{tensor_names, tiny_dataset, tiny_model, train_args};
 use sdlora::train::config::{TrainArgs, TrainConfig};
 use sdlora::train::{setup, trainer};
@@ -59,8 +59,8 @@ fn text_encoder_lora_and_every_option_together() {
     a.warmup_steps = Some(2);
     a.lora_dropout = Some(0.1);
     a.save_every = Some(3);
-    a.targets = Some("full".into());
-    a.prediction_type = Some("v_prediction".into());
+    a.targets = Some(sdlora::lora::targets::Preset::Full);
+    a.prediction_type = Some(sdlora::model::load::PredictionType::VPrediction);
     let cfg = TrainConfig::resolve(&a).unwrap();
     let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
     assert!(run.adapters.iter().any(|(c, _)| c == "text_encoder"));
@@ -98,7 +98,7 @@ fn exclude_layers_leaves_matching_layers_without_adapters() {
     tiny_dataset(&data, 2);
     let out = tmp.path().join("ex.safetensors");
     let mut a = train_args(&model, &data, &out, 2);
-    a.targets = Some("full".into());
+    a.targets = Some(sdlora::lora::targets::Preset::Full);
     a.text_encoder_lr = Some(5e-4);
     a.exclude_layers = Some(r"^(down_blocks\.0|up_blocks\.1)\.|\.mlp\.".into());
     let cfg = TrainConfig::resolve(&a).unwrap();
@@ -212,7 +212,7 @@ fn sample_grids_before_during_and_after_training() {
     assert!(b0.as_raw() == l0.as_raw(), "before training the LoRA column is the base");
     let (b2, l2) = halves(&s.grids[2].1);
     assert!(b2.as_raw() != l2.as_raw(), "after training the LoRA column differs");
-    let mut report = sdlora::report::html::Report::from_summary("t", &s);
+    let mut report = s.report("t");
     report.settings.push(("k".into(), "v".into()));
     let html = report.html().unwrap();
     assert_eq!(html.matches("data:image/png;base64,").count(), 3);
@@ -293,11 +293,12 @@ fn output_preservation_pulls_reg_images_to_the_base_prediction() {
     tiny_dataset(&reg, 3);
     let mut a = train_args(&model, &data, &tmp.path().join("o.safetensors"), 2);
     a.reg_data = Some(reg.clone());
-    a.prior_preservation = Some("output".into());
+    a.prior_preservation = Some(sdlora::train::config::Preservation::Output);
     a.text_encoder_lr = Some(1e-3);
     a.batch_size = Some(2);
     let output = TrainConfig::resolve(&a).unwrap();
-    let noise = TrainConfig { prior_preservation: "noise".into(), ..output.clone() };
+    let noise =
+        TrainConfig { prior_preservation: sdlora::train::config::Preservation::Noise, ..output.clone() };
     let run = setup::setup(&output, &mut |_, _, _| {}).unwrap();
     let is_reg = |i: &usize| run.items[run.samples[*i].item].reg;
     let regs: Vec<usize> = (0..run.samples.len()).filter(is_reg).collect();
@@ -335,7 +336,10 @@ fn output_preservation_pulls_reg_images_to_the_base_prediction() {
     let err = TrainConfig::resolve(&a).err().unwrap().to_string();
     assert!(err.contains("--prior-preservation") && err.contains("--reg-data"), "{err}");
     a.reg_data = Some(reg);
-    a.prior_preservation = Some("base".into());
+    // a value the command line cannot even parse, given in a config file
+    let toml = tmp.path().join("bad.toml");
+    std::fs::write(&toml, "prior_preservation = \"base\"\n").unwrap();
+    (a.prior_preservation, a.config) = (None, Some(toml));
     let err = TrainConfig::resolve(&a).err().unwrap().to_string();
     assert!(err.contains("`base`: choose noise or output"), "{err}");
 }

@@ -1,11 +1,12 @@
 //! The whole U-Net's backward against finite differences (f64, random weights, random LoRA on
 //! every layer), for an SD1-like and an SDXL-like tiny config; gradient checkpointing must give
 //! the same gradients.
-mod common;
+use crate::common;
 use candle_core::{DType, Device, Tensor};
 use common::{dot, fd_check, randn, var};
-use sdlora::lora::{attach, AdapterGrads, Init, LoraSpec};
+use sdlora::lora::{attach, Init, LoraSpec};
 use sdlora::model::config::UNetConfig;
+use sdlora::model::layers::Grads;
 use sdlora::model::unet::{UNet2DConditionModel, UNetInput};
 use sdlora::model::weights::Weights;
 
@@ -34,7 +35,7 @@ fn check(sdxl: bool) {
         seed: 9,
         dtype: DType::F64,
         dropout: 0.0,
-        switch: sdlora::lora::adapter::switch(),
+        switch: sdlora::model::layers::adapter::switch(),
     };
     let infos = attach(&mut unet, "", &|_, _| true, &spec, 0, &Device::Cpu).unwrap();
     let sample = var(&[2, 4, 8, 8], 1);
@@ -52,7 +53,7 @@ fn check(sdxl: bool) {
         time_ids: sdxl.then_some(&ids),
     };
     let (_, saved) = unet.forward_train(&input()).unwrap();
-    let mut g = AdapterGrads::default();
+    let mut g = Grads::default();
     let d = unet.backward(saved, &r, &mut g).unwrap();
     let loss = || dot(&unet.forward(&input()).unwrap(), &r);
     fd_check("unet d sample", &sample, &d.sample, &loss, 12);
@@ -71,7 +72,7 @@ fn check(sdxl: bool) {
     // gradient checkpointing recomputes the forward inside the backward: identical gradients
     unet.gradient_checkpointing = true;
     let (_, saved) = unet.forward_train(&input()).unwrap();
-    let mut g2 = AdapterGrads::default();
+    let mut g2 = Grads::default();
     let d2 = unet.backward(saved, &r, &mut g2).unwrap();
     let same = |a: &Tensor, b: &Tensor| {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()

@@ -1,6 +1,5 @@
 //! `sdlora demo`: the whole product on the embedded tiny world (see src/demo/).
-use crate::demo::pretrain::{pretrain, PretrainConfig};
-use crate::demo::world::Concept;
+use crate::eval::world::Concept;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,67 +10,11 @@ pub struct DemoArgs {
     /// Where the demo writes its dataset, LoRA and report.html.
     #[arg(long, default_value = "sdlora-demo")]
     pub out: PathBuf,
-    /// Instead of the demo: train the demo's base model from scratch into this folder (what
-    /// assets/demo_model was made with).
-    #[arg(long)]
-    pub pretrain: Option<PathBuf>,
-    /// Pretraining: images of the tiny world.
-    #[arg(long, default_value_t = 10000)]
-    pub images: usize,
-    /// Pretraining: VAE steps.
-    #[arg(long, default_value_t = 1500)]
-    pub vae_steps: usize,
-    /// Pretraining: U-Net steps.
-    #[arg(long, default_value_t = 4000)]
-    pub unet_steps: usize,
-    /// Pretraining: batch size of the U-Net phase.
-    #[arg(long, default_value_t = 128)]
-    pub batch: usize,
-    /// Pretraining: batch size of the VAE phase.
-    #[arg(long, default_value_t = 32)]
-    pub vae_batch: usize,
-    /// Pretraining: learning rate (AdamW, cosine decay), U-Net and VAE.
-    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
-    pub lr: f64,
-    /// Pretraining: wall-clock budget of the VAE phase in seconds (cuts --vae-steps to what fits).
-    #[arg(long, allow_negative_numbers = true)]
-    pub vae_seconds: Option<f64>,
-    /// Pretraining: wall-clock budget of the U-Net phase in seconds (cuts --unet-steps to what fits).
-    #[arg(long, allow_negative_numbers = true)]
-    pub unet_seconds: Option<f64>,
-    /// Pretraining: continue from this model folder (e.g. assets/demo_model) instead of a seeded
-    /// init; with --vae-steps 0 its VAE is kept and only the U-Net trains on.
-    #[arg(long)]
-    pub init: Option<PathBuf>,
-    /// Pretraining: also write the folder every N U-Net steps.
-    #[arg(long, default_value_t = 0)]
-    pub save_every: usize,
-    /// min-SNR-γ weighting of the U-Net loss: the LoRA's [default: 5; 0: off], or with --pretrain
-    /// the base's [default: off].
+    /// min-SNR-γ weighting of the LoRA's loss [default: 5; 0: off].
     #[arg(long, allow_negative_numbers = true)]
     pub min_snr_gamma: Option<f64>,
-    /// Pretraining: name the texture last ("…, striped") in every other caption, the slot where
-    /// the demo's captions name checks (how the committed base's stage 6 was trained).
-    #[arg(long)]
-    pub texture_last: bool,
-    /// Pretraining, with --init: the VAE phase trains only the decoder, on every shape and
-    /// texture of the world (checks and stars included, as SD's VAE saw everything); the encoder
-    /// and latent scale are kept, so the U-Net's latents stay valid (--unet-steps 0 keeps it).
-    #[arg(long)]
-    pub decoder_only: bool,
-    /// Pretraining, with --init: the U-Net's full-resolution blocks gain cross-attention (as SD
-    /// 1.x has there), new transformers with a zero output projection, so the grown model draws
-    /// exactly what --init drew until --unet-steps train them.
-    #[arg(long)]
-    pub grow_attention: bool,
-    /// Pretraining: share of captions whose colour word is a word of CLIP's vocabulary the world
-    /// never uses ("a harbour ring on …", the picture keeps its colour), so the base lays out the
-    /// asked shape after a colour word it does not know — as "pink" is to it.
-    #[arg(long, default_value_t = 0.0, value_name = "SHARE")]
-    pub unknown_colours: f64,
     /// What the LoRA learns: "pink" (a colour), "checkered" (a texture) or a shape (star, …)
-    /// [default: pink]. With --pretrain: the shape left out of pretraining [default there: star];
-    /// pretraining never draws checks or pink.
+    /// [default: pink].
     #[arg(long)]
     pub concept: Option<String>,
     #[arg(long, default_value_t = 1)]
@@ -105,22 +48,22 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
     /// LoRA layers, as `train --targets`: attn, attn-mlp, or full (adds the ResNet convolutions, "LoCon")
-    #[arg(long, default_value = "full")]
-    pub targets: String,
+    #[arg(long, value_enum, default_value = "full")]
+    pub targets: crate::lora::targets::Preset,
     /// Layers left out of the adapters, as `train --exclude-layers` (a regular expression on
     /// diffusers paths); "none" keeps every layer of --targets.
     #[arg(long, value_name = "REGEX", default_value = "none")]
     pub exclude_layers: String,
     /// Regularization images the base draws of the shapes it knows, mixed into training
-    /// (`train --reg-data`); 0 trains on the concept's images alone. At most --images are drawn:
-    /// training shows as many regularization images per epoch as training images (kohya's
-    /// balance), so more would sit out.
+    /// (`train --reg-data`); 0 trains on the concept's images alone. At most as many as the 20
+    /// training images are drawn: training shows as many regularization images per epoch as
+    /// training images (kohya's balance), so more would sit out.
     #[arg(long, default_value_t = 20)]
     pub reg: usize,
     /// What the regularization images' loss pulls towards, as `train --prior-preservation`:
     /// noise, or output (the base's own prediction).
-    #[arg(long, default_value = "noise", value_name = "noise|output")]
-    pub prior_preservation: String,
+    #[arg(long, value_enum, default_value = "noise")]
+    pub prior_preservation: crate::train::config::Preservation,
     /// Weight of the regularization images' loss, as `train --prior-loss-weight` [default: 2 for a
     /// colour, 1 for checkered and shapes].
     #[arg(long, allow_negative_numbers = true)]
@@ -150,7 +93,7 @@ pub struct DemoArgs {
     /// which the LoRA must lay out itself].
     #[arg(long, value_name = "SHARE", allow_negative_numbers = true)]
     pub lora_start: Option<f64>,
-    /// A base model folder (e.g. from --pretrain) instead of the embedded one.
+    /// A base model folder (e.g. from `sdlora demo-pretrain`) instead of the embedded one.
     #[arg(long)]
     pub base: Option<PathBuf>,
     /// Target prompts, and control prompts, that base and LoRA each draw after training. At 20
@@ -161,76 +104,13 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let default = if a.pretrain.is_some() { "star" } else { crate::demo::base::CONCEPT.name() };
-    let name = a.concept.as_deref().unwrap_or(default);
+    let name = a.concept.as_deref().unwrap_or(crate::demo::base::CONCEPT.name());
     let concept = Concept::from_name(name).ok_or_else(|| {
         anyhow::anyhow!(
             "--concept `{name}`: checkered, pink, or a shape: circle, square, triangle, star, cross, ring"
         )
     })?;
     check_numbers(a)?;
-    if a.grow_attention && a.init.is_none() {
-        anyhow::bail!("--grow-attention adds attention to a trained U-Net: give the model with --init (e.g. assets/demo_model)");
-    }
-    if a.decoder_only && a.init.is_none() {
-        anyhow::bail!(
-            "--decoder-only fine-tunes a trained VAE: give the model with --init (e.g. assets/demo_model)"
-        );
-    }
-    if let Some(out) = &a.pretrain {
-        let cfg = PretrainConfig {
-            seed: a.seed,
-            images: a.images,
-            exclude: match concept {
-                Concept::Shape(s) => s,
-                Concept::Texture(_) | Concept::Colour(_) => crate::demo::base::MISSING,
-            },
-            vae_steps: a.vae_steps,
-            unet_steps: a.unet_steps,
-            batch: a.batch,
-            vae_batch: a.vae_batch,
-            lr: a.lr,
-            seconds: match (a.vae_seconds, a.unet_seconds) {
-                (None, None) => None,
-                (v, u) => Some((v.unwrap_or(f64::INFINITY), u.unwrap_or(f64::INFINITY))),
-            },
-            save_every: a.save_every,
-            init: a.init.clone(),
-            min_snr_gamma: a.min_snr_gamma,
-            texture_last: a.texture_last,
-            decoder_only: a.decoder_only,
-            grow_attention: a.grow_attention,
-            unknown_colours: a.unknown_colours,
-        };
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>5} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-                .expect("valid")
-                .progress_chars("=> "),
-        );
-        let t0 = std::time::Instant::now();
-        let mut ema = None::<f64>;
-        let mut last = String::new();
-        pretrain(&cfg, out, &mut |what, i, n, loss| {
-            if what != last {
-                last = what.to_string();
-                ema = None;
-                bar.set_prefix(what.to_string());
-                bar.set_length(n as u64);
-                bar.reset_eta();
-            }
-            let e = ema.map(|e| 0.98 * e + 0.02 * loss).unwrap_or(loss);
-            ema = Some(e);
-            bar.set_position(i as u64);
-            bar.set_message(format!("loss {e:.4}"));
-            if i == n || i % 250 == 0 {
-                eprintln!("{what} step {i}/{n}: loss {e:.5} ({:.0} s)", t0.elapsed().as_secs_f64());
-            }
-        })?;
-        bar.finish_and_clear();
-        println!("wrote {} in {:.0} s", out.display(), t0.elapsed().as_secs_f64());
-        return Ok(());
-    }
     let d = crate::demo::run::DemoOptions::for_concept(a.out.clone(), concept);
     let trains_embedding = match a.init_word.as_deref() {
         Some(w) => w != "none",
@@ -249,15 +129,15 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         lr: a.lora_lr,
         lr_scheduler: a.lr_scheduler,
         rank: a.rank,
-        targets: a.targets.clone(),
+        targets: a.targets,
         exclude_layers: (a.exclude_layers != "none").then(|| a.exclude_layers.clone()),
         reg: a.reg,
-        prior_preservation: a.prior_preservation.clone(),
+        prior_preservation: a.prior_preservation,
         prior_loss_weight: a.prior_loss_weight.unwrap_or(d.prior_loss_weight),
         dop_weight: a.dop_weight.map_or(d.dop_weight, |w| (w > 0.0).then_some(w)),
         dop_class: a.dop_class.clone(),
         max_timestep: (a.max_timestep != 1000).then_some(a.max_timestep),
-        sampling: crate::train::evaluate::Sampling {
+        sampling: crate::sample::pipeline::Sampling {
             cfg: a.cfg.unwrap_or(d.sampling.cfg),
             lora_start: a.lora_start.unwrap_or(d.sampling.lora_start),
             ..d.sampling
@@ -303,7 +183,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         100.0 * k.checks,
         r.mean_pixel_distance
     );
-    let (lo, hi) = crate::demo::metrics::interval95(r.learned, a.samples);
+    let (lo, hi) = crate::util::interval95(r.learned, a.samples);
     eprintln!(
         "concept shown in {:.0} % of {} target samples (95 % interval {:.0}–{:.0} %); by the base in {:.0} % of them",
         100.0 * r.learned,
@@ -339,19 +219,6 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
         false => Err(anyhow::anyhow!("{name} {} must be 0 or more", v.unwrap_or_default())),
     };
     zero_or_more("--min-snr-gamma", a.min_snr_gamma)?;
-    if a.pretrain.is_some() {
-        if a.images == 0 || a.batch == 0 || a.vae_batch == 0 {
-            anyhow::bail!("--images, --batch and --vae-batch must be at least 1");
-        }
-        positive("--lr", a.lr)?;
-        if !(0.0..=1.0).contains(&a.unknown_colours) {
-            anyhow::bail!("--unknown-colours {} is a share of the captions: give 0 to 1", a.unknown_colours);
-        }
-        for (name, s) in [("--vae-seconds", a.vae_seconds), ("--unet-seconds", a.unet_seconds)] {
-            s.map_or(Ok(()), |s| positive(name, s))?;
-        }
-        return Ok(());
-    }
     if a.steps == Some(0) || a.lora_batch == 0 || a.rank == 0 || a.samples == 0 {
         anyhow::bail!("--steps, --lora-batch, --rank and --samples must be at least 1");
     }

@@ -65,8 +65,8 @@ pub struct GenerateArgs {
     pub clip_skip: usize,
     /// epsilon or v_prediction, for single-file checkpoints, which do not say (SD 2.x 768
     /// models are v_prediction) [default: the model's scheduler config; single files: epsilon].
-    #[arg(long)]
-    pub prediction_type: Option<String>,
+    #[arg(long, value_enum)]
+    pub prediction_type: Option<crate::model::load::PredictionType>,
     /// Output folder (created if missing); images are named NNNNN-SEED.png.
     #[arg(long, default_value = "outputs")]
     pub out: PathBuf,
@@ -134,12 +134,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("--out {}: cannot create the folder: {e}", args.out.display()))?;
 
-    if let Some(p) = &args.prediction_type {
-        if p != "epsilon" && p != "v_prediction" {
-            bail!("--prediction-type {p}: expected epsilon or v_prediction");
-        }
-    }
-    let load_opts = LoadOptions { prediction_type: args.prediction_type.clone(), ..Default::default() };
+    let load_opts = LoadOptions { prediction_type: args.prediction_type, ..Default::default() };
     let mut sd = load::load(&args.model, &load_opts)?;
     let (_, note) = resolve(&args.scheduler, &sd.scheduler)?;
     if let Some(n) = note {

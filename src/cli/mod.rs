@@ -1,11 +1,12 @@
 //! The command line: one module per subcommand.
 pub mod bench;
 pub mod demo;
+pub mod demo_pretrain;
 pub mod generate;
 pub mod tools;
 pub mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Fine-tune Stable Diffusion (SD 1.x, 2.x, SDXL) with LoRA, and use the result.
 ///
@@ -41,12 +42,55 @@ pub enum Command {
     /// learned and what was forgotten, write report.html.
     Demo(Box<demo::DemoArgs>),
     /// Benchmark inputs: random-weight models of the real architectures, a procedural dataset.
+    #[command(hide = true)]
     Bench(bench::BenchArgs),
+    /// Train the demo's base model from scratch on the tiny world (how assets/demo_model was
+    /// made).
+    #[command(hide = true)]
+    DemoPretrain(Box<demo_pretrain::PretrainArgs>),
     /// Generate images from a prompt, optionally with LoRAs.
     ///
     /// Writes PNGs carrying Automatic1111's generation parameters (prompt, sampler, seed, model
     /// and LoRA hashes), which A1111's PNG Info, ComfyUI and Civitai read.
     Generate(generate::GenerateArgs),
+}
+
+/// The command line as parsed from the process's arguments (`--help` and errors exit).
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// The command-line definition, with `train`'s defaults written into its help from
+/// `TrainConfig::default()`, the one place they are set. A default that depends on the model or
+/// the device is None there and its help says it in words.
+pub fn command() -> clap::Command {
+    let defaults = serde_json::to_value(crate::train::config::TrainConfig::default()).expect("plain data");
+    Cli::command().mut_subcommand("train", |mut train| {
+        let ids: Vec<String> = train.get_arguments().map(|a| a.get_id().to_string()).collect();
+        for id in ids {
+            let shown = match defaults.get(&id) {
+                None | Some(serde_json::Value::Null) => continue,
+                Some(serde_json::Value::String(s)) if s.is_empty() => continue,
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+            };
+            train = train.mut_arg(id, |a| {
+                let with = |h: Option<&clap::builder::StyledStr>| {
+                    let h = h.map(|h| h.to_string()).unwrap_or_default();
+                    let h = h.trim_end().trim_end_matches('.');
+                    format!("{h} [default: {shown}]")
+                };
+                let (short, long) = (with(a.get_help()), a.get_long_help().map(|h| with(Some(h))));
+                let a = a.help(short);
+                match long {
+                    Some(l) => a.long_help(l),
+                    None => a,
+                }
+            });
+        }
+        train
+    })
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -59,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Extract(a) => tools::extract_cmd(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Demo(a) => demo::run(&a),
+        Command::DemoPretrain(a) => demo_pretrain::run(&a),
         Command::Generate(a) => generate::run(&a),
     }
 }

@@ -2,7 +2,7 @@
 use crate::lora::format::{read, write_entries, write_tensors, Entry, LoraFormat, WriteAs};
 use crate::lora::merge::{merge_loras, read_model, write_folder, write_single_file};
 use crate::lora::ops::{extract, resize, standard_entries, standard_layout};
-use crate::train::config::parse_dtype;
+use crate::model::Precision;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -17,8 +17,8 @@ pub struct ConvertArgs {
     /// embedding (`train --train-embedding`) stays bundled in kohya's file, which Automatic1111
     /// reads; for peft it is written beside it as `<output>_<word>_emb.safetensors`, which
     /// diffusers' `load_textual_inversion` reads (diffusers rejects it inside a LoRA file).
-    #[arg(long, default_value = "kohya")]
-    pub to: String,
+    #[arg(long, value_enum, default_value = "kohya")]
+    pub to: LoraFormat,
 }
 
 #[derive(Args)]
@@ -38,8 +38,8 @@ pub struct ResizeArgs {
     #[arg(long)]
     pub rank: usize,
     /// Precision of the written LoRA: f16, bf16, f32.
-    #[arg(long, default_value = "f16")]
-    pub save_dtype: String,
+    #[arg(long, value_enum, default_value = "f16")]
+    pub save_dtype: Precision,
 }
 
 #[derive(Args)]
@@ -59,8 +59,8 @@ pub struct ExtractArgs {
     /// Skip layers whose difference is below this (relative Frobenius norm).
     #[arg(long, default_value_t = 1e-6)]
     pub min_diff: f64,
-    #[arg(long, default_value = "f16")]
-    pub save_dtype: String,
+    #[arg(long, value_enum, default_value = "f16")]
+    pub save_dtype: Precision,
 }
 
 #[derive(Args)]
@@ -89,7 +89,7 @@ fn check_out(input: &std::path::Path, output: &std::path::Path) -> Result<()> {
 
 pub fn convert(a: &ConvertArgs) -> Result<()> {
     check_out(&a.input, &a.output)?;
-    let to: LoraFormat = a.to.parse().map_err(anyhow::Error::msg)?;
+    let to = a.to;
     let file = read(&a.input)?;
     let (family, entries) = standard_entries(&file, &a.input.display().to_string())?;
     let dtype = file.modules.values().next().map(|t| t.down.dtype()).unwrap_or(candle_core::DType::F32);
@@ -100,7 +100,13 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
     let bundled = to == LoraFormat::Kohya;
     let extra = if bundled { file.embedding_tensors(family, dtype)? } else { vec![] };
     write_tensors(&a.output, &entries, extra, how, file.metadata.clone())?;
-    println!("wrote {} ({} modules, {} format, {})", a.output.display(), entries.len(), a.to, family.name());
+    println!(
+        "wrote {} ({} modules, {} format, {})",
+        a.output.display(),
+        entries.len(),
+        crate::util::choice_name(&a.to),
+        family.name()
+    );
     if !bundled {
         write_embeddings_apart(&file, family, dtype, &a.output)?;
     }
@@ -126,7 +132,7 @@ fn write_embeddings_apart(
         }
         let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let path = output.with_file_name(format!("{stem}_{word}_emb.safetensors"));
-        crate::lora::format::save_atomic(&path, &tensors, &Default::default())?;
+        crate::model::weights::save_atomic(&path, &tensors, &Default::default())?;
         let te2 = match family {
             crate::model::load::Family::Sdxl => {
                 ", and [\"clip_g\"] with text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2"
@@ -235,7 +241,7 @@ pub fn resize_cmd(a: &ResizeArgs) -> Result<()> {
     let mut meta = file.metadata.clone();
     meta.insert("ss_network_dim".into(), a.rank.to_string());
     meta.insert("ss_network_alpha".into(), a.rank.to_string());
-    let dtype = parse_dtype(&a.save_dtype)?;
+    let dtype = a.save_dtype.dtype();
     let how = WriteAs { family, layout: &standard_layout(family), format: file.format_for_write(), dtype };
     write_tensors(&a.output, &out, file.embedding_tensors(family, dtype)?, how, meta)?;
     let mean = energies.iter().sum::<f64>() / energies.len().max(1) as f64;
@@ -307,7 +313,7 @@ pub fn extract_cmd(a: &ExtractArgs) -> Result<()> {
         base.family,
         &layout,
         LoraFormat::Kohya,
-        parse_dtype(&a.save_dtype)?,
+        a.save_dtype.dtype(),
         Default::default(),
     )?;
     println!("wrote {} ({} modules)", a.output.display(), entries.len());

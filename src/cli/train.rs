@@ -1,6 +1,6 @@
 //! `sdlora train`
+use crate::eval::evaluate::evaluate;
 use crate::train::config::{TrainArgs, TrainConfig};
-use crate::train::evaluate::evaluate;
 use crate::train::samples::read_prompts;
 use crate::train::{setup, trainer};
 use anyhow::Result;
@@ -57,13 +57,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     crate::util::write_atomic(&cfg.output.with_extension("loss.csv"), csv.as_bytes())?;
-    let mut report = crate::report::html::Report::from_summary(
-        format!(
-            "sdlora train: {}",
-            cfg.output.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
-        ),
-        &summary,
-    );
+    let mut report = summary.report(format!(
+        "sdlora train: {}",
+        cfg.output.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
+    ));
     let settings = serde_json::to_value(&cfg)?;
     if let Some(m) = settings.as_object() {
         report.settings = m
@@ -76,7 +73,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eprintln!("sampling {} target and {} control prompts, base and LoRA", target.len(), control.len());
         let e = evaluate(&cfg.model, &summary.lora_path, &target, &control, resolution, cfg.sampling())?;
         if let Some(l) = e.scores.learned {
-            let (lo, hi) = crate::demo::metrics::interval95(l, e.scores.learned_of);
+            let (lo, hi) = crate::util::interval95(l, e.scores.learned_of);
             eprintln!(
                 "learned: {:.1} % of {} target samples show a {} (95 % interval {:.0}–{:.0} %; base model: {:.1} %)",
                 100.0 * l,

@@ -79,8 +79,11 @@ impl Encoder<'_> {
         if let Some(p) = &path {
             if std::fs::create_dir_all(p.parent().unwrap_or(Path::new("."))).is_ok() {
                 // a failed cache write only costs a re-encode next time
-                let _ =
-                    crate::lora::format::save_atomic(p, &[("latent".into(), z.clone())], &Default::default());
+                let _ = crate::model::weights::save_atomic(
+                    p,
+                    &[("latent".into(), z.clone())],
+                    &Default::default(),
+                );
             }
         }
         Ok(z)

@@ -1,17 +1,17 @@
 //! The demo's base model, compiled into the binary: a diffusers folder pretrained on the tiny world
 //! without stars (and, as every base of the world, without checkered textures or pink) by
-//! `sdlora demo --pretrain` (exact command and run in assets/demo_model/README.md).
+//! `sdlora demo-pretrain` (exact command and run in assets/demo_model/README.md).
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-use super::world::{Colour, Concept, Shape, Texture};
+use crate::eval::world::{Colour, Concept, Shape, Texture};
 
 /// The shape the embedded base never saw: pretraining leaves it out.
 pub const MISSING: Shape = Shape::Star;
 
 /// What the demo teaches by default: pink, a colour no base saw. With the base drawing the first
 /// 6 of 20 sampling steps (`--lora-start 0.3`) its LoRA shows pink in most samples and keeps the
-/// control prompts' colours and backgrounds (assets/demo_model/README.md, fifth session); checks
+/// control prompts' colours and backgrounds (docs/experiments/2026-11-demo-pink.md); checks
 /// (`--concept checkered`), the default until then, reach about half the samples.
 pub const CONCEPT: Concept = Concept::Colour(Colour::Pink);
 

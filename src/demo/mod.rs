@@ -1,10 +1,7 @@
-//! The tiny world demo: a procedural dataset of flat shapes (`world`) and exact, non-learned
-//! scoring of generated images (`scores` reads each image, `metrics` turns that into the
-//! demo's numbers), so that "the LoRA learned the new shape and forgot
-//! nothing else" is a measured number rather than a judgement by eye.
+//! The demo: the whole product on the tiny world (`eval::world`) with an embedded base model
+//! (`base`): render a concept the base never saw, train a LoRA with the normal training code,
+//! measure what was learned and forgotten (`eval`), write report.html (`run`). `pretrain` made
+//! the embedded base (`sdlora demo-pretrain`).
 pub mod base;
-pub mod metrics;
 pub mod pretrain;
 pub mod run;
-pub mod scores;
-pub mod world;

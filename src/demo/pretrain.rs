@@ -2,11 +2,11 @@
 //! shape: first the VAE (an autoencoder on the images), then the U-Net (ε-prediction) on its
 //! latents, every weight trainable (the layers' full-training path). The text encoder stays at
 //! its seeded random init: its outputs still tell every caption apart.
-use super::world::{scenes, Colour, Scene, Shape, Texture};
 use crate::data::prepare::to_tensor;
-use crate::lora::AdapterGrads;
+use crate::eval::world::{scenes, Colour, Scene, Shape, Texture};
 use crate::model::clip::ClipTextModel;
 use crate::model::config::{ClipTextConfig, PerBlock, UNetConfig, VaeConfig};
+use crate::model::layers::Grads;
 use crate::model::load::{Family, SchedulerConfig, StableDiffusion};
 use crate::model::text::PromptEncoder;
 use crate::model::tiny::{clip_shapes, unet_shapes, vae_shapes, PipelineConfig};
@@ -63,7 +63,7 @@ pub struct PretrainConfig {
     pub seconds: Option<(f64, f64)>,
     /// Write the folder every this many U-Net steps as well as at the end.
     pub save_every: usize,
-    /// Continue from this folder's weights (an earlier `--pretrain` output) instead of a seeded
+    /// Continue from this folder's weights (an earlier `sdlora demo-pretrain` output) instead of a seeded
     /// init; with `vae_steps` 0 its VAE and latent scaling are kept as they are, so the U-Net's
     /// training adds up across runs.
     pub init: Option<std::path::PathBuf>,
@@ -141,7 +141,10 @@ fn var_map_growing(
     let loaded = init
         .map(|f| {
             candle_core::safetensors::load(f, &Device::Cpu).with_context(|| {
-                format!("{}: cannot read — is --init a folder written by --pretrain?", f.display())
+                format!(
+                    "{}: cannot read — is --init a folder written by `sdlora demo-pretrain`?",
+                    f.display()
+                )
             })
         })
         .transpose()?;
@@ -174,7 +177,7 @@ fn weights(m: &BTreeMap<String, Var>, dev: &Device) -> Weights {
 }
 
 /// One AdamW step over the variables that received a gradient.
-fn step(vars: &[Var], opt: &mut AdamW, g: &AdapterGrads, lr: f64) -> Result<f64> {
+fn step(vars: &[Var], opt: &mut AdamW, g: &Grads, lr: f64) -> Result<f64> {
     let mut grads: Vec<Tensor> = vars
         .iter()
         .map(|v| g.weights.get(&v.as_tensor().id()).cloned().map_or_else(|| v.zeros_like(), Ok))
@@ -228,7 +231,7 @@ pub fn pretrain(
         let mut rng = rng_for(cfg.seed, "vae", i as u64);
         let idx: Vec<u32> = (0..cfg.vae_batch).map(|_| rng.random_range(0..cfg.images as u32)).collect();
         let x = vae_images.index_select(&Tensor::new(idx.as_slice(), &dev)?, 0)?;
-        let mut g = AdapterGrads::default();
+        let mut g = Grads::default();
         let loss = if cfg.decoder_only {
             let z = vae.encode_mean(&x)?;
             let (y, ds) = vae.decode_train(&z)?;
@@ -285,7 +288,7 @@ pub fn pretrain(
         tokenizer_dirs: vec![None],
         scheduler: SchedulerConfig::default(),
         source: "demo".into(),
-        lora_switch: crate::lora::adapter::switch(),
+        lora_switch: crate::model::layers::adapter::switch(),
     };
     let prompts = PromptEncoder::new(&sd, 1)?;
     let mut captions = captions(&world, cfg.texture_last);
@@ -339,7 +342,7 @@ pub fn pretrain(
             .map(|&ti| cfg.min_snr_gamma.map_or(1.0, |gm| sched.min_snr_weight(ti, gm)) as f32)
             .collect();
         let w = Tensor::from_vec(w, (cfg.batch, 1, 1, 1), &dev)?;
-        let mut g = AdapterGrads::default();
+        let mut g = Grads::default();
         unet.backward(saved, &(diff.broadcast_mul(&w)? * (2.0 / diff.elem_count() as f64))?, &mut g)?;
         step(&trainable, &mut opt, &g, lr_at(LrSchedule::Cosine, cfg.lr, i, n_unet, 100))?;
         i += 1;
@@ -362,7 +365,7 @@ const GROWN_HEAD_WIDTH: usize = 32;
 /// their new transformers are returned.
 fn init_blocks(unet: &mut UNetConfig, init: &Path, grow: bool) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(init).with_context(|| {
-        format!("{}: cannot read — is --init a folder written by --pretrain?", init.display())
+        format!("{}: cannot read — is --init a folder written by `sdlora demo-pretrain`?", init.display())
     })?;
     let was: UNetConfig =
         serde_json::from_str(&text).with_context(|| format!("{}: not a U-Net config", init.display()))?;
@@ -465,7 +468,7 @@ fn save(out: &Path, pc: &PipelineConfig, comps: &[(&str, &BTreeMap<String, Var>)
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F16)?)))
             .collect::<Result<_>>()?;
-        crate::lora::format::save_atomic(&d.join(file), &tensors, &Default::default())?;
+        crate::model::weights::save_atomic(&d.join(file), &tensors, &Default::default())?;
         let cfg = match *name {
             "unet" => serde_json::to_string_pretty(&pc.unet)?,
             "vae" => serde_json::to_string_pretty(&pc.vae.clone().with_block_types())?,

@@ -3,12 +3,12 @@
 //! measure what was learned and what was forgotten, write report.html.
 //!
 //! The base model is the embedded one (`base`), pretrained on the world without stars, checkered
-//! textures or pink, or any folder given with `--base` (e.g. one made by `sdlora demo --pretrain`).
-use super::world::{scenes, write_dataset, Colour, Concept, Shape};
+//! textures or pink, or any folder given with `--base` (e.g. one made by `sdlora demo-pretrain`).
+use crate::eval::world::{scenes, write_dataset, Colour, Concept, Shape};
 use crate::model::load::{load, LoadOptions};
-use crate::report::html::{grid, Report};
+use crate::report::grid;
+use crate::sample::pipeline::Sampling;
 use crate::train::config::{TrainArgs, TrainConfig};
-use crate::train::evaluate::Sampling;
 use crate::train::{setup, trainer};
 use anyhow::{Context, Result};
 use image::RgbImage;
@@ -26,7 +26,7 @@ pub struct DemoOptions {
     pub lr_scheduler: crate::train::optim::LrSchedule,
     /// LoRA rank and layers (`train --targets`: attn, attn-mlp, full).
     pub rank: usize,
-    pub targets: String,
+    pub targets: crate::lora::targets::Preset,
     /// Layers of `targets` left without adapters (`train --exclude-layers`).
     pub exclude_layers: Option<String>,
     /// Samples of the concept's prompts and of the control prompts (each drawn by base and LoRA):
@@ -41,7 +41,7 @@ pub struct DemoOptions {
     pub reg: usize,
     /// What the regularization images pull towards (`train --prior-preservation`): "noise" or
     /// "output" (the base's own prediction).
-    pub prior_preservation: String,
+    pub prior_preservation: crate::train::config::Preservation,
     /// Weight of the regularization images' loss (`train --prior-loss-weight`).
     pub prior_loss_weight: f64,
     /// Differential output preservation's weight (`train --dop-trigger <concept's word>`); None: off.
@@ -67,18 +67,8 @@ impl DemoOptions {
         Self::for_concept(out, super::base::CONCEPT)
     }
 
-    /// The defaults for `concept`. A colour samples at guidance 3 with the regularization images'
-    /// loss weighted 2 (pink, seed 1, before backgrounds were scored: 80 % learned, 2.5 points
-    /// forgotten, against 80 / 15 at guidance 5 and weight 1). Checks and shapes keep guidance 5
-    /// (at 7 checks come out over-driven and break outlines) and weight 1. A colour or a texture
-    /// leaves the first 6 of 20 sampling steps to the base, which lays out shape and background:
-    /// pink's LoRAs of seeds 1–3 (700 steps) forgot 20 / 5 / 0 points this way, 35 / 20 / 15 with
-    /// the LoRA on every step. Pink trains 600 steps: seeds 1–5 at 400, 500 and 600 steps learned
-    /// 84 / 84 / 85 % on average and forgot 1 / 2 / 2 points (seeds 1–4 at 700: 88 % / 11); on
-    /// other prompts and seeds (1–3) 600 steps read 85 / 3, 400 steps 83 / 7, 700 steps 82 / 8.
-    /// A texture trains 1,000 steps: seeds 1–5 learned checks in 51 % and forgot 7 points on
-    /// average (4 base steps: 49 % / 9; 3: 51 / 12; 8: 41 / 8), against 43 % / 15 with 700 steps
-    /// and the LoRA on every step. A shape must be laid out by the LoRA itself: every step.
+    /// The defaults for `concept`: guidance, steps, base-drawn first steps and the embedding
+    /// were each measured (docs/experiments/2026-12-07-demo-defaults.md).
     pub fn for_concept(out: PathBuf, concept: Concept) -> Self {
         let colour = matches!(concept, Concept::Colour(_));
         let texture = matches!(concept, Concept::Texture(_));
@@ -96,7 +86,7 @@ impl DemoOptions {
             lr: 7e-4,
             lr_scheduler: crate::train::optim::LrSchedule::Constant,
             rank: 8,
-            targets: "full".into(),
+            targets: crate::lora::targets::Preset::Full,
             exclude_layers: None,
             samples: 20,
             controls: 20,
@@ -106,21 +96,17 @@ impl DemoOptions {
                 lora_start: if texture || colour { 0.3 } else { 0.0 },
             },
             reg: 20,
-            prior_preservation: "noise".into(),
+            prior_preservation: crate::train::config::Preservation::Noise,
             prior_loss_weight: if colour { 2.0 } else { 1.0 },
             dop_weight: None,
             dop_class: String::new(),
-            // off, seeds 1–5 learned 38 % / forgot 9 points on average, against 43 % / 12 at 5
             min_snr_gamma: Some(5.0),
             max_timestep: None,
-            // a colour trains the word's token embedding instead (below), which leaves every prompt
-            // without "pink" encoded as the base does; pink's text encoder LoRA at 4e-3 learned
-            // 86 % / forgot 1.5 points on average (seeds 1–5, 40 + 40 samples each)
+            // a colour trains its word's token embedding instead (below): prompts without the
+            // word then encode exactly as the base's
             text_encoder_lr: (!colour).then_some(2e-3),
-            // pink's embedding from the mean of the 8 known colours, text encoder LoRA off, seeds
-            // 1–5 (40 + 40 samples each; then 40 + 40 other prompts and seeds): at 1e-3 learned
-            // 89.5 % / forgot 4.5 points on average (94 / 5), at 2e-3 89 / 3 (90 / 3.5). A colour
-            // word the base can read, so its first steps lay out the asked shape and background.
+            // started among colours the base reads, so its first steps still lay out the asked
+            // shape and background
             embedding: colour.then(|| {
                 let others = Colour::ALL.into_iter().filter(|&c| Concept::Colour(c) != concept);
                 let known: Vec<&str> = others.map(|c| c.name()).collect();
@@ -144,7 +130,7 @@ pub struct DemoResult {
     pub seconds: f64,
     pub report: PathBuf,
     /// What the base draws right on the control prompts.
-    pub base_knows: crate::train::evaluate::BaseKnows,
+    pub base_knows: crate::eval::evaluate::BaseKnows,
 }
 
 /// A prompt and the seed of its sampling noise.
@@ -214,7 +200,7 @@ pub fn run(
             .map(|(i, s)| (s.caption(), o.seed + 400 + i as u64))
             .collect();
         let sd = load(&model.display().to_string(), &LoadOptions::default())?;
-        reg_imgs = crate::train::evaluate::sample(&sd, &rows, o.side, o.sampling)?;
+        reg_imgs = crate::sample::pipeline::sample_images(&sd, &rows, o.side, o.sampling)?;
         std::fs::create_dir_all(&reg_dir).with_context(|| format!("{}: cannot create", reg_dir.display()))?;
         for (i, ((caption, _), img)) in rows.iter().zip(&reg_imgs).enumerate() {
             let png = reg_dir.join(format!("{i:04}.png"));
@@ -233,17 +219,16 @@ pub fn run(
         steps: Some(o.steps),
         batch_size: Some(o.batch),
         rank: Some(o.rank),
-        targets: Some(o.targets.clone()),
+        targets: Some(o.targets),
         exclude_layers: o.exclude_layers.clone(),
         lr: Some(o.lr),
         lr_scheduler: Some(o.lr_scheduler),
         resolution: Some(o.side),
         seed: Some(o.seed),
-        // A mirrored checkerboard swaps its cells about the shape's centre, yet without flips
-        // seeds 1–5 learned 55/45/25/20/15 % against 45/35/50/30/30 % with them (min-SNR off).
+        // flips help even a mirrored checkerboard (docs/experiments/2026-12-07-demo-defaults.md)
         flip: Some(true),
         reg_data: (n_reg > 0).then(|| reg_dir.clone()),
-        prior_preservation: (n_reg > 0).then(|| o.prior_preservation.clone()),
+        prior_preservation: (n_reg > 0).then_some(o.prior_preservation),
         prior_loss_weight: (n_reg > 0).then_some(o.prior_loss_weight),
         dop_trigger: o.dop_weight.map(|_| o.concept.name().to_string()),
         dop_weight: o.dop_weight,
@@ -268,15 +253,14 @@ pub fn run(
     progress("sampling base and LoRA with the same seeds", 0, 0);
     let model_id = model.display().to_string();
     let eval =
-        crate::train::evaluate::evaluate(&model_id, &lora, &target, &control_prompts, o.side, o.sampling)?;
+        crate::eval::evaluate::evaluate(&model_id, &lora, &target, &control_prompts, o.side, o.sampling)?;
     let learned = eval.scores.learned.unwrap_or(0.0);
     let learned_base = eval.scores.learned_base.unwrap_or(0.0);
     let followed = eval.scores.followed.unwrap_or_default();
     let forgetting = eval.scores.forgetting.context("control prompts were sampled")?;
     let base_knows = eval.base_knows;
 
-    let mut report =
-        Report::from_summary(format!("sdlora demo: learning \"{}\"", o.concept.name()), &summary);
+    let mut report = summary.report(format!("sdlora demo: learning \"{}\"", o.concept.name()));
     if base.is_none() && !super::base::unseen(o.concept) {
         report.notes.push(format!(
             "The embedded base model already knows \"{}\" (it never saw stars, checkered \
@@ -311,8 +295,8 @@ pub fn run(
         format!("{}, {}, {}", o.lr, o.lr_scheduler.name(), o.batch),
     ));
     let layers = match &o.exclude_layers {
-        Some(r) => format!("{} except `{r}`", o.targets),
-        None => o.targets.clone(),
+        Some(r) => format!("{} except `{r}`", o.targets.name()),
+        None => o.targets.name(),
     };
     report.settings.push(("LoRA rank, layers".into(), format!("{}, {layers}", o.rank)));
     let te = o.text_encoder_lr.map_or("not trained".into(), |l| format!("LoRA at learning rate {l}"));
@@ -331,7 +315,11 @@ pub fn run(
             "{}, {}, {}",
             n_reg,
             o.prior_loss_weight,
-            if o.prior_preservation == "output" { "the base's prediction" } else { "the noise" }
+            if o.prior_preservation == crate::train::config::Preservation::Output {
+                "the base's prediction"
+            } else {
+                "the noise"
+            }
         ),
     ));
     let dop = o
@@ -381,7 +369,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::demo::world::Colour;
+    use crate::eval::world::Colour;
 
     #[test]
     fn demo_seeds_score_disjoint_samples_and_seed_1_keeps_its_own() {

@@ -1,8 +1,8 @@
 //! Putting LoRA files onto a loaded model (for generation, parity checks and merging), without
 //! touching the base weights: each file becomes one more adapter on its layers.
-use super::adapter::{Lora, Switch};
 use super::attach::AdapterInfo;
 use super::format::{read, resolve, unet_layout, LoraTensors, Targets};
+use crate::model::layers::adapter::{Lora, Switch};
 use crate::model::layers::{LayerMut, Visit};
 use crate::model::load::StableDiffusion;
 use anyhow::{bail, Result};

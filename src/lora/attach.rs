@@ -1,5 +1,5 @@
 //! Attaching adapters to a model's Linear/Conv2d layers, selected by module path.
-use super::adapter::Lora;
+use crate::model::layers::adapter::Lora;
 use crate::model::layers::{LayerMut, Visit};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -40,7 +40,7 @@ pub struct LoraSpec {
     pub dtype: DType,
     /// peft's lora_dropout on the adapter input during training.
     pub dropout: f64,
-    pub switch: super::adapter::Switch,
+    pub switch: crate::model::layers::adapter::Switch,
 }
 
 /// Attaches one adapter to every layer for which `select(path, layer)` holds; ids continue

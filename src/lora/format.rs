@@ -11,22 +11,17 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A LoRA file's key layout. kohya and peft are written; the legacy diffusers layout is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LoraFormat {
     Kohya,
+    #[value(alias = "diffusers")]
+    #[serde(alias = "diffusers")]
     Peft,
+    #[value(skip)]
+    #[serde(skip)]
     DiffusersLegacy,
-}
-
-impl std::str::FromStr for LoraFormat {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "kohya" => Ok(Self::Kohya),
-            "peft" | "diffusers" => Ok(Self::Peft),
-            _ => Err(format!("unknown LoRA format `{s}` (kohya, peft)")),
-        }
-    }
 }
 
 /// One module's adapter as stored in a file.
@@ -325,7 +320,7 @@ pub fn write_tensors(
         metadata.insert("lora_adapter_metadata".into(), peft_metadata(entries));
     }
     metadata.entry("format".into()).or_insert_with(|| "pt".into());
-    save_atomic(path, &tensors, &metadata)
+    crate::model::weights::save_atomic(path, &tensors, &metadata)
 }
 
 fn peft_path(p: &str) -> &str {
@@ -371,32 +366,6 @@ fn peft_metadata(entries: &[Entry]) -> String {
         j.insert(format!("{comp}.alpha_pattern"), ap.into());
     }
     serde_json::Value::Object(j).to_string()
-}
-
-/// safetensors with metadata, written to a temporary file and renamed so a killed run never
-/// leaves a truncated file behind. The header is written with sorted keys: the same tensors and
-/// metadata always give the same bytes (the safetensors crate writes metadata in hash order).
-pub fn save_atomic(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: &HashMap<String, String>,
-) -> Result<()> {
-    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let bytes = safetensors::serialize(views, None)
-        .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n])?;
-    if !metadata.is_empty() {
-        let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
-        header.insert("__metadata__".into(), serde_json::to_value(sorted)?);
-    }
-    let mut h = serde_json::to_vec(&header)?;
-    h.resize(h.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&bytes[8 + n..]);
-    crate::util::write_atomic(path, &out)
 }
 
 /// The U-Net layout kohya names need (SDXL's SGM block indices); the family's standard one when no

@@ -193,7 +193,7 @@ pub fn write_folder(model: &ModelTensors, out: &Path) -> Result<()> {
             "diffusion_pytorch_model.safetensors"
         };
         let tensors: Vec<(String, Tensor)> = m.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-        super::format::save_atomic(&d.join(file), &tensors, &HashMap::new())?;
+        crate::model::weights::save_atomic(&d.join(file), &tensors, &HashMap::new())?;
         if let Some(cfg) = model.configs.get(c) {
             crate::util::write_atomic(&d.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
         }
@@ -253,5 +253,5 @@ pub fn write_single_file(model: &ModelTensors, out: &Path) -> Result<()> {
         tensors.insert(k, Tensor::cat(&parts.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)?);
     }
     let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
-    super::format::save_atomic(out, &tensors, &HashMap::new())
+    crate::model::weights::save_atomic(out, &tensors, &HashMap::new())
 }

@@ -1,5 +1,6 @@
-//! Low-rank adapters: the only trainable parameters.
-pub mod adapter;
+//! LoRA files and what is done with them: targets, attaching adapters to a model, kohya/PEFT
+//! formats and names, merge, resize, extract, trained embeddings. The adapter layer itself
+//! (forward, backward, `Grads`) lives with the layers in `model::layers::adapter`.
 pub mod apply;
 pub mod attach;
 pub mod embedding;
@@ -10,5 +11,4 @@ pub mod ops;
 pub mod svd;
 pub mod targets;
 
-pub use adapter::{AdapterGrads, Lora};
 pub use attach::{attach, AdapterInfo, Init, LoraSpec};

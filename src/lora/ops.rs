@@ -72,7 +72,7 @@ pub fn standard_targets(family: Family) -> Result<Targets> {
         tokenizer_dirs: vec![],
         scheduler: Default::default(),
         source: String::new(),
-        lora_switch: crate::lora::adapter::switch(),
+        lora_switch: crate::model::layers::adapter::switch(),
     };
     Ok(model_targets(&mut sd))
 }

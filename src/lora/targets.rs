@@ -1,7 +1,8 @@
 //! Target presets: which layers of the U-Net (and text encoder) get adapters.
 use crate::model::layers::LayerMut;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// to_q, to_k, to_v, to_out.0 of every attention (diffusers' training scripts).
     Attn,
@@ -15,20 +16,21 @@ pub enum Preset {
     CrossKv,
 }
 
+const ATTN: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
+
 impl std::str::FromStr for Preset {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "attn" => Ok(Self::Attn),
-            "attn-mlp" => Ok(Self::AttnMlp),
-            "full" => Ok(Self::Full),
-            "cross-kv" => Ok(Self::CrossKv),
-            _ => Err(format!("unknown target preset `{s}` (attn, attn-mlp, full, cross-kv)")),
-        }
+        crate::util::parse_choice(s)
     }
 }
 
-const ATTN: &[&str] = &["to_q", "to_k", "to_v", "to_out.0"];
+impl Preset {
+    /// The `--targets` name.
+    pub fn name(self) -> String {
+        crate::util::choice_name(&self)
+    }
+}
 
 /// Whether a U-Net layer at `path` is targeted by `preset`.
 pub fn unet_selects(preset: Preset, path: &str, layer: &LayerMut<'_>) -> bool {

@@ -6,7 +6,7 @@ use super::layers::{
     Conv2dSaved, GroupNorm, LayerMut, LayerNorm, Linear, LinearSaved, NormSaved, Visit, DIFFUSERS_NAMES,
 };
 use super::weights::Weights;
-use crate::lora::AdapterGrads;
+use crate::model::layers::Grads;
 use candle_core::{Result, Tensor, D};
 
 // ---------------------------------------------------------------------------------------------
@@ -75,12 +75,7 @@ impl ResnetBlock2D {
     }
 
     /// Returns (dx, d temb) where d temb is the gradient w.r.t. silu(time embedding).
-    pub fn backward(
-        &self,
-        s: ResnetSaved,
-        dy: &Tensor,
-        g: &mut AdapterGrads,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn backward(&self, s: ResnetSaved, dy: &Tensor, g: &mut Grads) -> Result<(Tensor, Option<Tensor>)> {
         let dsc = match (&self.conv_shortcut, s.shortcut) {
             (Some(c), Some(cs)) => c.backward(cs, dy, g)?,
             _ => dy.clone(),
@@ -177,12 +172,7 @@ impl BasicTransformerBlock {
     }
 
     /// Returns (dx, d context).
-    pub fn backward(
-        &self,
-        s: TransformerBlockSaved,
-        dy: &Tensor,
-        g: &mut AdapterGrads,
-    ) -> Result<(Tensor, Tensor)> {
+    pub fn backward(&self, s: TransformerBlockSaved, dy: &Tensor, g: &mut Grads) -> Result<(Tensor, Tensor)> {
         let dh = self.ff_out.backward(s.out, dy, g)?;
         let d_hidden = (&dh * s.gate.gelu_erf()?)?;
         let d_gate = gelu_backward(&s.gate, &(&dh * &s.hidden)?)?;
@@ -313,12 +303,7 @@ impl Transformer2D {
         Ok(((h + x)?, saved))
     }
 
-    pub fn backward(
-        &self,
-        s: Transformer2DSaved,
-        dy: &Tensor,
-        g: &mut AdapterGrads,
-    ) -> Result<(Tensor, Tensor)> {
+    pub fn backward(&self, s: Transformer2DSaved, dy: &Tensor, g: &mut Grads) -> Result<(Tensor, Tensor)> {
         let (hh, ww) = s.hw;
         let mut dh = match (&self.proj_out, s.proj_out) {
             (Proj::Conv(c), ProjSaved::Conv(cs)) => to_tokens(&c.backward(cs, dy, g)?)?,
@@ -374,7 +359,7 @@ impl Upsample2D {
         self.conv.forward(&upsample_nearest2x(x)?)
     }
 
-    pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
+    pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
         upsample_nearest2x_backward(&self.conv.backward(s, dy, g)?)
     }
 }

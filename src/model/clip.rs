@@ -7,7 +7,7 @@ use super::layers::{
     Linear, LinearSaved, NormSaved, Visit, CLIP_NAMES,
 };
 use super::weights::Weights;
-use crate::lora::AdapterGrads;
+use crate::model::layers::Grads;
 use candle_core::{DType, IndexOp, Result, Tensor};
 
 pub struct ClipLayer {
@@ -74,7 +74,7 @@ impl ClipLayer {
         Ok(((x + h)?, LayerSaved { n1, attn, n2, fc1, pre, fc2 }))
     }
 
-    fn backward(&self, s: LayerSaved, dy: &Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
+    fn backward(&self, s: LayerSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
         let dh = self.fc2.backward(s.fc2, dy, g)?;
         let dh = if self.quick { quick_gelu_backward(&s.pre, &dh)? } else { gelu_backward(&s.pre, &dh)? };
         let dh = self.fc1.backward(s.fc1, &dh, g)?;
@@ -210,7 +210,7 @@ impl ClipTextModel {
     }
 
     /// Returns the gradient w.r.t. the token embeddings.
-    pub fn backward(&self, s: ClipSaved, d: ClipOutputGrads, g: &mut AdapterGrads) -> Result<Tensor> {
+    pub fn backward(&self, s: ClipSaved, d: ClipOutputGrads, g: &mut Grads) -> Result<Tensor> {
         let shape = s.pool_mask.dims().to_vec();
         let mut d_last = d.last_hidden_state;
         if let Some(dp) = d.pooled {

@@ -4,7 +4,7 @@
 use super::clip::{ClipOutput, ClipOutputGrads, ClipSaved, ClipTextModel};
 use super::load::{Family, StableDiffusion};
 use super::tokenizer::ClipTokenizer;
-use crate::lora::AdapterGrads;
+use crate::model::layers::Grads;
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
 use std::path::Path;
@@ -175,7 +175,7 @@ impl PromptEncoder {
         saved: Vec<ClipSaved>,
         d_context: &Tensor,
         d_pooled: Option<&Tensor>,
-        g: &mut AdapterGrads,
+        g: &mut Grads,
     ) -> Result<Vec<Tensor>> {
         if self.family == Family::Sdxl {
             let w0 = encoders[0].config.hidden_size;

@@ -55,7 +55,7 @@ fn write_component(
         .iter()
         .map(|(n, s)| Ok((n.clone(), random_tensor(seed, n, &s.as_slice().into(), dtype, &Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    crate::lora::format::save_atomic(&dir.join(file), &tensors, &Default::default())?;
+    crate::model::weights::save_atomic(&dir.join(file), &tensors, &Default::default())?;
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config)?)?;
     Ok(())
 }

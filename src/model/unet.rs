@@ -3,7 +3,7 @@
 //! Reads like diffusers' forward: time embedding (+ SDXL's text_time embedding), conv_in, down
 //! blocks pushing skip connections, the mid block, up blocks popping them, conv_out. The
 //! backward walks the same path in reverse and returns the gradients w.r.t. the inputs; adapter
-//! gradients accumulate in `AdapterGrads`. With `gradient_checkpointing` each block keeps only
+//! gradients accumulate in `Grads`. With `gradient_checkpointing` each block keeps only
 //! its inputs and re-runs its forward inside the backward.
 use super::blocks::{ResnetBlock2D, ResnetSaved, Transformer2D, Transformer2DSaved, Upsample2D};
 use super::config::UNetConfig;
@@ -12,7 +12,7 @@ use super::layers::{
     join, silu_backward, Conv2d, Conv2dSaved, GroupNorm, LayerMut, Linear, LinearSaved, NormSaved, Visit,
 };
 use super::weights::Weights;
-use crate::lora::AdapterGrads;
+use crate::model::layers::Grads;
 use candle_core::{DType, Result, Tensor};
 
 pub struct DownBlock {
@@ -108,7 +108,7 @@ impl Mlp {
         let (y, l2) = self.linear_2.forward(&pre.silu()?)?;
         Ok((y, MlpSaved { l1, pre, l2 }))
     }
-    fn backward(&self, s: MlpSaved, dy: &Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
+    fn backward(&self, s: MlpSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
         let dh = self.linear_2.backward(s.l2, dy, g)?;
         self.linear_1.backward(s.l1, &silu_backward(&s.pre, &dh)?, g)
     }
@@ -151,7 +151,7 @@ fn layer_backward(
     dy: Tensor,
     dtemb: &mut Option<Tensor>,
     dctx: &mut Option<Tensor>,
-    g: &mut AdapterGrads,
+    g: &mut Grads,
 ) -> Result<Tensor> {
     let (rs, as_) = s;
     let mut d = dy;
@@ -210,7 +210,7 @@ impl DownBlock {
         mut dskips: Vec<Tensor>,
         dtemb: &mut Option<Tensor>,
         dctx: &mut Option<Tensor>,
-        g: &mut AdapterGrads,
+        g: &mut Grads,
     ) -> Result<Tensor> {
         let mut d: Option<Tensor> = None;
         if let (Some(c), Some(ds)) = (&self.downsampler, s.down) {
@@ -261,7 +261,7 @@ impl UpBlock {
         dy: &Tensor,
         dtemb: &mut Option<Tensor>,
         dctx: &mut Option<Tensor>,
-        g: &mut AdapterGrads,
+        g: &mut Grads,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut d = dy.clone();
         if let (Some(u), Some(us)) = (&self.upsampler, s.up) {
@@ -292,7 +292,7 @@ impl MidBlock {
         dy: &Tensor,
         dtemb: &mut Option<Tensor>,
         dctx: &mut Option<Tensor>,
-        g: &mut AdapterGrads,
+        g: &mut Grads,
     ) -> Result<Tensor> {
         let s1 = s.pop().expect("two layers");
         let s0 = s.pop().expect("two layers");
@@ -479,7 +479,7 @@ impl UNet2DConditionModel {
     }
 
     /// Backward from d output: returns the input gradients; adapter gradients go to `g`.
-    pub fn backward(&self, s: UNetSaved, dout: &Tensor, g: &mut AdapterGrads) -> Result<UNetInputGrads> {
+    pub fn backward(&self, s: UNetSaved, dout: &Tensor, g: &mut Grads) -> Result<UNetInputGrads> {
         let (temb, ctx) = (&s.temb, &s.ctx);
         let (mut dtemb, mut dctx) = (None, None);
         let d = self.conv_out.backward(s.conv_out, &dout.to_dtype(temb.dtype())?, g)?;
@@ -525,12 +525,7 @@ impl UNet2DConditionModel {
         Ok(UNetInputGrads { sample, encoder_hidden_states, text_embeds })
     }
 
-    fn embed_backward(
-        &self,
-        s: EmbSaved,
-        dtemb: Option<Tensor>,
-        g: &mut AdapterGrads,
-    ) -> Result<Option<Tensor>> {
+    fn embed_backward(&self, s: EmbSaved, dtemb: Option<Tensor>, g: &mut Grads) -> Result<Option<Tensor>> {
         let Some(dtemb) = dtemb else { return Ok(None) };
         let demb = silu_backward(&s.emb, &dtemb)?;
         self.time_embedding.backward(s.time, &demb, g)?;

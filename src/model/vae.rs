@@ -1,9 +1,12 @@
-//! AutoencoderKL: images ⇄ latents. Frozen and used forward-only (latents are cached before
-//! training), but built from the same layers as the U-Net.
-use super::blocks::{ResnetBlock2D, Upsample2D};
+//! AutoencoderKL: images ⇄ latents, built from the same layers as the U-Net. LoRA training only
+//! runs it forward (latents are cached first); the demo's base model trains it from scratch,
+//! so its one forward can also keep what the backward needs.
+use super::blocks::{ResnetBlock2D, ResnetSaved, Upsample2D};
 use super::config::VaeConfig;
 use super::layers::load::{conv, group_norm, linear};
-use super::layers::{Attention, Conv2d, GroupNorm, DIFFUSERS_NAMES};
+use super::layers::{
+    Attention, AttentionSaved, Conv2d, Conv2dSaved, Grads, GroupNorm, NormSaved, DIFFUSERS_NAMES,
+};
 use super::weights::Weights;
 use candle_core::{Result, Tensor};
 
@@ -60,14 +63,94 @@ impl VaeMid {
             },
         })
     }
+}
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.resnets[0].forward(x, None)?.0;
-        let (b, c, hh, ww) = h.dims4()?;
-        let t = self.attn_norm.fwd(&h)?.reshape((b, c, hh * ww))?.transpose(1, 2)?;
-        let t = self.attn.fwd(&t, None)?.transpose(1, 2)?.reshape((b, c, hh, ww))?;
-        self.resnets[1].forward(&(t + h)?, None).map(|r| r.0)
+/// What `VaeMid`'s backward needs.
+pub struct MidSaved {
+    r0: ResnetSaved,
+    norm: NormSaved,
+    attn: AttentionSaved,
+    r1: ResnetSaved,
+    shape: (usize, usize, usize, usize),
+}
+
+type BlockSaved = (Vec<ResnetSaved>, Option<(Conv2dSaved, (usize, usize))>);
+
+/// What the encoder's backward needs.
+pub struct EncoderSaved {
+    conv_in: Conv2dSaved,
+    blocks: Vec<BlockSaved>,
+    mid: MidSaved,
+    norm_out: NormSaved,
+    conv_out: Conv2dSaved,
+    quant: Option<Conv2dSaved>,
+}
+
+/// What the decoder's backward needs.
+pub struct DecoderSaved {
+    post_quant: Option<Conv2dSaved>,
+    conv_in: Conv2dSaved,
+    mid: MidSaved,
+    blocks: Vec<(Vec<ResnetSaved>, Option<Conv2dSaved>)>,
+    norm_out: NormSaved,
+    conv_out: Conv2dSaved,
+}
+
+impl VaeMid {
+    /// resnet, attention over all positions, resnet; `keep` as for `AutoencoderKL::encode_run`.
+    fn forward(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<MidSaved>)> {
+        let (h, r0) = self.resnets[0].forward(x, None)?;
+        let r0 = keep.then_some(r0);
+        let shape = h.dims4()?;
+        let (b, c, hh, ww) = shape;
+        let (t, norm) = self.attn_norm.forward(&h, false)?;
+        let norm = keep.then_some(norm);
+        let (t, attn) =
+            self.attn.forward(&t.reshape((b, c, hh * ww))?.transpose(1, 2)?.contiguous()?, None)?;
+        let attn = keep.then_some(attn);
+        let t = t.transpose(1, 2)?.reshape((b, c, hh, ww))?;
+        let (y, r1) = self.resnets[1].forward(&(t + h)?, None)?;
+        let saved = match (r0, norm, attn) {
+            (Some(r0), Some(norm), Some(attn)) => Some(MidSaved { r0, norm, attn, r1, shape }),
+            _ => None,
+        };
+        Ok((y, saved))
     }
+
+    fn backward(&self, s: MidSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
+        let (b, c, hh, ww) = s.shape;
+        let d = self.resnets[1].backward(s.r1, dy, g)?.0;
+        let dt = d.reshape((b, c, hh * ww))?.transpose(1, 2)?.contiguous()?;
+        let (dt, _) = self.attn.backward(s.attn, &dt, g)?;
+        let dt = dt.transpose(1, 2)?.reshape((b, c, hh, ww))?;
+        let dh = (self.attn_norm.backward(s.norm, &dt, g)? + d)?;
+        Ok(self.resnets[0].backward(s.r0, &dh, g)?.0)
+    }
+}
+
+/// Resnets in a row; their saved states only if `keep`.
+fn resnets_forward(rs: &[ResnetBlock2D], mut h: Tensor, keep: bool) -> Result<(Tensor, Vec<ResnetSaved>)> {
+    let mut saved = vec![];
+    for r in rs {
+        let (y, s) = r.forward(&h, None)?;
+        h = y;
+        if keep {
+            saved.push(s);
+        }
+    }
+    Ok((h, saved))
+}
+
+fn resnets_backward(
+    rs: &[ResnetBlock2D],
+    saved: Vec<ResnetSaved>,
+    mut d: Tensor,
+    g: &mut Grads,
+) -> Result<Tensor> {
+    for (r, s) in rs.iter().zip(saved).rev() {
+        d = r.backward(s, &d, g)?.0;
+    }
+    Ok(d)
 }
 
 fn resnets(w: &Weights, n: usize, cin: usize, cout: usize, groups: usize) -> Result<Vec<ResnetBlock2D>> {
@@ -83,13 +166,6 @@ fn resnets(w: &Weights, n: usize, cin: usize, cout: usize, groups: usize) -> Res
             )
         })
         .collect()
-}
-
-fn run(rs: &[ResnetBlock2D], mut h: Tensor) -> Result<Tensor> {
-    for r in rs {
-        h = r.forward(&h, None)?.0;
-    }
-    Ok(h)
 }
 
 impl AutoencoderKL {
@@ -147,21 +223,7 @@ impl AutoencoderKL {
 
     /// Image in [-1, 1], [B, 3, H, W] → Gaussian moments [B, 2·latent, H/8, W/8] (mean, logvar).
     pub fn encode_moments(&self, x: &Tensor) -> Result<Tensor> {
-        let e = &self.encoder;
-        let mut h = e.conv_in.fwd(&x.to_dtype(e.conv_in.weight.dtype())?)?;
-        for (rs, down) in &e.down_blocks {
-            h = run(rs, h)?;
-            if let Some(d) = down {
-                // diffusers pads right/bottom by one, then convolves without padding
-                h = d.fwd(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
-            }
-        }
-        h = e.mid_block.forward(&h)?;
-        h = e.conv_out.fwd(&e.conv_norm_out.forward(&h, true)?.0)?;
-        match &self.quant_conv {
-            Some(q) => q.fwd(&h),
-            None => Ok(h),
-        }
+        Ok(self.encode_run(x, false)?.0)
     }
 
     /// The latent distribution's mean (unscaled).
@@ -171,18 +233,132 @@ impl AutoencoderKL {
 
     /// Unscaled latents → image in about [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let d = &self.decoder;
-        let mut z = z.to_dtype(d.conv_in.weight.dtype())?;
-        if let Some(p) = &self.post_quant_conv {
-            z = p.fwd(&z)?;
-        }
-        let mut h = d.mid_block.forward(&d.conv_in.fwd(&z)?)?;
-        for (rs, up) in &d.up_blocks {
-            h = run(rs, h)?;
-            if let Some(u) = up {
-                h = u.forward(&h)?.0;
+        Ok(self.decode_run(z, false)?.0)
+    }
+
+    /// Image → moments, keeping what the backward needs.
+    pub fn encode_train(&self, x: &Tensor) -> Result<(Tensor, EncoderSaved)> {
+        let (y, saved) = self.encode_run(x, true)?;
+        Ok((y, saved.expect("kept")))
+    }
+
+    /// Latents → image, keeping what the backward needs.
+    pub fn decode_train(&self, z: &Tensor) -> Result<(Tensor, DecoderSaved)> {
+        let (y, saved) = self.decode_run(z, true)?;
+        Ok((y, saved.expect("kept")))
+    }
+
+    /// The encoder's forward. `keep`: return what the backward needs; without it every layer's
+    /// saved state is dropped as soon as the layer is done, so inference holds one layer's.
+    fn encode_run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<EncoderSaved>)> {
+        let e = &self.encoder;
+        let (mut h, conv_in) = e.conv_in.forward(&x.to_dtype(e.conv_in.weight.dtype())?)?;
+        let mut blocks = vec![];
+        for (rs, down) in &e.down_blocks {
+            let (y, saved) = resnets_forward(rs, h, keep)?;
+            h = y;
+            let mut ds = None;
+            if let Some(d) = down {
+                // diffusers pads right/bottom by one, then convolves without padding
+                let (_, _, hh, ww) = h.dims4()?;
+                let (y, s) = d.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
+                h = y;
+                ds = Some((s, (hh, ww)));
+            }
+            if keep {
+                blocks.push((saved, ds));
             }
         }
-        d.conv_out.fwd(&d.conv_norm_out.forward(&h, true)?.0)
+        let (h, mid) = e.mid_block.forward(&h, keep)?;
+        let (h, norm_out) = e.conv_norm_out.forward(&h, true)?;
+        let norm_out = keep.then_some(norm_out);
+        let (mut h, conv_out) = e.conv_out.forward(&h)?;
+        let mut quant = None;
+        if let Some(q) = &self.quant_conv {
+            let (y, s) = q.forward(&h)?;
+            h = y;
+            quant = Some(s);
+        }
+        let saved = match (keep, mid, norm_out) {
+            (true, Some(mid), Some(norm_out)) => {
+                Some(EncoderSaved { conv_in, blocks, mid, norm_out, conv_out, quant })
+            }
+            _ => None,
+        };
+        Ok((h, saved))
+    }
+
+    /// The decoder's forward; `keep` as for `encode_run`.
+    fn decode_run(&self, z: &Tensor, keep: bool) -> Result<(Tensor, Option<DecoderSaved>)> {
+        let dd = &self.decoder;
+        let mut z = z.to_dtype(dd.conv_in.weight.dtype())?;
+        let mut post_quant = None;
+        if let Some(p) = &self.post_quant_conv {
+            let (y, s) = p.forward(&z)?;
+            z = y;
+            post_quant = Some(s);
+        }
+        let (h, conv_in) = dd.conv_in.forward(&z)?;
+        let (mut h, mid) = dd.mid_block.forward(&h, keep)?;
+        let mut blocks = vec![];
+        for (rs, up) in &dd.up_blocks {
+            let (y, saved) = resnets_forward(rs, h, keep)?;
+            h = y;
+            let mut us = None;
+            if let Some(u) = up {
+                let (y, s) = u.forward(&h)?;
+                h = y;
+                us = Some(s);
+            }
+            if keep {
+                blocks.push((saved, us));
+            }
+        }
+        let (h, norm_out) = dd.conv_norm_out.forward(&h, true)?;
+        let norm_out = keep.then_some(norm_out);
+        let (y, conv_out) = dd.conv_out.forward(&h)?;
+        let saved = match (keep, mid, norm_out) {
+            (true, Some(mid), Some(norm_out)) => {
+                Some(DecoderSaved { post_quant, conv_in, mid, blocks, norm_out, conv_out })
+            }
+            _ => None,
+        };
+        Ok((y, saved))
+    }
+
+    pub fn encode_backward(&self, s: EncoderSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
+        let e = &self.encoder;
+        let mut d = dy.clone();
+        if let (Some(q), Some(qs)) = (&self.quant_conv, s.quant) {
+            d = q.backward(qs, &d, g)?;
+        }
+        d = e.conv_out.backward(s.conv_out, &d, g)?;
+        d = e.conv_norm_out.backward(s.norm_out, &d, g)?;
+        d = e.mid_block.backward(s.mid, &d, g)?;
+        for ((rs, down), (saved, ds)) in e.down_blocks.iter().zip(s.blocks).rev() {
+            if let (Some(dc), Some((cs, (hh, ww)))) = (down, ds) {
+                d = dc.backward(cs, &d, g)?.narrow(2, 0, hh)?.narrow(3, 0, ww)?;
+            }
+            d = resnets_backward(rs, saved, d, g)?;
+        }
+        e.conv_in.backward(s.conv_in, &d, g)
+    }
+
+    pub fn decode_backward(&self, s: DecoderSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
+        let dd = &self.decoder;
+        let mut d = dd.conv_out.backward(s.conv_out, dy, g)?;
+        d = dd.conv_norm_out.backward(s.norm_out, &d, g)?;
+        for ((rs, up), (saved, us)) in dd.up_blocks.iter().zip(s.blocks).rev() {
+            if let (Some(u), Some(us)) = (up, us) {
+                d = u.backward(us, &d, g)?;
+            }
+            d = resnets_backward(rs, saved, d, g)?;
+        }
+        d = dd.mid_block.backward(s.mid, &d, g)?;
+        d = dd.conv_in.backward(s.conv_in, &d, g)?;
+        if let (Some(p), Some(ps)) = (&self.post_quant_conv, s.post_quant) {
+            d = p.backward(ps, &d, g)?;
+        }
+        Ok(d)
     }
 }

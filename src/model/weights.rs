@@ -218,3 +218,29 @@ pub fn random_tensor(seed: u64, name: &str, shape: &Shape, dtype: DType, device:
         .collect();
     Tensor::from_vec(data, shape.clone(), device)?.to_dtype(dtype)
 }
+
+/// safetensors with metadata, written to a temporary file and renamed so a killed run never
+/// leaves a truncated file behind. The header is written with sorted keys: the same tensors and
+/// metadata always give the same bytes (the safetensors crate writes metadata in hash order).
+pub fn save_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+) -> anyhow::Result<()> {
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n])?;
+    if !metadata.is_empty() {
+        let sorted: std::collections::BTreeMap<&String, &String> = metadata.iter().collect();
+        header.insert("__metadata__".into(), serde_json::to_value(sorted)?);
+    }
+    let mut h = serde_json::to_vec(&header)?;
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    crate::util::write_atomic(path, &out)
+}

@@ -2,14 +2,13 @@
 //! sample grids (PNG data URIs) and the demo's scores. No external URL, script or font, so the
 //! file opens offline, survives being mailed, and cannot leak anything when opened.
 use super::plot::loss_svg;
-use crate::demo::metrics::Forgetting;
-use crate::train::trainer::Summary;
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// The demo's measurements (`crate::demo::scores`), for the scores section.
+/// What the LoRA learned and what it cost, as measured on target and control prompts
+/// (`eval`), for the scores section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scores {
     /// What the LoRA was taught, as shown in the text: "star".
@@ -43,6 +42,22 @@ pub struct Miss {
     pub lora: String,
 }
 
+/// What training cost on prompts the LoRA was not about.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Forgetting {
+    /// Control images with an expected shape and colour (the accuracies are over these).
+    pub labelled: usize,
+    /// Share of control images showing the expected shape and colour on the expected background,
+    /// checkered only if asked, base model / with LoRA.
+    pub accuracy_base: f64,
+    pub accuracy_lora: f64,
+    /// (base − LoRA) × 100: percentage points lost (negative = improved).
+    pub drop_points: f64,
+    /// Mean absolute difference per channel between paired images, 0–255: how much the LoRA changed
+    /// pictures it should have left alone.
+    pub mean_pixel_distance: f64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub title: String,
@@ -63,41 +78,6 @@ pub struct Report {
 }
 
 impl Report {
-    /// A report with the numbers of a finished run; settings, grids and scores are the caller's.
-    pub fn from_summary(title: impl Into<String>, s: &Summary) -> Report {
-        let mut notes = vec![];
-        if s.skipped_steps > 0 {
-            notes.push(format!(
-                "{} of {} steps were skipped (non-finite loss or gradients) and are missing from the plot.",
-                s.skipped_steps, s.steps
-            ));
-        }
-        Report {
-            title: title.into(),
-            notes,
-            losses: s.losses.clone(),
-            eval_loss: Some((s.eval_before, s.eval_after)),
-            lora_bytes: s.lora_bytes,
-            seconds: s.seconds,
-            images_per_second: s.images_per_second,
-            grids: s
-                .grids
-                .iter()
-                .map(|(step, g)| {
-                    (
-                        if *step == 0 {
-                            "before training: [base | base]".to_string()
-                        } else {
-                            format!("step {step}: [base | LoRA]")
-                        },
-                        g.clone(),
-                    )
-                })
-                .collect(),
-            ..Report::default()
-        }
-    }
-
     /// The page as one HTML string.
     pub fn html(&self) -> Result<String> {
         let mut h = String::with_capacity(64 * 1024);
@@ -127,7 +107,7 @@ impl Report {
             let target = escape(&s.target);
             h.push_str("<h2>Scores</h2>\n<section class=\"cards scores\">\n");
             if let Some(l) = s.learned {
-                let (lo, hi) = crate::demo::metrics::interval95(l, s.learned_of);
+                let (lo, hi) = crate::util::interval95(l, s.learned_of);
                 card(
                     &mut h,
                     "Learned",

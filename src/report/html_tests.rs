@@ -192,24 +192,3 @@ fn formatting_helpers() {
     assert_eq!(duration(3725.0), "1 h 02 min");
     assert_eq!(escape("a<b>&\"'"), "a&lt;b&gt;&amp;&quot;&#39;");
 }
-
-#[test]
-fn from_summary_carries_the_run_numbers() {
-    let s = Summary {
-        steps: 3,
-        losses: vec![0.3, f64::NAN, 0.1],
-        eval_before: 0.2,
-        eval_after: 0.1,
-        seconds: 1.5,
-        images_per_second: 2.0,
-        lora_path: "x.safetensors".into(),
-        lora_bytes: 1000,
-        skipped_steps: 1,
-        grids: vec![],
-    };
-    let r = Report::from_summary("run", &s);
-    assert_eq!((r.losses.len(), r.lora_bytes, r.eval_loss), (3, 1000, Some((0.2, 0.1))));
-    assert!(r.notes[0].contains("1 of 3 steps were skipped"));
-    let html = r.html().unwrap();
-    assert!(!html.contains("<h2>Scores</h2>") && !html.contains("<h2>Samples</h2>"));
-}

@@ -3,4 +3,4 @@
 pub mod html;
 pub mod plot;
 
-pub use html::{grid, grid_rows, Report, Scores};
+pub use html::{grid, grid_rows, Forgetting, Miss, Report, Scores};

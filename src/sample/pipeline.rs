@@ -2,7 +2,7 @@
 //! prompt, start from seeded noise, denoise with classifier-free guidance, decode with the VAE.
 use super::noise::{NoiseSource, SeededNoise};
 use super::{resolve, Scheduler};
-use crate::lora::adapter::Switch;
+use crate::model::layers::adapter::Switch;
 use crate::model::load::{Family, StableDiffusion};
 use crate::model::text::{Conditioning, PromptEncoder};
 use crate::model::unet::{UNet2DConditionModel, UNetInput};
@@ -335,4 +335,41 @@ fn generate_rows(
         .map(|(rgb, seed)| GeneratedImage { width: width as u32, height: height as u32, rgb, seed })
         .collect();
     Ok((out, sched.a1111_name()))
+}
+
+/// How evaluation, training sample grids and regularization images are drawn: the model's own
+/// scheduler, `steps` steps, classifier-free guidance `cfg`, the base alone for the first
+/// `lora_start` of the steps (`GenerateOptions::lora_start`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub steps: usize,
+    pub cfg: f64,
+    pub lora_start: f64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { steps: 20, cfg: 7.0, lora_start: 0.0 }
+    }
+}
+
+/// One image per (prompt, seed) with the model as it is (base, or base + applied LoRA).
+pub fn sample_images(
+    sd: &StableDiffusion,
+    prompts: &[(String, u64)],
+    side: u32,
+    how: Sampling,
+) -> Result<Vec<image::RgbImage>> {
+    let opts = GenerateOptions {
+        steps: how.steps,
+        cfg_scale: how.cfg,
+        lora_start: how.lora_start,
+        width: side as usize,
+        height: side as usize,
+        ..Default::default()
+    };
+    generate_each(sd, &opts, prompts)?
+        .into_iter()
+        .map(|g| image::RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer"))
+        .collect()
 }

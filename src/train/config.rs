@@ -1,6 +1,10 @@
 //! `sdlora train` settings: command-line flags and `--config train.toml` share their names
 //! (flag `--batch-size` = key `batch_size`); flags given on the command line win.
 use super::optim::LrSchedule;
+use crate::lora::format::LoraFormat;
+use crate::lora::targets::Preset;
+use crate::model::load::PredictionType;
+use crate::model::Precision;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -28,23 +32,23 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Optimizer steps [default: 1500].
+    /// Optimizer steps.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
-    /// Images per step [default: 1].
+    /// Images per step.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
-    /// Micro-batches accumulated per optimizer step [default: 1].
+    /// Micro-batches accumulated per optimizer step.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_accum: Option<usize>,
-    /// LoRA rank (network dim) [default: 16].
+    /// LoRA rank (network dim).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rank: Option<usize>,
-    /// Dropout on the adapters' inputs during training (peft's lora_dropout) [default: 0].
+    /// Dropout on the adapters' inputs during training (peft's lora_dropout).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_dropout: Option<f64>,
@@ -52,7 +56,7 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
-    /// Learning rate of the U-Net adapters [default: 1e-4].
+    /// Learning rate of the U-Net adapters.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
@@ -74,21 +78,21 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedding_lr: Option<f64>,
-    /// Learning-rate schedule after warmup [default: constant].
+    /// Learning-rate schedule after warmup.
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr_scheduler: Option<LrSchedule>,
-    /// Linear warmup steps [default: 0].
+    /// Linear warmup steps.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_steps: Option<usize>,
     /// Which layers get adapters: attn (to_q/k/v/out, diffusers' default), attn-mlp (every
     /// Linear and 1×1 conv of the transformer blocks, kohya's default), full (+ ResNet 3×3
     /// convs, "LoCon"), cross-kv (to_k/to_v of the cross-attentions, Custom Diffusion's choice:
-    /// the least change to prompts without the new word) [default: attn-mlp].
-    #[arg(long)]
+    /// the least change to prompts without the new word).
+    #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub targets: Option<String>,
+    pub targets: Option<Preset>,
     /// Leave out every layer of --targets whose diffusers path matches this regular expression
     /// (kohya's network_args exclude_patterns). Paths read like `down_blocks.0.resnets.0.conv1`
     /// (U-Net) and `text_model.encoder.layers.0.mlp.fc1` (text encoder); e.g.
@@ -101,25 +105,24 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolution: Option<u32>,
-    /// Seed of everything random; the same seed on the same machine gives the same LoRA bytes
-    /// [default: 42].
+    /// Seed of everything random; the same seed on the same machine gives the same LoRA bytes.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    /// Output format: kohya (ComfyUI, A1111, diffusers) or peft (diffusers' own) [default: kohya].
-    #[arg(long)]
+    /// Output format: kohya (ComfyUI, A1111, diffusers) or peft (diffusers' own).
+    #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub format: Option<String>,
-    /// Precision of the saved LoRA: f16, bf16 or f32 [default: f16].
-    #[arg(long)]
+    pub format: Option<LoraFormat>,
+    /// Precision of the saved LoRA: f16, bf16 or f32.
+    #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub save_dtype: Option<String>,
+    pub save_dtype: Option<Precision>,
     /// Precision of the frozen base model: f32, f16 or bf16 (adapters and optimizer stay f32)
     /// [default: f32 on CPU, bf16 on CUDA].
-    #[arg(long)]
+    #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<String>,
-    /// Save the LoRA and training state every N steps (0: only at the end) [default: 0].
+    pub dtype: Option<Precision>,
+    /// Save the LoRA and training state every N steps (0: only at the end).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_every: Option<usize>,
@@ -140,18 +143,18 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reg_data: Option<PathBuf>,
-    /// Weight of the regularization images' loss (kohya's prior_loss_weight) [default: 1].
+    /// Weight of the regularization images' loss (kohya's prior_loss_weight).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prior_loss_weight: Option<f64>,
-    /// What the regularization images' loss pulls towards [default: noise]. `noise`: the noise
+    /// What the regularization images' loss pulls towards. `noise`: the noise
     /// added to them, as for training images (kohya, DreamBooth). `output`: what the base model
     /// itself predicts for the same noisy latent and caption (the LoRA switched off for one extra
     /// forward pass), so any change the LoRA makes on those prompts costs loss, and a perfect
     /// LoRA can reach zero on them (distillation; ai-toolkit's output preservation).
-    #[arg(long, value_name = "noise|output")]
+    #[arg(long, value_enum, value_name = "noise|output")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prior_preservation: Option<String>,
+    pub prior_preservation: Option<Preservation>,
     /// Differential output preservation (ai-toolkit's diff_output_preservation): each training
     /// image whose caption has this word trains twice per step, once as captioned and once with
     /// the word replaced by --dop-class and the base model's own prediction (LoRA off, same noisy
@@ -168,11 +171,11 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dop_class: Option<String>,
     /// Weight of a preservation row against a training row (ai-toolkit's
-    /// diff_output_preservation_multiplier) [default: 1].
+    /// diff_output_preservation_multiplier).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dop_weight: Option<f64>,
-    /// Probability of training a step on the empty caption [default: 0].
+    /// Probability of training a step on the empty caption.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caption_dropout: Option<f64>,
@@ -180,15 +183,15 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shuffle_tags: Option<bool>,
-    /// Tags kept in front when shuffling [default: 0].
+    /// Tags kept in front when shuffling.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_tokens: Option<usize>,
-    /// Random horizontal flips [default: false].
+    /// Random horizontal flips.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flip: Option<bool>,
-    /// Random instead of center crops to the bucket (disables the latent cache) [default: false].
+    /// Random instead of center crops to the bucket (disables the latent cache).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_crop: Option<bool>,
@@ -196,12 +199,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_snr_gamma: Option<f64>,
-    /// Noise offset (brighter/darker images); 0.05–0.1 is typical [default: 0].
+    /// Noise offset (brighter/darker images); 0.05–0.1 is typical.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub noise_offset: Option<f64>,
     /// Train only on timesteps t ≥ this (kohya's min_timestep): t is drawn uniformly from
-    /// [min, max). High t decide layout and shape, low t texture and detail [default: 0].
+    /// [min, max). High t decide layout and shape, low t texture and detail.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_timestep: Option<usize>,
@@ -210,19 +213,19 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_timestep: Option<usize>,
-    /// Clip the gradient's global norm to this (0: off) [default: 1].
+    /// Clip the gradient's global norm to this (0: off).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
     /// Recompute each U-Net block in the backward instead of keeping its activations: less
-    /// memory, about a third more time [default: false].
+    /// memory, about a third more time.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
     /// Prediction type when the model does not say (single files): epsilon or v_prediction.
-    #[arg(long)]
+    #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prediction_type: Option<String>,
+    pub prediction_type: Option<PredictionType>,
     /// Where latents are cached [default: <data>/.sdlora-cache].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -232,17 +235,17 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_prompts: Option<PathBuf>,
-    /// Steps between sample grids (0: only before and after) [default: 0].
+    /// Steps between sample grids (0: only before and after).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_every: Option<usize>,
     /// Classifier-free guidance of every image training draws: the sample grids and the target
-    /// and control prompts (1: none) [default: 7].
+    /// and control prompts (1: none).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_cfg: Option<f64>,
     /// Share of the sampling steps the base draws alone before the LoRA joins in, for every
-    /// image training draws after its start, as `generate --lora-start` [default: 0].
+    /// image training draws after its start, as `generate --lora-start`.
     #[arg(long, value_name = "SHARE", allow_negative_numbers = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_lora_start: Option<f64>,
@@ -259,149 +262,138 @@ pub struct TrainArgs {
     pub control_prompts: Option<PathBuf>,
 }
 
-/// The resolved settings of a run.
+/// What the regularization images' loss pulls towards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preservation {
+    /// The noise added to them, as for training images (kohya, DreamBooth).
+    Noise,
+    /// The base model's own prediction for the same noisy latent and caption.
+    Output,
+}
+
+impl Preservation {
+    /// The `--prior-preservation` name.
+    pub fn name(self) -> String {
+        crate::util::choice_name(&self)
+    }
+}
+
+/// The resolved settings of a run. `Default` is the one source of every default: the config
+/// file, `--help` and validation all read it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: String,
     pub data: PathBuf,
     pub output: PathBuf,
-    #[serde(default = "d_steps")]
     pub steps: usize,
-    #[serde(default = "d_one")]
     pub batch_size: usize,
-    #[serde(default = "d_one")]
     pub grad_accum: usize,
-    #[serde(default = "d_rank")]
     pub rank: usize,
-    #[serde(default)]
     pub alpha: Option<f64>,
-    #[serde(default)]
     pub lora_dropout: f64,
-    #[serde(default = "d_lr")]
     pub lr: f64,
-    #[serde(default)]
     pub text_encoder_lr: Option<f64>,
-    #[serde(default)]
     pub train_embedding: Option<String>,
-    #[serde(default)]
     pub init_word: Option<String>,
-    #[serde(default)]
     pub embedding_lr: Option<f64>,
-    #[serde(default = "d_sched")]
     pub lr_scheduler: LrSchedule,
-    #[serde(default)]
     pub warmup_steps: usize,
-    #[serde(default = "d_targets")]
-    pub targets: String,
-    #[serde(default)]
+    pub targets: Preset,
     pub exclude_layers: Option<String>,
-    #[serde(default)]
     pub resolution: Option<u32>,
-    #[serde(default = "d_seed")]
     pub seed: u64,
-    #[serde(default = "d_format")]
-    pub format: String,
-    #[serde(default = "d_save_dtype")]
-    pub save_dtype: String,
-    #[serde(default)]
-    pub dtype: Option<String>,
-    #[serde(default)]
+    pub format: LoraFormat,
+    pub save_dtype: Precision,
+    pub dtype: Option<Precision>,
     pub save_every: usize,
-    #[serde(default)]
     pub resume: Option<PathBuf>,
-    #[serde(default)]
     pub caption: Option<String>,
-    #[serde(default)]
     pub caption_dropout: f64,
-    #[serde(default)]
     pub shuffle_tags: bool,
-    #[serde(default)]
     pub keep_tokens: usize,
-    #[serde(default)]
     pub flip: bool,
-    #[serde(default)]
     pub random_crop: bool,
-    #[serde(default)]
     pub min_snr_gamma: Option<f64>,
-    #[serde(default)]
     pub noise_offset: f64,
-    #[serde(default)]
     pub min_timestep: usize,
-    #[serde(default)]
     pub max_timestep: Option<usize>,
-    #[serde(default = "d_clip")]
     pub max_grad_norm: f64,
-    #[serde(default)]
     pub gradient_checkpointing: bool,
-    #[serde(default)]
-    pub prediction_type: Option<String>,
-    #[serde(default)]
+    pub prediction_type: Option<PredictionType>,
     pub cache_dir: Option<PathBuf>,
-    #[serde(default)]
     pub sample_prompts: Option<PathBuf>,
-    #[serde(default)]
     pub sample_every: usize,
-    #[serde(default = "d_sample_cfg")]
     pub sample_cfg: f64,
-    #[serde(default)]
     pub sample_lora_start: f64,
-    #[serde(default)]
     pub target_prompts: Option<PathBuf>,
-    #[serde(default)]
     pub control_prompts: Option<PathBuf>,
-    #[serde(default)]
     pub reg_data: Option<PathBuf>,
-    #[serde(default = "d_prior")]
     pub prior_loss_weight: f64,
-    #[serde(default = "d_preservation")]
-    pub prior_preservation: String,
-    #[serde(default)]
+    pub prior_preservation: Preservation,
     pub dop_trigger: Option<String>,
-    #[serde(default)]
     pub dop_class: String,
-    #[serde(default = "d_prior")]
     pub dop_weight: f64,
 }
 
-fn d_steps() -> usize {
-    1500
-}
-fn d_one() -> usize {
-    1
-}
-fn d_rank() -> usize {
-    16
-}
-fn d_lr() -> f64 {
-    1e-4
-}
-fn d_sched() -> LrSchedule {
-    LrSchedule::Constant
-}
-fn d_targets() -> String {
-    "attn-mlp".into()
-}
-fn d_seed() -> u64 {
-    42
-}
-fn d_format() -> String {
-    "kohya".into()
-}
-fn d_save_dtype() -> String {
-    "f16".into()
-}
-fn d_prior() -> f64 {
-    1.0
-}
-fn d_sample_cfg() -> f64 {
-    crate::train::evaluate::Sampling::default().cfg
-}
-fn d_preservation() -> String {
-    "noise".into()
-}
-fn d_clip() -> f64 {
-    1.0
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            // required: empty means not given
+            model: String::new(),
+            data: PathBuf::new(),
+            output: PathBuf::new(),
+            steps: 1500,
+            batch_size: 1,
+            grad_accum: 1,
+            rank: 16,
+            alpha: None,
+            lora_dropout: 0.0,
+            lr: 1e-4,
+            text_encoder_lr: None,
+            train_embedding: None,
+            init_word: None,
+            embedding_lr: None,
+            lr_scheduler: LrSchedule::Constant,
+            warmup_steps: 0,
+            targets: Preset::AttnMlp,
+            exclude_layers: None,
+            resolution: None,
+            seed: 42,
+            format: LoraFormat::Kohya,
+            save_dtype: Precision::F16,
+            dtype: None,
+            save_every: 0,
+            resume: None,
+            caption: None,
+            caption_dropout: 0.0,
+            shuffle_tags: false,
+            keep_tokens: 0,
+            flip: false,
+            random_crop: false,
+            min_snr_gamma: None,
+            noise_offset: 0.0,
+            min_timestep: 0,
+            max_timestep: None,
+            max_grad_norm: 1.0,
+            gradient_checkpointing: false,
+            prediction_type: None,
+            cache_dir: None,
+            sample_prompts: None,
+            sample_every: 0,
+            sample_cfg: crate::sample::pipeline::Sampling::default().cfg,
+            sample_lora_start: 0.0,
+            target_prompts: None,
+            control_prompts: None,
+            reg_data: None,
+            prior_loss_weight: 1.0,
+            prior_preservation: Preservation::Noise,
+            dop_trigger: None,
+            dop_class: String::new(),
+            dop_weight: 1.0,
+        }
+    }
 }
 
 impl TrainConfig {
@@ -433,15 +425,28 @@ impl TrainConfig {
         if let Some((k, _)) = map.as_object().and_then(|m| m.iter().find(|(_, v)| v.is_null())) {
             anyhow::bail!("{origin}: {k} must be a finite number");
         }
-        let cfg: TrainConfig = serde_json::from_value(map).map_err(|e| {
+        let cfg: TrainConfig = serde_json::from_value(map.clone()).map_err(|e| {
             let msg = e.to_string();
-            if msg.contains("missing field") {
-                let field = msg.split('`').nth(1).unwrap_or("?").replace('_', "-");
-                anyhow::anyhow!("{origin}: --{field} is required (see sdlora train --help)")
-            } else {
-                anyhow::anyhow!("{origin}: {msg}")
+            match msg.strip_prefix("unknown variant `").and_then(|m| m.split_once("`, expected ")) {
+                // name the setting and its choices: "--targets `x`: choose attn, attn-mlp, …"
+                Some((bad, expected)) => {
+                    let key = map.as_object().and_then(|m| m.iter().find(|(_, v)| v.as_str() == Some(bad)));
+                    let flag = key.map_or(String::new(), |(k, _)| format!("--{} ", k.replace('_', "-")));
+                    let choices = expected.trim_start_matches("one of ").replace('`', "");
+                    anyhow::anyhow!("{origin}: {flag}`{bad}`: choose {choices}")
+                }
+                None => anyhow::anyhow!("{origin}: {msg}"),
             }
         })?;
+        for (flag, missing) in [
+            ("model", cfg.model.is_empty()),
+            ("data", cfg.data.as_os_str().is_empty()),
+            ("output", cfg.output.as_os_str().is_empty()),
+        ] {
+            if missing {
+                anyhow::bail!("{origin}: --{flag} is required (see sdlora train --help)");
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -467,9 +472,6 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("--lr {} must be a positive number", self.lr));
         }
-        if !["attn", "attn-mlp", "full", "cross-kv"].contains(&self.targets.as_str()) {
-            return bad(format!("--targets `{}`: choose attn, attn-mlp, full or cross-kv", self.targets));
-        }
         self.excluded_layers()?;
         if self.train_embedding.is_none() && (self.init_word.is_some() || self.embedding_lr.is_some()) {
             return bad(
@@ -479,13 +481,6 @@ impl TrainConfig {
         }
         if let Some(l) = self.embedding_lr.filter(|l| !(*l >= 0.0 && l.is_finite())) {
             return bad(format!("--embedding-lr {l} must be 0 or more"));
-        }
-        self.format
-            .parse::<crate::lora::format::LoraFormat>()
-            .map_err(|e| anyhow::anyhow!("--format: {e}"))?;
-        parse_dtype(&self.save_dtype)?;
-        if let Some(d) = &self.dtype {
-            parse_dtype(d)?;
         }
         if self.resolution.is_some_and(|r| r < 8) {
             return bad(format!(
@@ -504,16 +499,11 @@ impl TrainConfig {
         if !(self.prior_loss_weight >= 0.0 && self.prior_loss_weight.is_finite()) {
             return bad(format!("--prior-loss-weight {} must be 0 or more", self.prior_loss_weight));
         }
-        if self.reg_data.is_none() && self.prior_loss_weight != d_prior() {
+        let default = TrainConfig::default();
+        if self.reg_data.is_none() && self.prior_loss_weight != default.prior_loss_weight {
             return bad("--prior-loss-weight weighs regularization images: give them with --reg-data".into());
         }
-        if !["noise", "output"].contains(&self.prior_preservation.as_str()) {
-            return bad(format!(
-                "--prior-preservation `{}`: choose noise or output",
-                self.prior_preservation
-            ));
-        }
-        if self.reg_data.is_none() && self.prior_preservation != d_preservation() {
+        if self.reg_data.is_none() && self.prior_preservation != default.prior_preservation {
             return bad(
                 "--prior-preservation acts on regularization images: give them with --reg-data".into()
             );
@@ -524,7 +514,7 @@ impl TrainConfig {
                     "--dop-trigger `{w}`: give the word (or words) of your captions that names the new concept"
                 ));
             }
-            None if !self.dop_class.is_empty() || self.dop_weight != d_prior() => {
+            None if !self.dop_class.is_empty() || self.dop_weight != default.dop_weight => {
                 return bad(
                     "--dop-class and --dop-weight need the word to preserve without: --dop-trigger".into()
                 );
@@ -557,8 +547,8 @@ impl TrainConfig {
     }
 
     /// How training draws its sample grids and its target and control prompts.
-    pub fn sampling(&self) -> crate::train::evaluate::Sampling {
-        crate::train::evaluate::Sampling {
+    pub fn sampling(&self) -> crate::sample::pipeline::Sampling {
+        crate::sample::pipeline::Sampling {
             cfg: self.sample_cfg,
             lora_start: self.sample_lora_start,
             ..Default::default()
@@ -580,15 +570,6 @@ impl TrainConfig {
 
     pub fn alpha(&self) -> f64 {
         self.alpha.unwrap_or(self.rank as f64)
-    }
-}
-
-pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
-    match s {
-        "f32" | "fp32" | "float32" => Ok(candle_core::DType::F32),
-        "f16" | "fp16" | "float16" => Ok(candle_core::DType::F16),
-        "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
-        _ => anyhow::bail!("unknown dtype `{s}` (f32, f16, bf16)"),
     }
 }
 

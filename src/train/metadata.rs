@@ -35,7 +35,7 @@ pub fn kohya_metadata(
     put("ss_network_alpha", format!("{}", cfg.alpha()));
     // kohya's network_args, as its train_network.py records them: strings
     let mut args = serde_json::Map::new();
-    if cfg.targets == "full" {
+    if cfg.targets == crate::lora::targets::Preset::Full {
         args.insert("conv_dim".into(), cfg.rank.to_string().into());
         args.insert("conv_alpha".into(), format!("{}", cfg.alpha()).into());
     }
@@ -80,7 +80,7 @@ pub fn kohya_metadata(
     put("ss_flip_aug", py_bool(cfg.flip));
     put("ss_shuffle_caption", py_bool(cfg.shuffle_tags));
     put("ss_keep_tokens", cfg.keep_tokens.to_string());
-    put("ss_mixed_precision", cfg.dtype.clone().unwrap_or_else(|| "f32".into()));
+    put("ss_mixed_precision", cfg.dtype.map_or("f32", |d| d.name()).into());
     put("ss_optimizer", "AdamW".into());
     put("ss_output_name", title.clone());
     put("ss_tag_frequency", serde_json::to_string(tag_frequency).unwrap_or_default());

@@ -1,11 +1,11 @@
 //! Training: noise schedule, optimizer, the loop, checkpoints.
 pub mod batches;
 pub mod config;
-pub mod evaluate;
 pub mod metadata;
 pub mod noise;
 pub mod optim;
 pub mod samples;
 pub mod setup;
 pub mod state;
+pub mod step;
 pub mod trainer;

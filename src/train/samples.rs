@@ -25,7 +25,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
 /// One image per prompt with the run's current adapters, seed = training seed.
 pub fn render(run: &Run, cfg: &TrainConfig, prompts: &[String]) -> Result<Vec<RgbImage>> {
     let rows: Vec<(String, u64)> = prompts.iter().map(|p| (p.clone(), cfg.seed)).collect();
-    super::evaluate::sample(&run.sd, &rows, run.resolution, cfg.sampling())
+    crate::sample::pipeline::sample_images(&run.sd, &rows, run.resolution, cfg.sampling())
 }
 
 /// Rows of [base | now], one per prompt.

@@ -1,10 +1,10 @@
 //! Everything before the first step: model, data, latents, adapters, optimizer.
-use super::config::{parse_dtype, TrainConfig};
+use super::config::TrainConfig;
 use super::noise::NoiseSchedule;
 use super::optim::AdamW;
 use crate::data::dataset::{balance_reg, scan, Item};
 use crate::data::prepare::{prepare, Encoder, Sample};
-use crate::lora::targets::{text_encoder_selects, unet_selects, Preset};
+use crate::lora::targets::{text_encoder_selects, unet_selects};
 use crate::lora::{attach, AdapterInfo, Init, LoraSpec};
 use crate::model::load::{load, Family, LoadOptions, StableDiffusion};
 use crate::model::text::PromptEncoder;
@@ -31,7 +31,7 @@ pub struct Run {
     pub latents_cached: (usize, usize),
     pub text_cache: TextCache,
     /// Set to the micro-step's seed while training so LoRA dropout draws reproducible masks.
-    pub switch: crate::lora::adapter::Switch,
+    pub switch: crate::model::layers::adapter::Switch,
 }
 
 /// Text conditioning of a caption, cached on disk while the text encoder is frozen.
@@ -66,7 +66,7 @@ impl TextCache {
             t.push(("pooled".to_string(), p));
         }
         if std::fs::create_dir_all(&self.dir).is_ok() {
-            let _ = crate::lora::format::save_atomic(&self.path(caption), &t, &Default::default());
+            let _ = crate::model::weights::save_atomic(&self.path(caption), &t, &Default::default());
         }
     }
 }
@@ -94,7 +94,7 @@ pub fn default_resolution(f: Family) -> u32 {
 pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) -> Result<Run> {
     let device = device();
     let dtype = match &cfg.dtype {
-        Some(d) => parse_dtype(d)?,
+        Some(d) => d.dtype(),
         None if device.is_cuda() => DType::BF16,
         None => DType::F32,
     };
@@ -120,7 +120,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let opts = LoadOptions {
         dtype,
         device: device.clone(),
-        prediction_type: cfg.prediction_type.clone(),
+        prediction_type: cfg.prediction_type,
         ..Default::default()
     };
     let mut sd = load(&cfg.model, &opts)?;
@@ -148,7 +148,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     }
     let prompts = PromptEncoder::new(&sd, 1)?;
 
-    let preset: Preset = cfg.targets.parse().map_err(anyhow::Error::msg)?;
+    let preset = cfg.targets;
     let switch = sd.lora_switch.clone();
     let spec = LoraSpec {
         rank: cfg.rank,
@@ -186,10 +186,14 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         match &cfg.exclude_layers {
             Some(r) => anyhow::bail!(
                 "--exclude-layers `{r}` leaves no layer of --targets {} to train: exclude fewer",
-                cfg.targets
+                cfg.targets.name()
             ),
             None => {
-                anyhow::bail!("--targets {} selects no layer of {}: choose another", cfg.targets, cfg.model)
+                anyhow::bail!(
+                    "--targets {} selects no layer of {}: choose another",
+                    cfg.targets.name(),
+                    cfg.model
+                )
             }
         }
     }

@@ -44,7 +44,7 @@ pub fn save(
         ("adam_step".to_string(), opt.step.to_string()),
         ("layout".to_string(), layout(adapters, word)),
     ]);
-    crate::lora::format::save_atomic(path, &t, &meta)
+    crate::model::weights::save_atomic(path, &t, &meta)
 }
 
 /// Restores adapters and optimizer; returns the step to continue from.

@@ -16,7 +16,7 @@ export RUST_BACKTRACE=1
 t0=$(date +%s)
 [ -z "${SKIP_CHECK:-}" ] && echo "== bf16 check" && timeout 75 /tmp/sdlora bench --check-bf16 2>&1 | tee "$OUT/check_bf16.log"
 echo "== pretrain ($(( $(date +%s) - t0 )) s)"
-timeout ${PRE_S:-330} /tmp/sdlora demo --pretrain /tmp/base --images ${IMAGES:-10000} --batch ${BATCH:-128} --vae-batch 32 \
+timeout ${PRE_S:-330} /tmp/sdlora demo-pretrain --out /tmp/base --images ${IMAGES:-10000} --batch ${BATCH:-128} --vae-batch 32 \
   ${INIT:+--init $INIT} --vae-steps $([ -n "${INIT:-}" ] && echo 0 || echo 20000) \
   --unet-steps 100000 --vae-seconds ${VAE_S:-60} --unet-seconds ${UNET_S:-210} --save-every 500 ${GAMMA:+--min-snr-gamma $GAMMA} 2>&1 \
   | tee "$OUT/pretrain.log" | grep -v "^ " | tail -40

@@ -11,13 +11,13 @@ set -u
 source "$(dirname "$0")/lib.sh"
 
 gpu() {
-  RAYON_NUM_THREADS=2 pin 14,15 timeout $(( ${A6:-210} + 90 )) /tmp/sdlora-gpu demo --pretrain /tmp/base6a \
+  RAYON_NUM_THREADS=2 pin 14,15 timeout $(( ${A6:-210} + 90 )) /tmp/sdlora-gpu demo-pretrain --out /tmp/base6a \
     --init assets/demo_model --vae-steps 0 --images 10000 --batch 512 --unet-steps 100000 \
     --unet-seconds ${A6:-210} --min-snr-gamma 5 --lr 1e-3 --texture-last --seed 3 > $W/logs/pre6a.log 2>&1
   tar -C /tmp -cf $W/base6a.tar base6a && cp $W/base6a.tar $OUT/ && touch $W/base6a.ready
   echo "6a done at $(( $(date +%s) - t0 )) s" >> $W/logs/times.txt
   local s=$(( $(left) - 100 ))
-  RAYON_NUM_THREADS=2 pin 14,15 timeout $(( s + 90 )) /tmp/sdlora-gpu demo --pretrain /tmp/base6b \
+  RAYON_NUM_THREADS=2 pin 14,15 timeout $(( s + 90 )) /tmp/sdlora-gpu demo-pretrain --out /tmp/base6b \
     --init /tmp/base6a --vae-steps 0 --images 10000 --batch 512 --unet-steps 100000 \
     --unet-seconds $s --min-snr-gamma 5 --lr 5e-4 --texture-last --seed 4 > $W/logs/pre6b.log 2>&1
   tar -C /tmp -cf $OUT/base6b.tar base6b

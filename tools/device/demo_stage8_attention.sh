@@ -5,7 +5,7 @@
 # are in the README); from the first checkpoint the GPU writes (--save-every) they run demos on
 # it, so a read of the half-trained base comes back too. The finished base is judged afterwards
 # with CPU demos on the 2-core machine, which is where the demo's figures come from.
-# Run 2026-11-28 on an H200 (assets/demo_model/README.md, stage 8): of the CPU demos only the
+# Run 2026-11-28 on an H200 (docs/experiments/2026-11-demo-base.md, stage 8): of the CPU demos only the
 # two 400-step ones finished in the call (~335 s each on 2 of its cores), and the GPU demo that
 # followed training did not finish in the 145 s left.
 # Needs, carried in .devcarry/app: sdlora.gz (release, --features cuda; the CPU demos run it with
@@ -19,7 +19,7 @@ source "$(dirname "$0")/lib.sh"
 END=${END:-580}
 
 gpu() {
-  RAYON_NUM_THREADS=2 pin 14,15 timeout $(( $(left) - 15 )) /tmp/sdlora-gpu demo --pretrain /tmp/base8 \
+  RAYON_NUM_THREADS=2 pin 14,15 timeout $(( $(left) - 15 )) /tmp/sdlora-gpu demo-pretrain --out /tmp/base8 \
     --init assets/demo_model --grow-attention --vae-steps 0 --images ${IMAGES:-10000} --batch ${BATCH:-512} --unet-steps 100000 \
     --unet-seconds ${G8:-380} --min-snr-gamma 5 --lr 5e-4 --texture-last --seed 5 --save-every ${SAVE:-250} \
     > $W/logs/pre8.log 2>&1

@@ -1,8 +1,8 @@
 //! Multi-head attention (self or cross, optionally causal), diffusers' `Attention` and CLIP's
 //! `CLIPAttention` alike. Scores and softmax in f32; the probability matrix is kept for backward.
 use super::linear::{Linear, LinearSaved};
+use super::Grads;
 use super::{acc, softmax_last};
-use crate::lora::AdapterGrads;
 use candle_core::{Result, Tensor, D};
 
 pub struct Attention {
@@ -81,7 +81,7 @@ impl Attention {
         &self,
         s: AttentionSaved,
         dy: &Tensor,
-        grads: &mut AdapterGrads,
+        grads: &mut Grads,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let [sq, sk, sv, so] = s.lin;
         let dout = split_heads(&self.to_out.backward(so, dy, grads)?, self.heads)?;

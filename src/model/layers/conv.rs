@@ -5,7 +5,8 @@
 //! of candle's naive conv_transpose2d.
 //!
 //! On the CPU in f32, k×k convolutions and kernel gradients go through `im2col`.
-use crate::lora::{AdapterGrads, Lora};
+use super::adapter::{adapters_backward, add_adapters, LoraSaved, Op};
+use super::{Grads, Lora};
 use candle_core::{DType, Result, Tensor};
 
 pub struct Conv2d {
@@ -19,9 +20,9 @@ pub struct Conv2d {
 
 pub struct Conv2dSaved {
     x: Option<Tensor>,
-    hidden: Vec<Tensor>,
-    masks: Vec<Option<Tensor>>,
-    in_hw: (usize, usize),
+    adapters: Vec<LoraSaved>,
+    /// The input's shape: a strided conv's output does not tell it.
+    x_dims: Vec<usize>,
 }
 
 impl Conv2d {
@@ -33,8 +34,8 @@ impl Conv2d {
         self.weight.dim(2).unwrap_or(1)
     }
 
-    fn adapter_dtype(&self) -> DType {
-        self.adapters.first().map(|a| a.down.dtype()).unwrap_or(DType::F32)
+    fn op(&self) -> Op {
+        Op::Conv { stride: self.stride, padding: self.padding }
     }
 
     pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
@@ -47,64 +48,24 @@ impl Conv2d {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.detach().reshape((1, (), 1, 1))?)?;
         }
-        let mut hidden = vec![];
-        let mut masks = vec![];
-        if !self.adapters.is_empty() {
-            let xf = x.to_dtype(self.adapter_dtype())?;
-            // a switched-off adapter (a base prediction) adds nothing and saves nothing
-            for a in self.adapters.iter().filter(|a| !a.is_off()) {
-                let mask = a.dropout_mask(xf.dims(), &xf)?;
-                let xd = match &mask {
-                    Some(m) => (&xf * m)?,
-                    None => xf.clone(),
-                };
-                masks.push(mask);
-                let h = conv2d(&xd, &a.down.as_tensor().detach(), self.padding, self.stride)?;
-                let delta = (conv2d(&h, &a.up.as_tensor().detach(), 0, 1)? * a.scale)?;
-                let dt = y.dtype();
-                y = (y + delta.to_dtype(dt)?)?;
-                hidden.push(h);
-            }
-        }
-        let (_, _, h, w) = x.dims4()?;
+        let (y, adapters) = add_adapters(&self.adapters, self.op(), x, y)?;
+        let x_dims = x.dims().to_vec();
         let x = (!self.adapters.is_empty() || self.weight.is_variable()).then(|| x.clone());
-        Ok((y, Conv2dSaved { x, hidden, masks, in_hw: (h, w) }))
+        Ok((y, Conv2dSaved { x, adapters, x_dims }))
     }
 
-    pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
-        let mut dx = conv_input_grad(dy, &self.weight.detach(), self.stride, self.padding, s.in_hw)?;
-        if let (true, Some(x)) = (self.weight.is_variable(), &s.x) {
+    pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let mut dx = self.op().input_grad(dy, &self.weight.detach(), &s.x_dims)?;
+        let Some(x) = &s.x else { return Ok(dx) };
+        if self.weight.is_variable() {
             // full training: the base kernel and bias are variables
-            let dw = kernel_grad(x, dy, self.weight.dims4()?, self.stride, self.padding)?;
-            grads.add_weight(&self.weight, dw)?;
+            grads.add_weight(&self.weight, self.op().weight_grad(x, dy, self.weight.dims())?)?;
             if let Some(b) = &self.bias {
                 grads.add_weight(b, dy.sum((0, 2, 3))?)?;
             }
         }
-        if let (false, Some(x)) = (self.adapters.is_empty(), &s.x) {
-            let xf = x.to_dtype(self.adapter_dtype())?;
-            let dyf = dy.to_dtype(self.adapter_dtype())?;
-            for ((a, h), mask) in self.adapters.iter().filter(|a| !a.is_off()).zip(&s.hidden).zip(&s.masks) {
-                let xf = match mask {
-                    Some(m) => (&xf * m)?,
-                    None => xf.clone(),
-                };
-                let rank = h.dim(1)?;
-                let out = dyf.dim(1)?;
-                // delta = s · up ⋆ h (1×1): dU = s · Σ dy hᵀ, dh = s · Uᵀ dy
-                let d_up = (channels_by_rest(&dyf)?.matmul(&channels_by_rest(h)?.t()?)? * a.scale)?
-                    .reshape((out, rank, 1, 1))?;
-                let up_t = a.up.as_tensor().detach().transpose(0, 1)?.contiguous()?;
-                let dh = (conv2d(&dyf, &up_t, 0, 1)? * a.scale)?;
-                let d_down = kernel_grad(&xf, &dh, a.down.dims4()?, self.stride, self.padding)?;
-                let mut dxa =
-                    conv_input_grad(&dh, &a.down.as_tensor().detach(), self.stride, self.padding, s.in_hw)?;
-                if let Some(m) = mask {
-                    dxa = (dxa * m)?;
-                }
-                dx = (dx + dxa.to_dtype(dy.dtype())?)?;
-                grads.add(a.id, d_down, d_up)?;
-            }
+        if let Some(da) = adapters_backward(&self.adapters, self.op(), s.adapters, x, dy, grads)? {
+            dx = (dx + da)?;
         }
         Ok(dx)
     }

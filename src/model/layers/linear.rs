@@ -1,6 +1,7 @@
 //! Linear layer y = x Wᵀ + b, with optional LoRA adapters.
-use crate::lora::{AdapterGrads, Lora};
-use candle_core::{DType, Result, Tensor};
+use super::adapter::{adapters_backward, add_adapters, LoraSaved, Op};
+use super::{Grads, Lora};
+use candle_core::{Result, Tensor};
 
 pub struct Linear {
     /// [out, in], frozen.
@@ -12,8 +13,7 @@ pub struct Linear {
 /// For frozen W, dx = dy W needs nothing from the forward; only adapters keep their input.
 pub struct LinearSaved {
     x: Option<Tensor>,
-    hidden: Vec<Tensor>,
-    masks: Vec<Option<Tensor>>,
+    adapters: Vec<LoraSaved>,
 }
 
 impl Linear {
@@ -30,10 +30,6 @@ impl Linear {
     }
 
     /// Inference forward.
-    fn adapter_dtype(&self) -> DType {
-        self.adapters.first().map(|a| a.down.dtype()).unwrap_or(DType::F32)
-    }
-
     pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.forward(x)?.0)
     }
@@ -44,27 +40,9 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.detach())?;
         }
-        let mut hidden = Vec::with_capacity(self.adapters.len());
-        let mut masks = Vec::with_capacity(self.adapters.len());
-        if !self.adapters.is_empty() {
-            let xf = x.to_dtype(self.adapter_dtype())?;
-            // a switched-off adapter (a base prediction) adds nothing and saves nothing
-            for a in self.adapters.iter().filter(|a| !a.is_off()) {
-                let mask = a.dropout_mask(xf.dims(), &xf)?;
-                let xd = match &mask {
-                    Some(m) => (&xf * m)?,
-                    None => xf.clone(),
-                };
-                masks.push(mask);
-                let h = matmul_wt(&xd, &a.down.as_tensor().detach())?;
-                let delta = (matmul_wt(&h, &a.up.as_tensor().detach())? * a.scale)?;
-                let dt = y.dtype();
-                y = (y + delta.to_dtype(dt)?)?;
-                hidden.push(h);
-            }
-        }
+        let (y, adapters) = add_adapters(&self.adapters, Op::Matmul, x, y)?;
         let x = (!self.adapters.is_empty() || self.trains_base()).then(|| x.clone());
-        Ok((y, LinearSaved { x, hidden, masks }))
+        Ok((y, LinearSaved { x, adapters }))
     }
 
     /// Full training: the base weights are variables and get gradients too.
@@ -72,37 +50,17 @@ impl Linear {
         self.weight.is_variable()
     }
 
-    pub fn backward(&self, s: LinearSaved, dy: &Tensor, grads: &mut AdapterGrads) -> Result<Tensor> {
-        let mut dx = dy.matmul_any(&self.weight.detach())?;
-        if let (true, Some(x)) = (self.trains_base(), &s.x) {
-            let (x2, dy2) = (flatten2(x)?, flatten2(dy)?);
-            grads.add_weight(&self.weight, dy2.t()?.matmul(&x2)?)?;
+    pub fn backward(&self, s: LinearSaved, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let mut dx = Op::Matmul.input_grad(dy, &self.weight.detach(), &[])?;
+        let Some(x) = &s.x else { return Ok(dx) };
+        if self.trains_base() {
+            grads.add_weight(&self.weight, Op::Matmul.weight_grad(x, dy, self.weight.dims())?)?;
             if let Some(b) = &self.bias {
-                grads.add_weight(b, dy2.sum(0)?)?;
+                grads.add_weight(b, flatten2(dy)?.sum(0)?)?;
             }
         }
-        if let (false, Some(x)) = (self.adapters.is_empty(), &s.x) {
-            let xf = flatten2(&x.to_dtype(self.adapter_dtype())?)?;
-            let dyf = flatten2(&dy.to_dtype(self.adapter_dtype())?)?;
-            for ((a, h), mask) in self.adapters.iter().filter(|a| !a.is_off()).zip(&s.hidden).zip(&s.masks) {
-                let h = flatten2(h)?;
-                let mask = mask.as_ref().map(flatten2).transpose()?;
-                let xf = match &mask {
-                    Some(m) => (&xf * m)?,
-                    None => xf.clone(),
-                };
-                // y = s·h Uᵀ, h = x Dᵀ  ⇒  dU = s·dyᵀ h, dh = s·dy U, dD = dhᵀ x, dx += dh D
-                let d_up = (dyf.t()?.matmul(&h)? * a.scale)?;
-                let dh = (dyf.matmul(&a.up.as_tensor().detach())? * a.scale)?;
-                let d_down = dh.t()?.matmul(&xf)?;
-                let mut dxa = dh.matmul(&a.down.as_tensor().detach())?;
-                if let Some(m) = &mask {
-                    dxa = (dxa * m)?;
-                }
-                let dxa = dxa.reshape(dx.shape())?;
-                dx = (dx + dxa.to_dtype(dy.dtype())?)?;
-                grads.add(a.id, d_down, d_up)?;
-            }
+        if let Some(da) = adapters_backward(&self.adapters, Op::Matmul, s.adapters, x, dy, grads)? {
+            dx = (dx + da)?;
         }
         Ok(dx)
     }
@@ -120,18 +78,7 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
-fn flatten2(x: &Tensor) -> Result<Tensor> {
+pub fn flatten2(x: &Tensor) -> Result<Tensor> {
     let inner = x.dim(candle_core::D::Minus1)?;
     x.reshape(((), inner))
-}
-
-/// Extension: dy [.., out] · W [out, in] over flattened leading dims.
-trait MatmulAny {
-    fn matmul_any(&self, w: &Tensor) -> Result<Tensor>;
-}
-
-impl MatmulAny for Tensor {
-    fn matmul_any(&self, w: &Tensor) -> Result<Tensor> {
-        matmul_wt(self, &w.t()?)
-    }
 }

@@ -5,6 +5,7 @@
 //! gradients for adapter parameters only. Frozen weights never receive a gradient.
 //! Inference calls the same `forward` and drops `Saved` at once.
 pub mod activation;
+pub mod adapter;
 pub mod attention;
 pub mod conv;
 mod im2col;
@@ -13,6 +14,7 @@ pub mod norm;
 pub mod resample;
 
 pub use activation::{gelu_backward, quick_gelu, quick_gelu_backward, silu_backward};
+pub use adapter::{Grads, Lora, Switch};
 pub use attention::{Attention, AttentionSaved, CLIP_NAMES, DIFFUSERS_NAMES};
 pub use conv::{Conv2d, Conv2dSaved};
 pub use linear::{Linear, LinearSaved};

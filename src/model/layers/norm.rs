@@ -3,7 +3,7 @@
 //! keeps one tensor instead of two.
 use super::acc;
 use super::activation::silu_backward;
-use crate::lora::AdapterGrads;
+use super::Grads;
 use candle_core::{Result, Tensor, D};
 
 pub struct GroupNorm {
@@ -75,7 +75,7 @@ impl GroupNorm {
         Ok((y.to_dtype(x.dtype())?, saved))
     }
 
-    pub fn backward(&self, s: NormSaved, dy: &Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
+    pub fn backward(&self, s: NormSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
         let f = acc(s.xhat.dtype());
         let xhat = s.xhat.to_dtype(f)?;
         let mut dy = dy.to_dtype(f)?;
@@ -113,7 +113,7 @@ impl LayerNorm {
         Ok((y.to_dtype(x.dtype())?, saved))
     }
 
-    pub fn backward(&self, s: NormSaved, dy: &Tensor, g: &mut AdapterGrads) -> Result<Tensor> {
+    pub fn backward(&self, s: NormSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
         let f = acc(s.xhat.dtype());
         let xhat = s.xhat.to_dtype(f)?;
         if self.weight.is_variable() {

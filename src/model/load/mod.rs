@@ -85,6 +85,27 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// What the U-Net predicts: the noise, or v (SD 2.x 768 models). The scheduler config's
+/// `prediction_type` names it; single files carry none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum PredictionType {
+    #[value(name = "epsilon")]
+    #[serde(rename = "epsilon")]
+    Epsilon,
+    #[value(name = "v_prediction")]
+    #[serde(rename = "v_prediction")]
+    VPrediction,
+}
+
+impl PredictionType {
+    pub fn name(self) -> &'static str {
+        match self {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+        }
+    }
+}
+
 /// Which parts to load, in which precision, where.
 #[derive(Clone)]
 pub struct LoadOptions {
@@ -93,8 +114,8 @@ pub struct LoadOptions {
     pub unet: bool,
     pub vae: bool,
     pub text_encoders: bool,
-    /// Overrides the scheduler's prediction type (single files carry none): "epsilon" | "v_prediction".
-    pub prediction_type: Option<String>,
+    /// Overrides the scheduler's prediction type (single files carry none).
+    pub prediction_type: Option<PredictionType>,
     /// For single files: a diffusers folder whose configs to use instead of inferring them.
     pub config: Option<PathBuf>,
 }
@@ -127,7 +148,7 @@ pub struct StableDiffusion {
     /// Shared by every adapter put on this model (LoRA files applied, adapters in training):
     /// switched off, the model computes what its base alone does. Sampling uses it to leave the
     /// first steps to the base (`GenerateOptions::lora_start`), training for base predictions.
-    pub lora_switch: crate::lora::adapter::Switch,
+    pub lora_switch: crate::model::layers::adapter::Switch,
 }
 
 /// SDXL has a second text encoder; SD2 is told apart from SD1 by its 1024-wide context.
@@ -160,7 +181,7 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<StableDiffusion> {
     };
     sd.source = source.to_string();
     if let Some(p) = &opts.prediction_type {
-        sd.scheduler.prediction_type = p.clone();
+        sd.scheduler.prediction_type = p.name().into();
     }
     Ok(sd)
 }
@@ -220,6 +241,6 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDiffusion> {
         tokenizer_dirs,
         scheduler,
         source: dir.display().to_string(),
-        lora_switch: crate::lora::adapter::switch(),
+        lora_switch: crate::model::layers::adapter::switch(),
     })
 }

@@ -226,6 +226,6 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<StableDiffusi
         tokenizer_dirs: te_names.iter().map(|_| None).collect(),
         scheduler,
         source: origin,
-        lora_switch: crate::lora::adapter::switch(),
+        lora_switch: crate::model::layers::adapter::switch(),
     })
 }

@@ -1,57 +1,19 @@
 //! After training: what the LoRA learned and what it cost, on prompts the user names
 //! (`--target-prompts`, `--control-prompts`). Each prompt is drawn by the base and by base + LoRA
 //! with the same seed. Prompts in the tiny world's caption form ("a red striped star on a blue
-//! background") are also scored by the exact procedural scorer (`crate::demo::scores`); any
+//! background") are also scored by the exact procedural scorer (`crate::eval::scores`); any
 //! prompt counts towards the mean pixel distance, the one measure that needs no labels.
-use crate::demo::metrics::{
-    checks_as_asked, describe, draws_right, followed, forgotten, learned, mean_abs_difference,
-    shows_detected, Forgetting,
+use crate::eval::metrics::{
+    checks_as_asked, describe, draws_right, followed, forgotten, learned, mean_abs_difference, shows_detected,
 };
-use crate::demo::scores::{classify, Detected};
-use crate::demo::world::Asked;
-use crate::model::load::{load, LoadOptions, StableDiffusion};
-use crate::report::html::{grid_rows, Miss, Scores};
-use crate::sample::pipeline::{generate_each, GenerateOptions};
-use anyhow::{Context, Result};
+use crate::eval::scores::{classify, Detected};
+use crate::eval::world::Asked;
+use crate::model::load::{load, LoadOptions};
+use crate::report::{grid_rows, Forgetting, Miss, Scores};
+use crate::sample::pipeline::{sample_images, Sampling};
+use anyhow::Result;
 use image::RgbImage;
 use std::path::Path;
-
-/// How the evaluation samples: the model's own scheduler, `steps` steps, classifier-free
-/// guidance `cfg`, the base alone for the first `lora_start` of the steps
-/// (`GenerateOptions::lora_start`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampling {
-    pub steps: usize,
-    pub cfg: f64,
-    pub lora_start: f64,
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Sampling { steps: 20, cfg: 7.0, lora_start: 0.0 }
-    }
-}
-
-/// One image per (prompt, seed) with the model as it is (base, or base + applied LoRA).
-pub(crate) fn sample(
-    sd: &StableDiffusion,
-    prompts: &[(String, u64)],
-    side: u32,
-    how: Sampling,
-) -> Result<Vec<RgbImage>> {
-    let opts = GenerateOptions {
-        steps: how.steps,
-        cfg_scale: how.cfg,
-        lora_start: how.lora_start,
-        width: side as usize,
-        height: side as usize,
-        ..Default::default()
-    };
-    generate_each(sd, &opts, prompts)?
-        .into_iter()
-        .map(|g| RgbImage::from_raw(g.width, g.height, g.rgb).context("image buffer"))
-        .collect()
-}
 
 pub struct Evaluation {
     pub scores: Scores,
@@ -93,9 +55,9 @@ pub fn evaluate(
     // one load: every prompt with the base, then the same prompts and seeds with the LoRA applied
     let mut sd = load(model, &LoadOptions::default())?;
     let all: Vec<(String, u64)> = target.iter().chain(control).cloned().collect();
-    let mut base_all = sample(&sd, &all, side, how)?;
+    let mut base_all = sample_images(&sd, &all, side, how)?;
     crate::lora::apply::apply_file(&mut sd, lora, 1.0, 0)?;
-    let mut with_all = sample(&sd, &all, side, how)?;
+    let mut with_all = sample_images(&sd, &all, side, how)?;
     let (c_base, c_with) = (base_all.split_off(target.len()), with_all.split_off(target.len()));
     let (t_base, t_with) = (base_all, with_all);
     let mut grids = vec![];

@@ -4,6 +4,7 @@
 //! tells a real change from a lucky seed.
 use super::scores::{classify, Detected};
 use super::world::{Asked, Colour, Texture};
+use crate::report::Forgetting;
 use image::RgbImage;
 /// Whether `d` is checkered exactly when `asked` says so. Of the textures only checks are scored:
 /// generated stripes and dots are too soft to tell apart reliably, checks' diagonal wave is not.
@@ -67,34 +68,6 @@ fn share(samples: &[RgbImage], asked: &[Asked], ok: fn(&RgbImage, Asked) -> bool
         return 0.0;
     }
     samples.iter().zip(asked).filter(|&(s, &a)| ok(s, a)).count() as f64 / samples.len() as f64
-}
-
-/// Wilson's 95 % score interval of a share `p` measured on `n` samples: with 20 samples a 45 %
-/// "learned" could as well be 26 % or 66 %, which is what tells a real change from a lucky seed.
-pub fn interval95(p: f64, n: usize) -> (f64, f64) {
-    if n == 0 {
-        return (0.0, 1.0);
-    }
-    let (z2, n) = (1.96f64 * 1.96, n as f64);
-    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
-    let half = (z2 * (p * (1.0 - p) / n + z2 / (4.0 * n * n))).sqrt() / (1.0 + z2 / n);
-    ((centre - half).max(0.0), (centre + half).min(1.0))
-}
-
-/// What training cost on prompts the LoRA was not about.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Forgetting {
-    /// Control images with an expected shape and colour (the accuracies are over these).
-    pub labelled: usize,
-    /// Share of control images showing the expected shape and colour on the expected background,
-    /// checkered only if asked, base model / with LoRA.
-    pub accuracy_base: f64,
-    pub accuracy_lora: f64,
-    /// (base − LoRA) × 100: percentage points lost (negative = improved).
-    pub drop_points: f64,
-    /// Mean absolute difference per channel between paired images, 0–255: how much the LoRA changed
-    /// pictures it should have left alone.
-    pub mean_pixel_distance: f64,
 }
 
 /// Compares base and base+LoRA images generated with the same prompts and seeds: `base[i]`,

@@ -1,8 +1,9 @@
 //! Tests of the procedural scorer: accuracy on clean and degraded renders of the world, and the
 //! two demo scores.
 use super::*;
-use crate::demo::metrics::*;
-use crate::demo::world::{scenes, Asked, Concept, Scene, Texture};
+use crate::eval::metrics::*;
+use crate::eval::world::{scenes, Asked, Concept, Scene, Texture};
+use crate::util::interval95;
 use rand::{Rng, SeedableRng};
 
 /// The world's scenes moved anywhere in the image at any angle and size 0.4–0.7: a generated image
@@ -287,7 +288,7 @@ fn diagonal_stripes(s: &Scene, rising: bool) -> RgbImage {
         let (u, v) = ((x * cos - y * sin) / radius, (x * sin + y * cos) / radius);
         let along = if rising { u - v } else { u + v };
         // the checks' diagonal wave has phase π(u ± v)/PERIOD: a period of 2·PERIOD
-        let shaded = (along / (2.0 * crate::demo::world::PERIOD)).rem_euclid(1.0) < 0.5;
+        let shaded = (along / (2.0 * crate::eval::world::PERIOD)).rem_euclid(1.0) < 0.5;
         if p.0 == s.colour.rgb() && shaded {
             image::Rgb(s.colour.shade())
         } else {

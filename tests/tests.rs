@@ -1,0 +1,18 @@
+//! The integration tests, compiled into one test binary (as ripgrep does): each file is a
+//! module, `common` holds the shared helpers and tiny-model builders.
+mod backward_fd;
+mod cli_errors;
+mod common;
+mod data_and_formats;
+mod demo;
+mod full_size;
+mod generate;
+mod hub;
+mod layering;
+mod parity;
+mod schedulers;
+mod toolbox;
+mod train_e2e;
+mod train_embedding;
+mod train_features;
+mod unet_backward;
