@@ -49,10 +49,10 @@ fn linear_with_lora() {
     let infos = add_lora(&mut l, 3);
     let x = var(&[2, 4, 5], 2);
     let r = randn(&[2, 4, 6], 3);
-    let (_, s) = l.forward(&x).unwrap();
+    let (_, s) = l.forward_train(&x).unwrap();
     let mut g = Grads::default();
     let dx = l.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&l.fwd(&x).unwrap(), &r);
+    let loss = || dot(&l.forward(&x).unwrap(), &r);
     fd_check("linear dx", &x, &dx, &loss, 20);
     check_adapters(&infos, &g, &loss);
 }
@@ -61,11 +61,11 @@ fn check_conv(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, hw: 
     let mut c = conv(&weights(7).pp("c"), cin, cout, k, stride, pad).unwrap();
     let infos = add_lora(&mut c, 2);
     let x = var(&[2, cin, hw, hw], 8);
-    let (y, s) = c.forward(&x).unwrap();
+    let (y, s) = c.forward_train(&x).unwrap();
     let r = randn(y.dims(), 9);
     let mut g = Grads::default();
     let dx = c.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&c.fwd(&x).unwrap(), &r);
+    let loss = || dot(&c.forward(&x).unwrap(), &r);
     fd_check(&format!("conv{k}x{k}/s{stride}/p{pad} dx"), &x, &dx, &loss, 25);
     check_adapters(&infos, &g, &loss);
 }
@@ -93,13 +93,13 @@ fn group_norm_and_fused_silu() {
         let n = group_norm(&weights(11).pp("norm"), 2, 6, 1e-5).unwrap();
         let x = var(&[2, 6, 3, 3], 12);
         let r = randn(&[2, 6, 3, 3], 13);
-        let (_, s) = n.forward(&x, silu).unwrap();
+        let (_, s) = n.forward_train(&x, silu).unwrap();
         let dx = n.backward(s, &r, &mut Grads::default()).unwrap();
         fd_check(
             &format!("group_norm silu={silu}"),
             &x,
             &dx,
-            &|| dot(&n.forward(&x, silu).unwrap().0, &r),
+            &|| dot(&n.forward_train(&x, silu).unwrap().0, &r),
             30,
         );
     }
@@ -110,9 +110,9 @@ fn layer_norm_backward() {
     let n = layer_norm(&weights(14).pp("norm"), 7, 1e-5).unwrap();
     let x = var(&[2, 3, 7], 15);
     let r = randn(&[2, 3, 7], 16);
-    let (_, s) = n.forward(&x).unwrap();
+    let (_, s) = n.forward_train(&x).unwrap();
     let dx = n.backward(s, &r, &mut Grads::default()).unwrap();
-    fd_check("layer_norm", &x, &dx, &|| dot(&n.fwd(&x).unwrap(), &r), 30);
+    fd_check("layer_norm", &x, &dx, &|| dot(&n.forward(&x).unwrap(), &r), 30);
 }
 
 #[test]
@@ -159,11 +159,11 @@ fn self_attention_plain_and_causal() {
         let infos = add_lora(&mut a, 2);
         let x = var(&[2, 5, 8], 22);
         let r = randn(&[2, 5, 8], 23);
-        let (_, s) = a.forward(&x, None).unwrap();
+        let (_, s) = a.forward_train(&x, None).unwrap();
         let mut g = Grads::default();
         let (dx, dctx) = a.backward(s, &r, &mut g).unwrap();
         assert!(dctx.is_none());
-        let loss = || dot(&a.fwd(&x, None).unwrap(), &r);
+        let loss = || dot(&a.forward(&x, None).unwrap(), &r);
         fd_check(&format!("self-attention causal={causal}"), &x, &dx, &loss, 25);
         check_adapters(&infos, &g, &loss);
     }
@@ -175,9 +175,9 @@ fn cross_attention() {
     let x = var(&[2, 5, 8], 24);
     let ctx = var(&[2, 3, 6], 25);
     let r = randn(&[2, 5, 8], 26);
-    let (_, s) = a.forward(&x, Some(&ctx)).unwrap();
+    let (_, s) = a.forward_train(&x, Some(&ctx)).unwrap();
     let (dx, dctx) = a.backward(s, &r, &mut Grads::default()).unwrap();
-    let loss = || dot(&a.fwd(&x, Some(&ctx)).unwrap(), &r);
+    let loss = || dot(&a.forward(&x, Some(&ctx)).unwrap(), &r);
     fd_check("cross-attention dx", &x, &dx, &loss, 25);
     fd_check("cross-attention dctx", &ctx, &dctx.unwrap(), &loss, 25);
 }
@@ -189,10 +189,10 @@ fn resnet_block() {
     let x = var(&[2, 4, 4, 4], 28);
     let t = var(&[2, 5], 29);
     let r = randn(&[2, 6, 4, 4], 30);
-    let (_, s) = b.forward(&x, Some(&t)).unwrap();
+    let (_, s) = b.forward_train(&x, Some(&t)).unwrap();
     let mut g = Grads::default();
     let (dx, dt) = b.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&b.forward(&x, Some(&t)).unwrap().0, &r);
+    let loss = || dot(&b.forward_train(&x, Some(&t)).unwrap().0, &r);
     fd_check("resnet dx", &x, &dx, &loss, 30);
     fd_check("resnet dtemb", &t, &dt.unwrap(), &loss, 10);
     check_adapters(&infos, &g, &loss);
@@ -206,10 +206,10 @@ fn transformer_2d_conv_and_linear_projection() {
         let x = var(&[2, 8, 3, 3], 32);
         let ctx = var(&[2, 4, 6], 33);
         let r = randn(&[2, 8, 3, 3], 34);
-        let (_, s) = t.forward(&x, &ctx).unwrap();
+        let (_, s) = t.forward_train(&x, &ctx).unwrap();
         let mut g = Grads::default();
         let (dx, dctx) = t.backward(s, &r, &mut g).unwrap();
-        let loss = || dot(&t.forward(&x, &ctx).unwrap().0, &r);
+        let loss = || dot(&t.forward_train(&x, &ctx).unwrap().0, &r);
         fd_check(&format!("transformer2d linear={linear_proj} dx"), &x, &dx, &loss, 30);
         fd_check(&format!("transformer2d linear={linear_proj} dctx"), &ctx, &dctx, &loss, 20);
         check_adapters(&infos, &g, &loss);
@@ -285,20 +285,20 @@ fn base_weight_gradients_when_weights_are_variables() {
     let x = var(&[2, 3, 5], 51);
     let r = randn(&[2, 3, 4], 52);
     let mut g = Grads::default();
-    let (_, s) = l.forward(&x).unwrap();
+    let (_, s) = l.forward_train(&x).unwrap();
     l.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&l.fwd(&x).unwrap(), &r);
+    let loss = || dot(&l.forward(&x).unwrap(), &r);
     check("linear weight", &w, &g, &loss);
     check("linear bias", &b, &g, &loss);
     // Conv2d, stride 2
     let mut c = conv(&weights(53).pp("c"), 3, 4, 3, 2, 1).unwrap();
     let (w, b) = (vars(&mut c.weight), vars(c.bias.as_mut().unwrap()));
     let x = var(&[2, 3, 6, 6], 54);
-    let (y, s) = c.forward(&x).unwrap();
+    let (y, s) = c.forward_train(&x).unwrap();
     let r = randn(y.dims(), 55);
     let mut g = Grads::default();
     c.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&c.fwd(&x).unwrap(), &r);
+    let loss = || dot(&c.forward(&x).unwrap(), &r);
     check("conv weight", &w, &g, &loss);
     check("conv bias", &b, &g, &loss);
     // GroupNorm (+SiLU) and LayerNorm affine parameters
@@ -307,9 +307,9 @@ fn base_weight_gradients_when_weights_are_variables() {
     let x = var(&[2, 6, 3, 3], 57);
     let r = randn(&[2, 6, 3, 3], 58);
     let mut g = Grads::default();
-    let (_, s) = n.forward(&x, true).unwrap();
+    let (_, s) = n.forward_train(&x, true).unwrap();
     n.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&n.forward(&x, true).unwrap().0, &r);
+    let loss = || dot(&n.forward_train(&x, true).unwrap().0, &r);
     check("group_norm weight", &w, &g, &loss);
     check("group_norm bias", &b, &g, &loss);
     let mut n = layer_norm(&weights(59).pp("n"), 7, 1e-5).unwrap();
@@ -317,9 +317,9 @@ fn base_weight_gradients_when_weights_are_variables() {
     let x = var(&[2, 3, 7], 60);
     let r = randn(&[2, 3, 7], 61);
     let mut g = Grads::default();
-    let (_, s) = n.forward(&x).unwrap();
+    let (_, s) = n.forward_train(&x).unwrap();
     n.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&n.fwd(&x).unwrap(), &r);
+    let loss = || dot(&n.forward(&x).unwrap(), &r);
     check("layer_norm weight", &w, &g, &loss);
     check("layer_norm bias", &b, &g, &loss);
 }
@@ -355,27 +355,27 @@ fn lora_dropout_backward() {
     let infos = attach(&mut l, "", &|_, _| true, &spec, 0, &CPU).unwrap();
     let x = var(&[2, 3, 6], 81);
     let r = randn(&[2, 3, 5], 82);
-    let (_, s) = l.forward(&x).unwrap();
+    let (_, s) = l.forward_train(&x).unwrap();
     let mut g = Grads::default();
     let dx = l.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&l.fwd(&x).unwrap(), &r);
+    let loss = || dot(&l.forward(&x).unwrap(), &r);
     fd_check("linear+dropout dx", &x, &dx, &loss, 20);
     check_adapters(&infos, &g, &loss);
     let mut c = conv(&weights(83).pp("c"), 3, 4, 3, 2, 1).unwrap();
     let infos = attach(&mut c, "", &|_, _| true, &spec, 0, &CPU).unwrap();
     let x = var(&[2, 3, 6, 6], 84);
-    let (y, s) = c.forward(&x).unwrap();
+    let (y, s) = c.forward_train(&x).unwrap();
     let r = randn(y.dims(), 85);
     let mut g = Grads::default();
     let dx = c.backward(s, &r, &mut g).unwrap();
-    let loss = || dot(&c.fwd(&x).unwrap(), &r);
+    let loss = || dot(&c.forward(&x).unwrap(), &r);
     fd_check("conv+dropout dx", &x, &dx, &loss, 20);
     check_adapters(&infos, &g, &loss);
     // with no step seed (inference) dropout is off: the output is deterministic and unmasked
     switch.set_dropout_seed(u64::MAX);
-    let a = c.fwd(&x).unwrap();
+    let a = c.forward(&x).unwrap();
     switch.set_dropout_seed(99);
-    let b = c.fwd(&x).unwrap();
+    let b = c.forward(&x).unwrap();
     assert!(dot(&(&a - &b).unwrap(), &(&a - &b).unwrap()) > 1e-12, "a step seed turns dropout on");
 }
 
@@ -396,17 +396,17 @@ fn switched_off_adapters_leave_the_base_layer() {
         let d = (a - b).unwrap();
         dot(&d, &d)
     };
-    assert!(diff(&l.fwd(&x).unwrap(), &base.fwd(&x).unwrap()) > 1e-6, "adapters on");
+    assert!(diff(&l.forward(&x).unwrap(), &base.forward(&x).unwrap()) > 1e-6, "adapters on");
     switch.set_off(true);
-    assert_eq!(diff(&l.fwd(&x).unwrap(), &base.fwd(&x).unwrap()), 0.0);
-    assert_eq!(diff(&c.fwd(&xc).unwrap(), &c0.fwd(&xc).unwrap()), 0.0);
+    assert_eq!(diff(&l.forward(&x).unwrap(), &base.forward(&x).unwrap()), 0.0);
+    assert_eq!(diff(&c.forward(&xc).unwrap(), &c0.forward(&xc).unwrap()), 0.0);
     let mut g = Grads::default();
-    let (y, s) = c.forward(&xc).unwrap();
+    let (y, s) = c.forward_train(&xc).unwrap();
     let dx = c.backward(s, &randn(y.dims(), 94), &mut g).unwrap();
     assert_eq!(dx.dims(), xc.dims());
     assert!(g.get(1).is_none(), "no gradient for a switched-off adapter");
     switch.set_off(false);
-    assert!(diff(&c.fwd(&xc).unwrap(), &c0.fwd(&xc).unwrap()) > 1e-6, "adapters back on");
+    assert!(diff(&c.forward(&xc).unwrap(), &c0.forward(&xc).unwrap()) > 1e-6, "adapters back on");
 }
 
 /// The CPU f32 convolution builds its own im2col (`layers::conv::conv2d`): its output, the input

@@ -11,6 +11,7 @@ mod hub;
 mod layering;
 mod parity;
 mod schedulers;
+mod settings;
 mod toolbox;
 mod train_e2e;
 mod train_embedding;

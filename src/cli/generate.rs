@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Base model: a diffusers folder, a .safetensors/.ckpt single file, or a Hugging Face id
-    /// (org/name[@revision]) already in the local HF cache.
+    /// (org/name[@revision]), read from the local HF cache and downloaded into it when missing
+    /// (not with HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub model: String,
     /// A LoRA to apply, as FILE or FILE:STRENGTH (strength defaults to 1). Repeat for several.

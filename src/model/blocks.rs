@@ -52,20 +52,20 @@ impl ResnetBlock2D {
     }
 
     /// `temb` is silu(time embedding) [B, T], shared by all blocks.
-    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, ResnetSaved)> {
-        let (h, norm1) = self.norm1.forward(x, true)?;
-        let (mut h, conv1) = self.conv1.forward(&h)?;
+    pub fn forward_train(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<(Tensor, ResnetSaved)> {
+        let (h, norm1) = self.norm1.forward_train(x, true)?;
+        let (mut h, conv1) = self.conv1.forward_train(&h)?;
         let mut temb_saved = None;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let (t, s) = proj.forward(t)?;
+            let (t, s) = proj.forward_train(t)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
             temb_saved = Some(s);
         }
-        let (h, norm2) = self.norm2.forward(&h, true)?;
-        let (h, conv2) = self.conv2.forward(&h)?;
+        let (h, norm2) = self.norm2.forward_train(&h, true)?;
+        let (h, conv2) = self.conv2.forward_train(&h)?;
         let (sc, shortcut) = match &self.conv_shortcut {
             Some(c) => {
-                let (y, s) = c.forward(x)?;
+                let (y, s) = c.forward_train(x)?;
                 (y, Some(s))
             }
             None => (x.clone(), None),
@@ -154,19 +154,19 @@ impl BasicTransformerBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<(Tensor, TransformerBlockSaved)> {
-        let (h, n1) = self.norm1.forward(x)?;
-        let (h, a1) = self.attn1.forward(&h, None)?;
+    pub fn forward_train(&self, x: &Tensor, ctx: &Tensor) -> Result<(Tensor, TransformerBlockSaved)> {
+        let (h, n1) = self.norm1.forward_train(x)?;
+        let (h, a1) = self.attn1.forward_train(&h, None)?;
         let x = (x + h)?;
-        let (h, n2) = self.norm2.forward(&x)?;
-        let (h, a2) = self.attn2.forward(&h, Some(ctx))?;
+        let (h, n2) = self.norm2.forward_train(&x)?;
+        let (h, a2) = self.attn2.forward_train(&h, Some(ctx))?;
         let x = (x + h)?;
-        let (h, n3) = self.norm3.forward(&x)?;
-        let (h, proj) = self.ff_proj.forward(&h)?;
+        let (h, n3) = self.norm3.forward_train(&x)?;
+        let (h, proj) = self.ff_proj.forward_train(&h)?;
         let chunks = h.chunk(2, D::Minus1)?;
         let (hidden, gate) = (chunks[0].contiguous()?, chunks[1].contiguous()?);
         let h = (&hidden * gate.gelu_erf()?)?;
-        let (h, out) = self.ff_out.forward(&h)?;
+        let (h, out) = self.ff_out.forward_train(&h)?;
         let saved = TransformerBlockSaved { n1, a1, n2, a2, n3, proj, hidden, gate, out };
         Ok(((x + h)?, saved))
     }
@@ -270,32 +270,32 @@ impl Transformer2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<(Tensor, Transformer2DSaved)> {
+    pub fn forward_train(&self, x: &Tensor, ctx: &Tensor) -> Result<(Tensor, Transformer2DSaved)> {
         let (_, _, hh, ww) = x.dims4()?;
-        let (h, norm) = self.norm.forward(x, false)?;
+        let (h, norm) = self.norm.forward_train(x, false)?;
         let (mut h, proj_in) = match &self.proj_in {
             Proj::Conv(c) => {
-                let (y, s) = c.forward(&h)?;
+                let (y, s) = c.forward_train(&h)?;
                 (to_tokens(&y)?, ProjSaved::Conv(s))
             }
             Proj::Linear(l) => {
-                let (y, s) = l.forward(&to_tokens(&h)?)?;
+                let (y, s) = l.forward_train(&to_tokens(&h)?)?;
                 (y, ProjSaved::Linear(s))
             }
         };
         let mut blocks = Vec::with_capacity(self.transformer_blocks.len());
         for b in &self.transformer_blocks {
-            let (y, s) = b.forward(&h, ctx)?;
+            let (y, s) = b.forward_train(&h, ctx)?;
             h = y;
             blocks.push(s);
         }
         let (h, proj_out) = match &self.proj_out {
             Proj::Conv(c) => {
-                let (y, s) = c.forward(&to_image(&h, hh, ww)?)?;
+                let (y, s) = c.forward_train(&to_image(&h, hh, ww)?)?;
                 (y, ProjSaved::Conv(s))
             }
             Proj::Linear(l) => {
-                let (y, s) = l.forward(&h)?;
+                let (y, s) = l.forward_train(&h)?;
                 (to_image(&y, hh, ww)?, ProjSaved::Linear(s))
             }
         };
@@ -355,8 +355,8 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Conv2dSaved)> {
-        self.conv.forward(&upsample_nearest2x(x)?)
+    pub fn forward_train(&self, x: &Tensor) -> Result<(Tensor, Conv2dSaved)> {
+        self.conv.forward_train(&upsample_nearest2x(x)?)
     }
 
     pub fn backward(&self, s: Conv2dSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {

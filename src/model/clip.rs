@@ -63,14 +63,14 @@ pub struct ClipSaved {
 }
 
 impl ClipLayer {
-    fn forward(&self, x: &Tensor) -> Result<(Tensor, LayerSaved)> {
-        let (h, n1) = self.layer_norm1.forward(x)?;
-        let (h, attn) = self.self_attn.forward(&h, None)?;
+    fn forward_train(&self, x: &Tensor) -> Result<(Tensor, LayerSaved)> {
+        let (h, n1) = self.layer_norm1.forward_train(x)?;
+        let (h, attn) = self.self_attn.forward_train(&h, None)?;
         let x = (x + h)?;
-        let (h, n2) = self.layer_norm2.forward(&x)?;
-        let (pre, fc1) = self.fc1.forward(&h)?;
+        let (h, n2) = self.layer_norm2.forward_train(&x)?;
+        let (pre, fc1) = self.fc1.forward_train(&h)?;
         let act = if self.quick { quick_gelu(&pre)? } else { pre.gelu_erf()? };
-        let (h, fc2) = self.fc2.forward(&act)?;
+        let (h, fc2) = self.fc2.forward_train(&act)?;
         Ok(((x + h)?, LayerSaved { n1, attn, n2, fc1, pre, fc2 }))
     }
 
@@ -182,14 +182,14 @@ impl ClipTextModel {
         let mut layers = Vec::with_capacity(self.layers.len());
         let mut penultimate = h.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (y, s) = layer.forward(&h)?;
+            let (y, s) = layer.forward_train(&h)?;
             h = y;
             layers.push(s);
             if i + 2 == self.layers.len() {
                 penultimate = h.clone();
             }
         }
-        let (last, final_ln) = self.final_layer_norm.forward(&h)?;
+        let (last, final_ln) = self.final_layer_norm.forward_train(&h)?;
         let pos = self.pool_positions(ids)?;
         let mut mask = vec![0f32; b * l];
         for (r, &p) in pos.iter().enumerate() {
@@ -199,7 +199,7 @@ impl ClipTextModel {
         let pooled = last.broadcast_mul(&pool_mask)?.sum(1)?;
         let (pooled, proj) = match &self.text_projection {
             Some(p) => {
-                let (y, s) = p.forward(&pooled)?;
+                let (y, s) = p.forward_train(&pooled)?;
                 (y, Some(s))
             }
             None => (pooled, None),

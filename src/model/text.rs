@@ -73,7 +73,7 @@ impl PromptEncoder {
             return Ok(Conditioning { context: ctx, pooled: Some(outs[1].pooled.clone()) });
         }
         let ctx = if self.clip_skip >= 2 {
-            encoders[0].final_layer_norm.fwd(&outs[0].penultimate)?
+            encoders[0].final_layer_norm.forward(&outs[0].penultimate)?
         } else {
             outs[0].last_hidden_state.clone()
         };
@@ -197,7 +197,7 @@ impl PromptEncoder {
             // d through the final LayerNorm applied to the penultimate state: recompute it
             let e = &encoders[0];
             let pen = s.penultimate().clone();
-            let (_, ln) = e.final_layer_norm.forward(&pen)?;
+            let (_, ln) = e.final_layer_norm.forward_train(&pen)?;
             ClipOutputGrads {
                 penultimate: Some(e.final_layer_norm.backward(ln, d_context, g)?),
                 ..Default::default()

@@ -103,9 +103,9 @@ impl Mlp {
             linear_2: linear(&w.pp("linear_2"), h, h, true)?,
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<(Tensor, MlpSaved)> {
-        let (pre, l1) = self.linear_1.forward(x)?;
-        let (y, l2) = self.linear_2.forward(&pre.silu()?)?;
+    fn forward_train(&self, x: &Tensor) -> Result<(Tensor, MlpSaved)> {
+        let (pre, l1) = self.linear_1.forward_train(x)?;
+        let (y, l2) = self.linear_2.forward_train(&pre.silu()?)?;
         Ok((y, MlpSaved { l1, pre, l2 }))
     }
     fn backward(&self, s: MlpSaved, dy: &Tensor, g: &mut Grads) -> Result<Tensor> {
@@ -172,10 +172,10 @@ fn layer_forward(
     temb: &Tensor,
     ctx: &Tensor,
 ) -> Result<(Tensor, LayerSaved)> {
-    let (h, rs) = r.forward(x, Some(temb))?;
+    let (h, rs) = r.forward_train(x, Some(temb))?;
     match a {
         Some(a) => {
-            let (h, s) = a.forward(&h, ctx)?;
+            let (h, s) = a.forward_train(&h, ctx)?;
             Ok((h, (rs, Some(s))))
         }
         None => Ok((h, (rs, None))),
@@ -184,7 +184,12 @@ fn layer_forward(
 
 impl DownBlock {
     /// Returns (h, outputs pushed as skip connections, saved).
-    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<(Tensor, Vec<Tensor>, DownSaved)> {
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>, DownSaved)> {
         let mut h = x.clone();
         let (mut skips, mut layers) = (vec![], vec![]);
         for (i, r) in self.resnets.iter().enumerate() {
@@ -195,7 +200,7 @@ impl DownBlock {
         }
         let mut down = None;
         if let Some(c) = &self.downsampler {
-            let (y, s) = c.forward(&h)?;
+            let (y, s) = c.forward_train(&h)?;
             h = y;
             skips.push(h.clone());
             down = Some(s);
@@ -229,7 +234,7 @@ impl DownBlock {
 }
 
 impl UpBlock {
-    fn forward(
+    fn forward_train(
         &self,
         x: &Tensor,
         skips: &mut Vec<Tensor>,
@@ -247,7 +252,7 @@ impl UpBlock {
         }
         let mut up = None;
         if let Some(u) = &self.upsampler {
-            let (y, s) = u.forward(&h)?;
+            let (y, s) = u.forward_train(&h)?;
             h = y;
             up = Some(s);
         }
@@ -280,7 +285,7 @@ impl UpBlock {
 }
 
 impl MidBlock {
-    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<(Tensor, Vec<LayerSaved>)> {
+    fn forward_train(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<(Tensor, Vec<LayerSaved>)> {
         let (h, s0) = layer_forward(&self.resnets[0], Some(&self.attention), x, temb, ctx)?;
         let (h, s1) = layer_forward(&self.resnets[1], None, &h, temb, ctx)?;
         Ok((h, vec![s0, s1]))
@@ -416,7 +421,7 @@ impl UNet2DConditionModel {
         let acc = super::layers::acc(dt);
         let t =
             timestep_embedding(inp.timestep, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, acc)?;
-        let (mut emb, time) = self.time_embedding.forward(&t.to_dtype(dt)?)?;
+        let (mut emb, time) = self.time_embedding.forward_train(&t.to_dtype(dt)?)?;
         let mut add = None;
         if let Some(mlp) = &self.add_embedding {
             let missing = || candle_core::Error::Msg("SDXL U-Net needs text_embeds and time_ids".into());
@@ -427,7 +432,7 @@ impl UNet2DConditionModel {
             let tid = timestep_embedding(&ids.flatten_all()?, dim, c.flip_sin_to_cos, c.freq_shift, acc)?
                 .reshape((b, ()))?;
             let x = Tensor::cat(&[&text.to_dtype(dt)?, &tid.to_dtype(dt)?], 1)?;
-            let (aug, s) = mlp.forward(&x)?;
+            let (aug, s) = mlp.forward_train(&x)?;
             emb = (emb + aug)?;
             add = Some((s, text.dim(1)?));
         }
@@ -448,19 +453,19 @@ impl UNet2DConditionModel {
     fn run(&self, inp: &UNetInput, ck: bool) -> Result<(Tensor, UNetSaved)> {
         let (temb, emb) = self.embed(inp)?;
         let ctx = inp.encoder_hidden_states.to_dtype(temb.dtype())?;
-        let (mut h, conv_in) = self.conv_in.forward(&inp.sample.to_dtype(temb.dtype())?)?;
+        let (mut h, conv_in) = self.conv_in.forward_train(&inp.sample.to_dtype(temb.dtype())?)?;
         let mut skips = vec![h.clone()];
         let mut down = vec![];
         for b in &self.down_blocks {
             let input = h.clone();
-            let (y, s, saved) = b.forward(&h, &temb, &ctx)?;
+            let (y, s, saved) = b.forward_train(&h, &temb, &ctx)?;
             let pos = skips.len();
             skips.extend(s);
             h = y;
             down.push((if ck { Kept::Inputs(input, vec![]) } else { Kept::Full(saved) }, pos));
         }
         let input = h.clone();
-        let (y, saved) = self.mid_block.forward(&h, &temb, &ctx)?;
+        let (y, saved) = self.mid_block.forward_train(&h, &temb, &ctx)?;
         h = y;
         let mid = if ck { Kept::Inputs(input, vec![]) } else { Kept::Full(saved) };
         let mut up = vec![];
@@ -468,12 +473,12 @@ impl UNet2DConditionModel {
             let pos = skips.len();
             let used = skips[pos - b.resnets.len()..].to_vec();
             let input = h.clone();
-            let (y, saved) = b.forward(&h, &mut skips, &temb, &ctx)?;
+            let (y, saved) = b.forward_train(&h, &mut skips, &temb, &ctx)?;
             h = y;
             up.push((if ck { Kept::Inputs(input, used) } else { Kept::Full(saved) }, pos));
         }
-        let (h, norm_out) = self.conv_norm_out.forward(&h, true)?;
-        let (out, conv_out) = self.conv_out.forward(&h)?;
+        let (h, norm_out) = self.conv_norm_out.forward_train(&h, true)?;
+        let (out, conv_out) = self.conv_out.forward_train(&h)?;
         let saved = UNetSaved { emb, temb, ctx, conv_in, down, mid, up, norm_out, conv_out };
         Ok((out, saved))
     }
@@ -489,7 +494,7 @@ impl UNet2DConditionModel {
         for (b, (kept, pos)) in self.up_blocks.iter().zip(s.up).rev() {
             let saved = match kept {
                 Kept::Full(x) => x,
-                Kept::Inputs(x, mut used) => b.forward(&x, &mut used, temb, ctx)?.1,
+                Kept::Inputs(x, mut used) => b.forward_train(&x, &mut used, temb, ctx)?.1,
             };
             let (dx, ds) = b.backward(saved, &d, &mut dtemb, &mut dctx, g)?;
             // popped from the end: the k-th popped skip sat at position pos-1-k
@@ -500,13 +505,13 @@ impl UNet2DConditionModel {
         }
         let saved = match s.mid {
             Kept::Full(x) => x,
-            Kept::Inputs(x, _) => self.mid_block.forward(&x, temb, ctx)?.1,
+            Kept::Inputs(x, _) => self.mid_block.forward_train(&x, temb, ctx)?.1,
         };
         d = self.mid_block.backward(saved, &d, &mut dtemb, &mut dctx, g)?;
         for (b, (kept, pos)) in self.down_blocks.iter().zip(s.down).rev() {
             let saved = match kept {
                 Kept::Full(x) => x,
-                Kept::Inputs(x, _) => b.forward(&x, temb, ctx)?.2,
+                Kept::Inputs(x, _) => b.forward_train(&x, temb, ctx)?.2,
             };
             let n = b.resnets.len() + b.downsampler.is_some() as usize;
             let mut ds: Vec<Tensor> =

@@ -98,18 +98,18 @@ pub struct DecoderSaved {
 
 impl VaeMid {
     /// resnet, attention over all positions, resnet; `keep` as for `AutoencoderKL::encode_run`.
-    fn forward(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<MidSaved>)> {
-        let (h, r0) = self.resnets[0].forward(x, None)?;
+    fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<MidSaved>)> {
+        let (h, r0) = self.resnets[0].forward_train(x, None)?;
         let r0 = keep.then_some(r0);
         let shape = h.dims4()?;
         let (b, c, hh, ww) = shape;
-        let (t, norm) = self.attn_norm.forward(&h, false)?;
+        let (t, norm) = self.attn_norm.forward_train(&h, false)?;
         let norm = keep.then_some(norm);
         let (t, attn) =
-            self.attn.forward(&t.reshape((b, c, hh * ww))?.transpose(1, 2)?.contiguous()?, None)?;
+            self.attn.forward_train(&t.reshape((b, c, hh * ww))?.transpose(1, 2)?.contiguous()?, None)?;
         let attn = keep.then_some(attn);
         let t = t.transpose(1, 2)?.reshape((b, c, hh, ww))?;
-        let (y, r1) = self.resnets[1].forward(&(t + h)?, None)?;
+        let (y, r1) = self.resnets[1].forward_train(&(t + h)?, None)?;
         let saved = match (r0, norm, attn) {
             (Some(r0), Some(norm), Some(attn)) => Some(MidSaved { r0, norm, attn, r1, shape }),
             _ => None,
@@ -132,7 +132,7 @@ impl VaeMid {
 fn resnets_forward(rs: &[ResnetBlock2D], mut h: Tensor, keep: bool) -> Result<(Tensor, Vec<ResnetSaved>)> {
     let mut saved = vec![];
     for r in rs {
-        let (y, s) = r.forward(&h, None)?;
+        let (y, s) = r.forward_train(&h, None)?;
         h = y;
         if keep {
             saved.push(s);
@@ -252,7 +252,7 @@ impl AutoencoderKL {
     /// saved state is dropped as soon as the layer is done, so inference holds one layer's.
     fn encode_run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<EncoderSaved>)> {
         let e = &self.encoder;
-        let (mut h, conv_in) = e.conv_in.forward(&x.to_dtype(e.conv_in.weight.dtype())?)?;
+        let (mut h, conv_in) = e.conv_in.forward_train(&x.to_dtype(e.conv_in.weight.dtype())?)?;
         let mut blocks = vec![];
         for (rs, down) in &e.down_blocks {
             let (y, saved) = resnets_forward(rs, h, keep)?;
@@ -261,7 +261,7 @@ impl AutoencoderKL {
             if let Some(d) = down {
                 // diffusers pads right/bottom by one, then convolves without padding
                 let (_, _, hh, ww) = h.dims4()?;
-                let (y, s) = d.forward(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
+                let (y, s) = d.forward_train(&h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)?;
                 h = y;
                 ds = Some((s, (hh, ww)));
             }
@@ -269,13 +269,13 @@ impl AutoencoderKL {
                 blocks.push((saved, ds));
             }
         }
-        let (h, mid) = e.mid_block.forward(&h, keep)?;
-        let (h, norm_out) = e.conv_norm_out.forward(&h, true)?;
+        let (h, mid) = e.mid_block.run(&h, keep)?;
+        let (h, norm_out) = e.conv_norm_out.forward_train(&h, true)?;
         let norm_out = keep.then_some(norm_out);
-        let (mut h, conv_out) = e.conv_out.forward(&h)?;
+        let (mut h, conv_out) = e.conv_out.forward_train(&h)?;
         let mut quant = None;
         if let Some(q) = &self.quant_conv {
-            let (y, s) = q.forward(&h)?;
+            let (y, s) = q.forward_train(&h)?;
             h = y;
             quant = Some(s);
         }
@@ -294,19 +294,19 @@ impl AutoencoderKL {
         let mut z = z.to_dtype(dd.conv_in.weight.dtype())?;
         let mut post_quant = None;
         if let Some(p) = &self.post_quant_conv {
-            let (y, s) = p.forward(&z)?;
+            let (y, s) = p.forward_train(&z)?;
             z = y;
             post_quant = Some(s);
         }
-        let (h, conv_in) = dd.conv_in.forward(&z)?;
-        let (mut h, mid) = dd.mid_block.forward(&h, keep)?;
+        let (h, conv_in) = dd.conv_in.forward_train(&z)?;
+        let (mut h, mid) = dd.mid_block.run(&h, keep)?;
         let mut blocks = vec![];
         for (rs, up) in &dd.up_blocks {
             let (y, saved) = resnets_forward(rs, h, keep)?;
             h = y;
             let mut us = None;
             if let Some(u) = up {
-                let (y, s) = u.forward(&h)?;
+                let (y, s) = u.forward_train(&h)?;
                 h = y;
                 us = Some(s);
             }
@@ -314,9 +314,9 @@ impl AutoencoderKL {
                 blocks.push((saved, us));
             }
         }
-        let (h, norm_out) = dd.conv_norm_out.forward(&h, true)?;
+        let (h, norm_out) = dd.conv_norm_out.forward_train(&h, true)?;
         let norm_out = keep.then_some(norm_out);
-        let (y, conv_out) = dd.conv_out.forward(&h)?;
+        let (y, conv_out) = dd.conv_out.forward_train(&h)?;
         let saved = match (keep, mid, norm_out) {
             (true, Some(mid), Some(norm_out)) => {
                 Some(DecoderSaved { post_quant, conv_in, mid, blocks, norm_out, conv_out })

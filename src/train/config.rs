@@ -14,7 +14,8 @@ use std::path::PathBuf;
 #[derive(Args, Debug, Default, Serialize)]
 pub struct TrainArgs {
     /// Base model: a diffusers folder, a .safetensors/.ckpt single file, or a Hugging Face id
-    /// (org/name[@revision]) already in the local HF cache.
+    /// (org/name[@revision]), read from the local HF cache and downloaded into it when missing
+    /// (not with HF_HUB_OFFLINE=1).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,

@@ -72,7 +72,7 @@ pub fn add_adapters(
     let mut saved = Vec::with_capacity(adapters.len());
     // a switched-off adapter (a base prediction) adds nothing and saves nothing
     for a in adapters.iter().filter(|a| !a.is_off()) {
-        let (delta, s) = a.forward(op, &xa)?;
+        let (delta, s) = a.forward_train(op, &xa)?;
         let dt = y.dtype();
         y = (y + delta.to_dtype(dt)?)?;
         saved.push(s);
@@ -161,7 +161,7 @@ impl SwitchState {
 
 impl Lora {
     /// delta = scale · up(down(dropout(x))).
-    pub fn forward(&self, op: Op, x: &Tensor) -> Result<(Tensor, LoraSaved)> {
+    pub fn forward_train(&self, op: Op, x: &Tensor) -> Result<(Tensor, LoraSaved)> {
         let mask = self.dropout_mask(x.dims(), x)?;
         let xd = match &mask {
             Some(m) => (x * m)?,

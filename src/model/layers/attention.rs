@@ -47,16 +47,16 @@ fn causal_mask(l: usize, s: usize, x: &Tensor) -> Result<Tensor> {
 }
 
 impl Attention {
-    pub fn fwd(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        Ok(self.forward(x, context)?.0)
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward_train(x, context)?.0)
     }
 
     /// x [B, L, C]; context [B, S, C_ctx] for cross-attention.
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, AttentionSaved)> {
+    pub fn forward_train(&self, x: &Tensor, context: Option<&Tensor>) -> Result<(Tensor, AttentionSaved)> {
         let ctx = context.unwrap_or(x);
-        let (q, sq) = self.to_q.forward(x)?;
-        let (k, sk) = self.to_k.forward(ctx)?;
-        let (v, sv) = self.to_v.forward(ctx)?;
+        let (q, sq) = self.to_q.forward_train(x)?;
+        let (k, sk) = self.to_k.forward_train(ctx)?;
+        let (v, sv) = self.to_v.forward_train(ctx)?;
         let (q, k, v) =
             (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
         let scale = (q.dim(D::Minus1)? as f64).powf(-0.5);
@@ -71,7 +71,7 @@ impl Attention {
         // p stays in f32: the softmax backward's (dp − Σ dp·p) cancels, and f16 p costs 1 % there
         let p = softmax_last(&scores)?;
         let o = merge_heads(&p.to_dtype(q.dtype())?.matmul(&v)?)?;
-        let (y, so) = self.to_out.forward(&o)?;
+        let (y, so) = self.to_out.forward_train(&o)?;
         let saved = AttentionSaved { lin: [sq, sk, sv, so], q, k, v, p, cross: context.is_some() };
         Ok((y, saved))
     }

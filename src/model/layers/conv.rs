@@ -38,11 +38,11 @@ impl Conv2d {
         Op::Conv { stride: self.stride, padding: self.padding }
     }
 
-    pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(x)?.0)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_train(x)?.0)
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Conv2dSaved)> {
+    pub fn forward_train(&self, x: &Tensor) -> Result<(Tensor, Conv2dSaved)> {
         // detached: candle would otherwise record a graph for variable (trainable) tensors
         let mut y = conv2d(x, &self.weight.detach(), self.padding, self.stride)?;
         if let Some(b) = &self.bias {

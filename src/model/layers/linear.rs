@@ -30,11 +30,11 @@ impl Linear {
     }
 
     /// Inference forward.
-    pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(x)?.0)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_train(x)?.0)
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
+    pub fn forward_train(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
         // detached: candle would otherwise record a graph for variable (trainable) tensors
         let mut y = matmul_wt(x, &self.weight.detach())?;
         if let Some(b) = &self.bias {

@@ -1,9 +1,9 @@
 //! Layer types with explicit forward and backward.
 //!
-//! Every layer follows one shape: `forward(x) -> (y, Saved)` keeps exactly what `backward`
-//! needs, and `backward(saved, dy, grads) -> dx` returns the input gradient and accumulates
-//! gradients for adapter parameters only. Frozen weights never receive a gradient.
-//! Inference calls the same `forward` and drops `Saved` at once.
+//! Every layer, block and network follows one shape: `forward_train(x) -> (y, Saved)` keeps
+//! exactly what `backward` needs, and `backward(saved, dy, grads) -> dx` returns the input
+//! gradient and accumulates gradients for adapter parameters only. Frozen weights never receive
+//! a gradient. `forward(x) -> y` is inference: the same computation, keeping nothing.
 pub mod activation;
 pub mod adapter;
 pub mod attention;

@@ -57,12 +57,12 @@ impl GroupNorm {
         xhat.broadcast_mul(&w)?.broadcast_add(&b)
     }
 
-    pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(x, false)?.0)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_train(x, false)?.0)
     }
 
     /// GroupNorm over x [N, C, ...]; with `silu`, returns silu(groupnorm(x)).
-    pub fn forward(&self, x: &Tensor, silu: bool) -> Result<(Tensor, NormSaved)> {
+    pub fn forward_train(&self, x: &Tensor, silu: bool) -> Result<(Tensor, NormSaved)> {
         let n = x.dim(0)?;
         let xf = x.to_dtype(acc(x.dtype()))?.reshape((n, self.num_groups, ()))?;
         let (xhat, rstd) = normalize_rows(&xf, self.eps)?;
@@ -97,12 +97,12 @@ impl GroupNorm {
 }
 
 impl LayerNorm {
-    pub fn fwd(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(x)?.0)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_train(x)?.0)
     }
 
     /// LayerNorm over the last dimension.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, NormSaved)> {
+    pub fn forward_train(&self, x: &Tensor) -> Result<(Tensor, NormSaved)> {
         let f = acc(x.dtype());
         let (xhat, rstd) = normalize_rows(&x.to_dtype(f)?, self.eps)?;
         let mut y = xhat.broadcast_mul(&self.weight.detach().to_dtype(f)?)?;
