@@ -96,3 +96,22 @@ fn defaults_fill_the_rest_and_paths_stay_required() {
     let err = TrainConfig::resolve(&a).unwrap_err().to_string();
     assert!(err.contains("--output is required"), "{err}");
 }
+
+/// `demo --help` shows the demo's concept-independent defaults as `DemoOptions` holds them.
+#[test]
+fn demo_help_shows_the_defaults_of_demo_options() {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdlora")).args(["demo", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    let d = sdlora::demo::run::DemoOptions::new("x".into());
+    let defaults = d.flag_defaults();
+    assert!(defaults.len() >= 9);
+    for (id, shown) in defaults {
+        let flag = format!("--{} ", id.replace('_', "-"));
+        let start = help.find(&format!("\n      {flag}")).unwrap_or_else(|| panic!("{flag} missing"));
+        let entry = &help[start + 1..];
+        let entry = &entry[..entry[1..].find("\n      --").map_or(entry.len(), |i| i + 1)];
+        assert!(entry.contains(&format!("[default: {shown}]")), "{flag}: want [default: {shown}] in {entry}");
+    }
+    assert!(help.contains("[default: 8]") && help.contains("[default: full]"), "{help}");
+}

@@ -17,20 +17,21 @@ pub struct DemoArgs {
     /// [default: pink].
     #[arg(long)]
     pub concept: Option<String>,
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    /// Seed of the demo's images, training and samples; each seed scores its own samples.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// LoRA training steps [default: 600 for a colour, 1000 for a texture, 700 for a shape].
     #[arg(long)]
     pub steps: Option<usize>,
     /// LoRA batch size.
-    #[arg(long, default_value_t = 4)]
-    pub lora_batch: usize,
+    #[arg(long)]
+    pub lora_batch: Option<usize>,
     /// LoRA learning rate.
-    #[arg(long, default_value_t = 7e-4, allow_negative_numbers = true)]
-    pub lora_lr: f64,
+    #[arg(long, allow_negative_numbers = true)]
+    pub lora_lr: Option<f64>,
     /// Schedule of the LoRA's learning rates, as `train --lr-scheduler`.
-    #[arg(long, value_enum, default_value = "constant")]
-    pub lr_scheduler: crate::train::optim::LrSchedule,
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<crate::train::optim::LrSchedule>,
     /// Learning rate of the text encoder's LoRA; 0 leaves the text encoder alone [default: off for a
     /// colour, which trains its word's embedding instead (--init-word); 2e-3 otherwise].
     #[arg(long, allow_negative_numbers = true)]
@@ -45,11 +46,11 @@ pub struct DemoArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub embedding_lr: Option<f64>,
     /// LoRA rank (network dim)
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
+    #[arg(long)]
+    pub rank: Option<usize>,
     /// LoRA layers, as `train --targets`: attn, attn-mlp, or full (adds the ResNet convolutions, "LoCon")
-    #[arg(long, value_enum, default_value = "full")]
-    pub targets: crate::lora::targets::Preset,
+    #[arg(long, value_enum)]
+    pub targets: Option<crate::lora::targets::Preset>,
     /// Layers left out of the adapters, as `train --exclude-layers` (a regular expression on
     /// diffusers paths); "none" keeps every layer of --targets.
     #[arg(long, value_name = "REGEX", default_value = "none")]
@@ -58,12 +59,12 @@ pub struct DemoArgs {
     /// (`train --reg-data`); 0 trains on the concept's images alone. At most as many as the 20
     /// training images are drawn: training shows as many regularization images per epoch as
     /// training images (kohya's balance), so more would sit out.
-    #[arg(long, default_value_t = 20)]
-    pub reg: usize,
+    #[arg(long)]
+    pub reg: Option<usize>,
     /// What the regularization images' loss pulls towards, as `train --prior-preservation`:
     /// noise, or output (the base's own prediction).
-    #[arg(long, value_enum, default_value = "noise")]
-    pub prior_preservation: crate::train::config::Preservation,
+    #[arg(long, value_enum)]
+    pub prior_preservation: Option<crate::train::config::Preservation>,
     /// Weight of the regularization images' loss, as `train --prior-loss-weight` [default: 2 for a
     /// colour, 1 for checkered and shapes].
     #[arg(long, allow_negative_numbers = true)]
@@ -99,8 +100,8 @@ pub struct DemoArgs {
     /// Target prompts, and control prompts, that base and LoRA each draw after training. At 20
     /// one sample moves "learned" by 5 %; more samples narrow the 95 % interval the report gives
     /// (about ±20 points at 20 samples, ±10 at 80) and take longer to draw.
-    #[arg(long, default_value_t = 20)]
-    pub samples: usize,
+    #[arg(long)]
+    pub samples: Option<usize>,
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
@@ -125,14 +126,14 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let opts = crate::demo::run::DemoOptions {
         concept,
         steps: a.steps.unwrap_or(d.steps),
-        seed: a.seed,
-        lr: a.lora_lr,
-        lr_scheduler: a.lr_scheduler,
-        rank: a.rank,
-        targets: a.targets,
+        seed: a.seed.unwrap_or(d.seed),
+        lr: a.lora_lr.unwrap_or(d.lr),
+        lr_scheduler: a.lr_scheduler.unwrap_or(d.lr_scheduler),
+        rank: a.rank.unwrap_or(d.rank),
+        targets: a.targets.unwrap_or(d.targets),
         exclude_layers: (a.exclude_layers != "none").then(|| a.exclude_layers.clone()),
-        reg: a.reg,
-        prior_preservation: a.prior_preservation,
+        reg: a.reg.unwrap_or(d.reg),
+        prior_preservation: a.prior_preservation.unwrap_or(d.prior_preservation),
         prior_loss_weight: a.prior_loss_weight.unwrap_or(d.prior_loss_weight),
         dop_weight: a.dop_weight.map_or(d.dop_weight, |w| (w > 0.0).then_some(w)),
         dop_class: a.dop_class.clone(),
@@ -151,9 +152,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             }
             None => d.embedding.clone().map(|(w, l)| (w, a.embedding_lr.unwrap_or(l))),
         },
-        batch: a.lora_batch,
-        samples: a.samples,
-        controls: a.samples,
+        batch: a.lora_batch.unwrap_or(d.batch),
+        samples: a.samples.unwrap_or(d.samples),
+        controls: a.samples.unwrap_or(d.controls),
         ..d
     };
     let bar = ProgressBar::new(0);
@@ -183,11 +184,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         100.0 * k.checks,
         r.mean_pixel_distance
     );
-    let (lo, hi) = crate::util::interval95(r.learned, a.samples);
+    let (lo, hi) = crate::util::interval95(r.learned, opts.samples);
     eprintln!(
         "concept shown in {:.0} % of {} target samples (95 % interval {:.0}–{:.0} %); by the base in {:.0} % of them",
         100.0 * r.learned,
-        a.samples,
+        opts.samples,
         100.0 * lo,
         100.0 * hi,
         100.0 * r.learned_base
@@ -219,15 +220,15 @@ fn check_numbers(a: &DemoArgs) -> Result<()> {
         false => Err(anyhow::anyhow!("{name} {} must be 0 or more", v.unwrap_or_default())),
     };
     zero_or_more("--min-snr-gamma", a.min_snr_gamma)?;
-    if a.steps == Some(0) || a.lora_batch == 0 || a.rank == 0 || a.samples == 0 {
+    if [a.steps, a.lora_batch, a.rank, a.samples].contains(&Some(0)) {
         anyhow::bail!("--steps, --lora-batch, --rank and --samples must be at least 1");
     }
-    positive("--lora-lr", a.lora_lr)?;
+    a.lora_lr.map_or(Ok(()), |l| positive("--lora-lr", l))?;
     zero_or_more("--text-encoder-lr", a.text_encoder_lr)?;
     zero_or_more("--embedding-lr", a.embedding_lr)?;
     zero_or_more("--prior-loss-weight", a.prior_loss_weight)?;
     zero_or_more("--dop-weight", a.dop_weight)?;
-    if a.reg == 0 && a.prior_loss_weight.is_some() {
+    if a.reg == Some(0) && a.prior_loss_weight.is_some() {
         anyhow::bail!(
             "--prior-loss-weight weighs the regularization images: drop it, or leave --reg above 0"
         );

@@ -61,25 +61,43 @@ pub fn parse() -> Cli {
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
-/// The command-line definition, with `train`'s defaults written into its help from
-/// `TrainConfig::default()`, the one place they are set. A default that depends on the model or
-/// the device is None there and its help says it in words.
+/// The command-line definition, with the defaults of `train` and `demo` written into their help
+/// from `TrainConfig::default()` and `DemoOptions`, the one place each is set. A default that
+/// depends on the model, the device or the concept is not among them; its help says it in words.
 pub fn command() -> clap::Command {
-    let defaults = serde_json::to_value(crate::train::config::TrainConfig::default()).expect("plain data");
-    Cli::command().mut_subcommand("train", |mut train| {
-        let ids: Vec<String> = train.get_arguments().map(|a| a.get_id().to_string()).collect();
-        for id in ids {
-            let shown = match defaults.get(&id) {
-                None | Some(serde_json::Value::Null) => continue,
-                Some(serde_json::Value::String(s)) if s.is_empty() => continue,
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(v) => v.to_string(),
-            };
-            train = train.mut_arg(id, |a| {
+    let train = serde_json::to_value(crate::train::config::TrainConfig::default()).expect("plain data");
+    let train: Vec<(String, String)> = train
+        .as_object()
+        .expect("a struct")
+        .iter()
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) if s.is_empty() => None,
+            serde_json::Value::String(s) => Some((k.clone(), s.clone())),
+            v => Some((k.clone(), v.to_string())),
+        })
+        .collect();
+    let demo = crate::demo::run::DemoOptions::new(Default::default()).flag_defaults();
+    let demo = demo.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    with_defaults(with_defaults(Cli::command(), "train", train), "demo", demo)
+}
+
+/// `[default: …]` appended to the help of each of `sub`'s flags named in `defaults`.
+fn with_defaults(cmd: clap::Command, sub: &str, defaults: Vec<(String, String)>) -> clap::Command {
+    cmd.mut_subcommand(sub, |mut c| {
+        for (id, shown) in defaults {
+            if c.get_arguments().all(|a| a.get_id() != id.as_str()) {
+                continue;
+            }
+            c = c.mut_arg(id, |a| {
                 let with = |h: Option<&clap::builder::StyledStr>| {
                     let h = h.map(|h| h.to_string()).unwrap_or_default();
                     let h = h.trim_end().trim_end_matches('.');
-                    format!("{h} [default: {shown}]")
+                    if h.is_empty() {
+                        format!("[default: {shown}]")
+                    } else {
+                        format!("{h} [default: {shown}]")
+                    }
                 };
                 let (short, long) = (with(a.get_help()), a.get_long_help().map(|h| with(Some(h))));
                 let a = a.help(short);
@@ -89,7 +107,7 @@ pub fn command() -> clap::Command {
                 }
             });
         }
-        train
+        c
     })
 }
 

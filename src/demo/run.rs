@@ -62,6 +62,22 @@ pub struct DemoOptions {
 }
 
 impl DemoOptions {
+    /// `sdlora demo`'s flags whose default is the same for every concept, with that default
+    /// (shown by `demo --help`); the others depend on the concept and their help says how.
+    pub fn flag_defaults(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("seed", self.seed.to_string()),
+            ("lora_batch", self.batch.to_string()),
+            ("lora_lr", self.lr.to_string()),
+            ("lr_scheduler", crate::util::choice_name(&self.lr_scheduler)),
+            ("rank", self.rank.to_string()),
+            ("targets", self.targets.name()),
+            ("reg", self.reg.to_string()),
+            ("prior_preservation", self.prior_preservation.name()),
+            ("samples", self.samples.to_string()),
+        ]
+    }
+
     /// The defaults for the default concept.
     pub fn new(out: PathBuf) -> Self {
         Self::for_concept(out, super::base::CONCEPT)
