@@ -1,4 +1,11 @@
 fn main() {
+    // Rust ignores SIGPIPE, so a closed reader (`sdlora inspect x | head`) would make println!
+    // panic; the default action ends the process quietly, as Unix tools do
+    #[cfg(unix)]
+    // SAFETY: set before any thread starts; SIG_DFL is a valid handler for SIGPIPE
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // candle asks for its thread count on every CPU op and, unless RAYON_NUM_THREADS is set,
     // works it out by reading /proc/cpuinfo each time: measured at ~10 % of a training step.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {

@@ -254,3 +254,21 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     expect_error(&no_embedding, &["--embedding-lr", "--init-word WORD"]);
     assert!(!tmp.path().join("demo").exists(), "nothing written");
 }
+
+/// A reader that closes early (`sdlora inspect x | head`) ends the command quietly, as it ends
+/// Unix tools: no panic about a broken pipe.
+#[cfg(unix)]
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() {
+    let lora = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1/lora/lora_kohya.safetensors");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_sdlora"))
+        .args(["inspect", &lora.display().to_string()])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert!(err.trim().is_empty(), "{err}");
+}

@@ -161,3 +161,35 @@ fn f16_base_trains_and_captions_are_cached_on_disk() {
     .unwrap();
     assert_eq!(d, 0.0);
 }
+
+/// Buckets are multiples of what the model needs: here a VAE that shrinks 8× and a U-Net that
+/// halves once, so 16 px. A 3:4 photo at `--resolution 64` used to get 56×72 (8 px steps),
+/// whose 7×9 latent met its skip connection one cell off inside the U-Net.
+#[test]
+fn buckets_fit_the_models_downsampling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    let mut pc = sdlora::model::tiny::tiny_sd1();
+    pc.vae.block_out_channels = vec![8, 8, 8, 8];
+    sdlora::model::tiny::write_random_pipeline(&model, &pc, 7, candle_core::DType::F32).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..2u8 {
+        let img =
+            image::RgbImage::from_fn(96, 128, |x, y| image::Rgb([(x * 2) as u8, (y * 2) as u8, 40 * i]));
+        img.save(data.join(format!("p{i}.png"))).unwrap();
+        std::fs::write(data.join(format!("p{i}.txt")), "a photo").unwrap();
+    }
+    let mut a = args(&model, &data, &tmp.path().join("o.safetensors"));
+    (a.resolution, a.steps) = (Some(64), Some(1));
+    let cfg = TrainConfig::resolve(&a).unwrap();
+    let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+    for s in &run.samples {
+        assert!(s.bucket.0 % 16 == 0 && s.bucket.1 % 16 == 0, "bucket {:?}", s.bucket);
+    }
+    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    assert!(s.losses[0].is_finite());
+    // a resolution below one cell is refused with what the model needs
+    a.resolution = Some(8);
+    let err = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
+    assert!(err.contains("--resolution 8") && err.contains("16"), "{err}");
+}

@@ -21,6 +21,15 @@ pub fn buckets(resolution: u32, step: u32) -> Vec<Bucket> {
     out
 }
 
+/// The side every bucket is a multiple of, for a model whose latents are `vae_factor` times
+/// smaller than the image and whose U-Net halves them `unet_halvings` times: each U-Net level's
+/// feature map must halve exactly, or it meets its skip connection one cell off. At 256 px and
+/// above at least 64 (kohya's bucket step), below at least 8.
+pub fn bucket_step(resolution: u32, vae_factor: u32, unet_halvings: u32) -> u32 {
+    let cell = vae_factor << unet_halvings;
+    cell.max(if resolution >= 256 { 64 } else { 8 })
+}
+
 /// The bucket for an image of `size`: closest aspect ratio (in log space) among buckets that fit
 /// inside the image.
 pub fn assign(size: (u32, u32), resolution: u32, step: u32, path: &std::path::Path) -> Result<Bucket> {

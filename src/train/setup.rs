@@ -126,7 +126,15 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let mut sd = load(&cfg.model, &opts)?;
     cfg.timesteps(sd.scheduler.num_train_timesteps).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.model))?;
     let resolution = cfg.resolution.unwrap_or(default_resolution(sd.family));
-    let step = if resolution >= 256 { 64 } else { 8 };
+    let halvings = sd.unet.as_ref().map_or(0, |u| u.config.block_out_channels.len() - 1) as u32;
+    let vae_factor = crate::sample::pipeline::vae_scale_factor(sd.vae.as_ref().expect("loaded")) as u32;
+    let step = crate::data::buckets::bucket_step(resolution, vae_factor, halvings);
+    if resolution < step {
+        anyhow::bail!(
+            "--resolution {resolution}: this model needs image sides in multiples of {step} px (its VAE \
+             shrinks them {vae_factor}×, its U-Net halves them {halvings} times) — give at least {step}"
+        );
+    }
     let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| cfg.data.join(".sdlora-cache"));
     let vae = sd.vae.as_ref().expect("loaded with the VAE");
     let fingerprint = format!("{}|{:?}|{dtype:?}", sd.source, vae.config);
