@@ -1,4 +1,4 @@
-//! Small helpers shared by every writer.
+//! Small helpers every layer may use: atomic writes, a confidence interval, setting names.
 use anyhow::Context;
 use std::path::Path;
 
