@@ -14,6 +14,10 @@ fn main() {
     }
     let cli = sdlora::cli::parse();
     if let Err(e) = sdlora::cli::run(cli) {
+        if let Some(s) = e.downcast_ref::<sdlora::util::stop::Stopped>() {
+            eprintln!("{s}");
+            std::process::exit(sdlora::util::stop::EXIT_CODE);
+        }
         // one line, no backtrace: what went wrong, which file, what to do
         eprintln!("error: {e:#}");
         std::process::exit(1);

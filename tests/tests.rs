@@ -3,6 +3,7 @@
 mod backward_fd;
 mod cli_errors;
 mod common;
+mod crash_safety;
 mod data_and_formats;
 mod demo;
 mod full_size;

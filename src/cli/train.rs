@@ -48,14 +48,25 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     );
     let mut smooth = None::<f64>;
     let mut csv = String::from("step,loss\n");
-    let summary = trainer::train(run, &cfg, &mut |step, loss, ips| {
+    eprintln!("training — Ctrl-C stops after the current step and saves it");
+    let handler = crate::util::stop::Handler::install();
+    let result = trainer::train(run, &cfg, &mut |step, loss, ips| {
         let s = smooth.map(|s| 0.9 * s + 0.1 * loss).unwrap_or(loss);
         smooth = Some(s);
         csv.push_str(&format!("{step},{loss}\n"));
         bar.set_position(step as u64);
         bar.set_message(format!("loss {s:.4} {ips:.2} img/s"));
-    })?;
+    });
+    // from here on there is nothing a stop would have to save: Ctrl-C ends the process
+    drop(handler);
     bar.finish_and_clear();
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => match e.downcast::<trainer::Interrupted>() {
+            Ok(i) => return Err(stopped(&i, &csv).into()),
+            Err(e) => return Err(e),
+        },
+    };
     crate::util::write_atomic(&cfg.output.with_extension("loss.csv"), csv.as_bytes())?;
     let mut report = summary.report(format!(
         "sdlora train: {}",
@@ -131,11 +142,65 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// What a stopped run kept and the command that goes on from there.
+fn stopped(i: &trainer::Interrupted, csv: &str) -> crate::util::stop::Stopped {
+    let mut msg = format!("stopped at step {}", i.step);
+    if let Some(l) = &i.lora {
+        let csv_path = l.with_extension("loss.csv");
+        let _ = crate::util::write_atomic(&csv_path, csv.as_bytes());
+        msg +=
+            &format!(": wrote {} (the LoRA of this step), its state and {}", l.display(), csv_path.display());
+    }
+    match &i.state {
+        Some(s) => {
+            let args: Vec<String> = std::env::args().collect();
+            msg += &format!("\nto go on:\n  {}", resume_command(&args, s));
+        }
+        None => msg += " — nothing was trained yet, nothing saved",
+    }
+    crate::util::stop::Stopped(msg)
+}
+
+/// The command line `args` with `--resume STATE` instead of any `--resume` it had, quoted for a
+/// POSIX shell.
+pub fn resume_command(args: &[String], state: &std::path::Path) -> String {
+    let mut out: Vec<String> = vec![];
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match a.as_str() {
+            "--resume" => skip = true,
+            _ if a.starts_with("--resume=") => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out.extend(["--resume".to_string(), state.display().to_string()]);
+    out.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+}
+
+fn shell_quote(a: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./=:,+@%-".contains(c);
+    if !a.is_empty() && a.chars().all(plain) {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', r"'\''"))
+    }
+}
+
 /// Fails early, before hours of training, if the output cannot be written. A missing folder is
 /// created, as kohya's `--output_dir` is.
 fn check_output(out: &std::path::Path) -> Result<()> {
     if out.extension().is_none_or(|e| e != "safetensors") {
         anyhow::bail!("{}: the output must be a .safetensors file", out.display());
+    }
+    if out.is_dir() {
+        anyhow::bail!(
+            "{}: is a folder — give a file name inside it, e.g. {}",
+            out.display(),
+            out.join("lora.safetensors").display()
+        );
     }
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| {
@@ -146,5 +211,6 @@ fn check_output(out: &std::path::Path) -> Result<()> {
         anyhow::anyhow!("{}: cannot write there ({e}) — choose another --output", out.display())
     })?;
     let _ = std::fs::remove_file(probe);
+    crate::util::remove_stale_temps(dir);
     Ok(())
 }

@@ -1,4 +1,5 @@
 //! Images and captions → cached latents and per-step batches.
 pub mod buckets;
+pub mod cache;
 pub mod dataset;
 pub mod prepare;

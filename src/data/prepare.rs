@@ -7,7 +7,7 @@ use crate::model::vae::AutoencoderKL;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// One training image, ready: its latent (and the flipped one when flips are on).
 pub struct Sample {
@@ -55,18 +55,22 @@ pub struct Encoder<'a> {
 impl Encoder<'_> {
     /// Scaled latent of an image (cached).
     pub fn encode(&self, img: &image::RgbImage, key_extra: &str) -> Result<Tensor> {
+        // the pixels after resize, crop and flip stand for the image bytes, its size, crop and flip
         let mut h = Sha256::new();
         h.update(img.as_raw());
-        h.update(format!("{}x{}|{}|{}", img.width(), img.height(), self.fingerprint, key_extra).as_bytes());
-        let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        let path = self.cache_dir.as_ref().map(|d| d.join(format!("{key}.safetensors")));
+        let pixels: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let key =
+            format!("latent|{pixels}|{}x{}|{}|{key_extra}", img.width(), img.height(), self.fingerprint);
+        let path = self.cache_dir.as_ref().map(|d| super::cache::entry_path(d, "", &key));
+        let f = 1usize << self.vae.config.block_out_channels.len().saturating_sub(1);
+        let want = [self.vae.config.latent_channels, img.height() as usize / f, img.width() as usize / f];
         if let Some(p) = &path {
-            if let Ok(mut m) = candle_core::safetensors::load(p, &Device::Cpu) {
-                if let Some(t) = m.remove("latent") {
-                    let (h, e) = self.counts.get();
-                    self.counts.set((h + 1, e));
-                    return Ok(t);
-                }
+            let hit = super::cache::get(p, &key).and_then(|mut m| m.remove("latent"));
+            // a latent of the wrong shape cannot come from this image: treat it as damaged
+            if let Some(t) = hit.filter(|t| t.dims() == want) {
+                let (h, e) = self.counts.get();
+                self.counts.set((h + 1, e));
+                return Ok(t);
             }
         }
         let (h, e) = self.counts.get();
@@ -77,14 +81,7 @@ impl Encoder<'_> {
             .squeeze(0)?
             .to_device(&Device::Cpu)?;
         if let Some(p) = &path {
-            if std::fs::create_dir_all(p.parent().unwrap_or(Path::new("."))).is_ok() {
-                // a failed cache write only costs a re-encode next time
-                let _ = crate::model::weights::save_atomic(
-                    p,
-                    &[("latent".into(), z.clone())],
-                    &Default::default(),
-                );
-            }
+            super::cache::put(p, &key, &[("latent".into(), z.clone())]);
         }
         Ok(z)
     }

@@ -289,6 +289,7 @@ pub fn pretrain(
         scheduler: SchedulerConfig::default(),
         source: "demo".into(),
         lora_switch: crate::model::layers::adapter::switch(),
+        files: Default::default(),
     };
     let prompts = PromptEncoder::new(&sd, 1)?;
     let mut captions = captions(&world, cfg.texture_last);

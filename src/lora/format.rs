@@ -107,20 +107,29 @@ fn split_key(k: &str) -> Option<(String, &'static str, LoraFormat)> {
 type Parts = (Option<Tensor>, Option<Tensor>, Option<f64>);
 
 pub fn read(path: &Path) -> Result<LoraFile> {
-    crate::model::weights::check_safetensors(path)?;
     let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&data)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let metadata = meta.metadata().clone().unwrap_or_default();
-    let tensors = candle_core::safetensors::load_buffer(&data, &Device::Cpu)?;
+    parse(&data, &path.display().to_string())
+}
+
+/// A LoRA file's bytes: format detected, keys parsed, every module checked whole (down and up
+/// of agreeing rank, a one-value alpha, finite values). `file` names it in errors.
+pub fn parse(data: &[u8], file: &str) -> Result<LoraFile> {
+    let header = crate::model::header::check_bytes(data, file)?;
+    let metadata = header.metadata;
+    let tensors = candle_core::safetensors::load_buffer(data, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{file}: cannot read tensors: {e}"))?;
+    let mut names: Vec<&str> = header.tensors.iter().map(|e| e.name.as_str()).collect();
+    names.sort();
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut format = None;
     let mut unknown = vec![];
     let mut embeddings = vec![];
-    for name in st.names() {
+    for name in names {
         let t = &tensors[name];
+        let sum = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            bail!("{file}: tensor `{name}` holds NaN or infinite values — the LoRA is broken (a diverged run?); use an earlier checkpoint");
+        }
         if let Some((word, k)) = super::embedding::parse_key(name) {
             embeddings.push((word, k, t.to_dtype(DType::F32)?));
             continue;
@@ -132,7 +141,12 @@ pub fn read(path: &Path) -> Result<LoraFile> {
                 match role {
                     "down" => e.0 = Some(t.to_dtype(DType::F64)?),
                     "up" => e.1 = Some(t.to_dtype(DType::F64)?),
-                    _ => e.2 = Some(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0]),
+                    _ => match t.elem_count() {
+                        1 => e.2 = Some(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0]),
+                        n => {
+                            bail!("{file}: `{name}` holds {n} values, an alpha is one — the file is damaged")
+                        }
+                    },
                 }
             }
             None => unknown.push(name.to_string()),
@@ -141,23 +155,21 @@ pub fn read(path: &Path) -> Result<LoraFile> {
     if !unknown.is_empty() {
         unknown.sort();
         bail!(
-            "{}: {} tensors are not LoRA weights this tool understands (e.g. `{}`) — is this a LoRA file (LoHa/LoKr/DoRA are not supported)?",
-            path.display(),
+            "{file}: {} tensors are not LoRA weights this tool understands (e.g. `{}`) — is this a LoRA file (LoHa/LoKr/DoRA are not supported)?",
             unknown.len(),
             unknown[0]
         );
     }
-    let format = format.with_context(|| format!("{}: no LoRA tensors in this file", path.display()))?;
+    let format = format.with_context(|| format!("{file}: no LoRA tensors in this file"))?;
     let mut modules = BTreeMap::new();
     for (stem, (d, u, a)) in parts {
         match (d, u) {
             (Some(down), Some(up)) => {
+                check_pair(&down, &up)
+                    .map_err(|e| anyhow::anyhow!("{file}: module `{stem}`: {e} — the file is damaged"))?;
                 modules.insert(stem, LoraTensors { down, up, alpha: a });
             }
-            _ => bail!(
-                "{}: module `{stem}` lacks its down or up weight — the file is incomplete",
-                path.display()
-            ),
+            _ => bail!("{file}: module `{stem}` lacks its down or up weight — the file is incomplete"),
         }
     }
     // PEFT keeps one alpha for the whole adapter in the header.
@@ -177,6 +189,21 @@ pub fn read(path: &Path) -> Result<LoraFile> {
         }
     }
     Ok(LoraFile { format, modules, metadata, embeddings })
+}
+
+/// down [r, in] or [r, in, kh, kw], up [out, r] or [out, r, 1, 1], with r > 0.
+fn check_pair(down: &Tensor, up: &Tensor) -> Result<()> {
+    let (d, u) = (down.dims(), up.dims());
+    let ok = match (d.len(), u.len()) {
+        (2, 2) => d[0] == u[1],
+        (4, 4) => d[0] == u[1] && u[2] == 1 && u[3] == 1,
+        (4, 2) | (2, 4) => d[0] == u[1] && u[2..].iter().all(|&x| x == 1) && d[2..].iter().all(|&x| x == 1),
+        _ => false,
+    };
+    if !ok || d[0] == 0 || d.contains(&0) || u.contains(&0) {
+        bail!("down {d:?} and up {u:?} do not make a low-rank pair");
+    }
+    Ok(())
 }
 
 /// The component-qualified module paths a model offers adapters on: (component, path).

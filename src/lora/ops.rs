@@ -73,6 +73,7 @@ pub fn standard_targets(family: Family) -> Result<Targets> {
         scheduler: Default::default(),
         source: String::new(),
         lora_switch: crate::model::layers::adapter::switch(),
+        files: Default::default(),
     };
     Ok(model_targets(&mut sd))
 }

@@ -2,6 +2,7 @@
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod header;
 pub mod layers;
 pub mod load;
 pub mod text;

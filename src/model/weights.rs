@@ -152,44 +152,23 @@ fn show(paths: &[PathBuf]) -> String {
     paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// Reads the header and checks that every tensor lies inside the file, so a truncated download
-/// becomes one clear error instead of a failed mmap slice later.
+/// Reads the header and checks every tensor's entry (see `header`), so a truncated download or a
+/// hostile header becomes one clear error instead of a failed mmap slice later.
 pub fn check_safetensors(path: &Path) -> anyhow::Result<()> {
-    use std::io::Read;
-    let mut f =
-        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: cannot open: {e}", path.display()))?;
-    let len = f.metadata()?.len();
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|_| anyhow::anyhow!("{}: not a safetensors file (shorter than 8 bytes)", path.display()))?;
-    let n = u64::from_le_bytes(n);
-    if n > len.saturating_sub(8) || n > 100_000_000 {
-        anyhow::bail!(
-            "{}: not a safetensors file or truncated (header of {n} bytes in a {len}-byte file) — download it again",
-            path.display()
-        );
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)?;
-    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
-        anyhow::anyhow!("{}: corrupt safetensors header ({e}) — download it again", path.display())
-    })?;
-    let data_len = len - 8 - n;
-    if let Some(obj) = header.as_object() {
-        for (k, v) in obj {
-            if k == "__metadata__" {
-                continue;
-            }
-            let end = v["data_offsets"][1].as_u64().unwrap_or(u64::MAX);
-            if end > data_len {
-                anyhow::bail!(
-                    "{}: truncated: tensor `{k}` ends at byte {end} but the file holds {data_len} data bytes — download it again",
-                    path.display()
-                );
-            }
-        }
-    }
-    Ok(())
+    super::header::read(path).map(|_| ())
+}
+
+/// The `__metadata__` of a safetensors file (header checked).
+pub fn read_metadata(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    Ok(super::header::read(path)?.metadata)
+}
+
+/// All tensors of a safetensors file read whole into memory, header checked first.
+pub fn load_checked(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
+    let data = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    super::header::check_bytes(&data, &path.display().to_string())?;
+    candle_core::safetensors::load_buffer(&data, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read tensors: {e}", path.display()))
 }
 
 /// Deterministic per-name random init: norms near 1, biases small, matrices ~ N(0, 1/fan_in).
@@ -227,9 +206,18 @@ pub fn save_atomic(
     tensors: &[(String, Tensor)],
     metadata: &HashMap<String, String>,
 ) -> anyhow::Result<()> {
+    let out =
+        serialize(tensors, metadata).map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
+    crate::util::write_atomic(path, &out)
+}
+
+/// The bytes of a safetensors file, header keys sorted.
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
     let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let bytes = safetensors::serialize(views, None)
-        .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
+    let bytes = safetensors::serialize(views, None)?;
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
     let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n])?;
     if !metadata.is_empty() {
@@ -242,5 +230,5 @@ pub fn save_atomic(
     out.extend_from_slice(&(h.len() as u64).to_le_bytes());
     out.extend_from_slice(&h);
     out.extend_from_slice(&bytes[8 + n..]);
-    crate::util::write_atomic(path, &out)
+    Ok(out)
 }

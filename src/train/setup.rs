@@ -41,16 +41,13 @@ pub struct TextCache {
 }
 
 impl TextCache {
-    fn path(&self, caption: &str) -> std::path::PathBuf {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(format!("text|{}|{caption}", self.fingerprint).as_bytes());
-        let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        self.dir.join(format!("text-{key}.safetensors"))
+    fn key(&self, caption: &str) -> String {
+        format!("text|{}|{caption}", self.fingerprint)
     }
 
     pub fn get(&self, caption: &str, device: &Device) -> Option<crate::model::text::Conditioning> {
-        let mut m = candle_core::safetensors::load(self.path(caption), &Device::Cpu).ok()?;
+        let key = self.key(caption);
+        let mut m = crate::data::cache::get(&crate::data::cache::entry_path(&self.dir, "text-", &key), &key)?;
         let context = m.remove("context")?.to_device(device).ok()?;
         let pooled = m.remove("pooled").and_then(|p| p.to_device(device).ok());
         Some(crate::model::text::Conditioning { context, pooled })
@@ -65,9 +62,8 @@ impl TextCache {
         if let Some(Ok(p)) = c.pooled.as_ref().map(|p| p.to_device(&Device::Cpu)) {
             t.push(("pooled".to_string(), p));
         }
-        if std::fs::create_dir_all(&self.dir).is_ok() {
-            let _ = crate::model::weights::save_atomic(&self.path(caption), &t, &Default::default());
-        }
+        let key = self.key(caption);
+        crate::data::cache::put(&crate::data::cache::entry_path(&self.dir, "text-", &key), &key, &t);
     }
 }
 
@@ -136,13 +132,16 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         );
     }
     let cache_dir = cfg.cache_dir.clone().unwrap_or_else(|| cfg.data.join(".sdlora-cache"));
+    crate::util::remove_stale_temps(&cache_dir);
     let vae = sd.vae.as_ref().expect("loaded with the VAE");
-    let fingerprint = format!("{}|{:?}|{dtype:?}", sd.source, vae.config);
+    // what cached latents and conditionings depend on: the weights' content, config and dtype
+    let vae_hash = crate::data::cache::files_hash(&sd.files.vae, &cache_dir, &sd.source);
+    let fingerprint = format!("{vae_hash}|{:?}|{dtype:?}", vae.config);
+    let text_hash = crate::data::cache::files_hash(&sd.files.text_encoders, &cache_dir, &sd.source);
     let text_cache = TextCache {
         dir: cache_dir.clone(),
         fingerprint: format!(
-            "{}|{:?}|{dtype:?}",
-            sd.source,
+            "{text_hash}|{:?}|{dtype:?}",
             sd.text_encoders.iter().map(|t| format!("{:?}", t.config)).collect::<Vec<_>>()
         ),
     };

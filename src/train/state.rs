@@ -47,6 +47,54 @@ pub fn save(
     crate::model::weights::save_atomic(path, &t, &meta)
 }
 
+/// The step a state file was saved at, read from its header; None for anything else.
+pub fn saved_step(path: &Path) -> Option<usize> {
+    crate::model::weights::check_safetensors(path).ok()?;
+    let meta = crate::model::weights::read_metadata(path).ok()?;
+    meta.get("layout")?;
+    meta.get("step")?.parse().ok()
+}
+
+/// `--resume latest` or `--resume FOLDER`: the newest training state of the LoRA `output` (its
+/// final state or a step checkpoint `NAME-stepNNNNNN.state.safetensors`) in `dir`, by saved step.
+/// States that do not read whole are passed over.
+pub fn find_latest(dir: &Path, output: &Path) -> Result<PathBuf> {
+    let stem = output.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let checkpoint =
+        regex::Regex::new(&format!(r"^{}-step\d{{6}}\.state\.safetensors$", regex::escape(&stem)))?;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("--resume {}: cannot list the folder", dir.display()))?;
+    let best = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            name == format!("{stem}.state.safetensors") || checkpoint.is_match(&name)
+        })
+        .filter_map(|p| Some((saved_step(&p)?, p)))
+        .max_by_key(|(step, _)| *step);
+    match best {
+        Some((_, p)) => Ok(p),
+        None => bail!(
+            "--resume: no training state of {} in {} (looked for {stem}.state.safetensors and {stem}-stepNNNNNN.state.safetensors) — give the state file, or train without --resume",
+            output.display(),
+            dir.display()
+        ),
+    }
+}
+
+/// What `--resume` names: a state file, `latest` (the newest state beside `output`) or a folder
+/// to look in.
+pub fn resolve(resume: &Path, output: &Path) -> Result<PathBuf> {
+    if resume == Path::new("latest") && !resume.exists() {
+        let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        return find_latest(dir, output);
+    }
+    if resume.is_dir() {
+        return find_latest(resume, output);
+    }
+    Ok(resume.to_path_buf())
+}
+
 /// Restores adapters and optimizer; returns the step to continue from.
 pub fn load(
     path: &Path,
@@ -54,11 +102,8 @@ pub fn load(
     word: Option<&TrainedWord>,
     opt: &mut AdamW,
 ) -> Result<usize> {
-    crate::model::weights::check_safetensors(path)?;
     let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&data)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let meta = meta.metadata().clone().unwrap_or_default();
+    let meta = crate::model::header::check_bytes(&data, &path.display().to_string())?.metadata;
     // a LoRA given instead of its state is the usual mistake: point at the state beside it
     let beside = state_path(path);
     let hint = match beside.is_file() {

@@ -114,6 +114,9 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
     let (mut text, mut losses, mut guard) = (TextCache::new(), vec![], Guard::default());
     let (t0, mut images) = (std::time::Instant::now(), 0usize);
     for step in start..cfg.steps {
+        if crate::util::stop::requested() {
+            return Err(stopped(&run, cfg, step, start)?.into());
+        }
         let mut g = Grads::new(run.adapters.len());
         let mut loss = 0.0;
         for micro in 0..cfg.grad_accum {
@@ -139,10 +142,11 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let eval_after = eval_loss(&run, cfg)?;
-    grids.render(&run, cfg, cfg.steps)?;
+    // saved first: the evaluation and the grids after it may be cut short
     save(&run, cfg, &cfg.output, cfg.steps)?;
     state::save(&state::state_path(&cfg.output), &run.adapters, run.embedding.as_ref(), &run.opt, cfg.steps)?;
+    let eval_after = eval_loss(&run, cfg)?;
+    grids.render(&run, cfg, cfg.steps)?;
     Ok(Summary {
         steps: cfg.steps - start,
         losses,
@@ -157,10 +161,36 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
     })
 }
 
+/// A stop asked for (Ctrl-C, SIGTERM) before `step`: the LoRA and state of the steps done are
+/// saved as a step checkpoint, and the error says how to go on.
+fn stopped(run: &Run, cfg: &TrainConfig, step: usize, start: usize) -> Result<Interrupted> {
+    if step == start {
+        let state = cfg.resume.as_ref().map(|r| state::resolve(r, &cfg.output)).transpose()?;
+        return Ok(Interrupted { step, state, lora: None });
+    }
+    let p = step_path(&cfg.output, step);
+    save(run, cfg, &p, step)?;
+    let s = state::state_path(&p);
+    state::save(&s, &run.adapters, run.embedding.as_ref(), &run.opt, step)?;
+    Ok(Interrupted { step, state: Some(s), lora: Some(p) })
+}
+
+/// A run stopped by the user at `step`, with the state to resume from (if any) and the LoRA of
+/// that step (if one was written).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped at step {step}")]
+pub struct Interrupted {
+    pub step: usize,
+    pub state: Option<PathBuf>,
+    pub lora: Option<PathBuf>,
+}
+
 /// `--resume`: the adapters, embedding and optimizer state as saved; the step to go on from.
 fn resume(run: &mut Run, cfg: &TrainConfig) -> Result<usize> {
     let Some(p) = &cfg.resume else { return Ok(0) };
+    let p = &state::resolve(p, &cfg.output)?;
     let start = state::load(p, &run.adapters, run.embedding.as_ref(), &mut run.opt)?;
+    eprintln!("resuming from {} (step {start})", p.display());
     if let Some(e) = &run.embedding {
         e.install(&mut run.sd.text_encoders)?;
     }

@@ -149,6 +149,16 @@ pub struct StableDiffusion {
     /// switched off, the model computes what its base alone does. Sampling uses it to leave the
     /// first steps to the base (`GenerateOptions::lora_start`), training for base predictions.
     pub lora_switch: crate::model::layers::adapter::Switch,
+    /// The files the weights came from, so caches can key on their content.
+    pub files: Files,
+}
+
+/// The files a model's components were read from (empty for a model built in memory).
+#[derive(Clone, Debug, Default)]
+pub struct Files {
+    pub vae: Vec<PathBuf>,
+    /// Text encoders' weights and tokenizers' vocabularies.
+    pub text_encoders: Vec<PathBuf>,
 }
 
 /// SDXL has a second text encoder; SD2 is told apart from SD1 by its 1024-wide context.
@@ -229,10 +239,16 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDiffusion> {
             text_encoders.push(ClipTextModel::load(&cfg, &w).map_err(|e| anyhow::anyhow!("{e}"))?);
         }
     }
-    let tokenizer_dirs = ["tokenizer", "tokenizer_2"][..te_names.len()]
+    let tokenizer_dirs: Vec<Option<PathBuf>> = ["tokenizer", "tokenizer_2"][..te_names.len()]
         .iter()
         .map(|t| Some(dir.join(t)).filter(|p| p.join("vocab.json").exists()))
         .collect();
+    let weights_of =
+        |c: &str, stem: &str| folder::component_files(&dir.join(c), stem, false).unwrap_or_default();
+    let mut te_files: Vec<PathBuf> = te_names.iter().flat_map(|n| weights_of(n, "model")).collect();
+    for t in tokenizer_dirs.iter().flatten() {
+        te_files.extend([t.join("vocab.json"), t.join("merges.txt")]);
+    }
     Ok(StableDiffusion {
         family,
         unet,
@@ -242,5 +258,6 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDiffusion> {
         scheduler,
         source: dir.display().to_string(),
         lora_switch: crate::model::layers::adapter::switch(),
+        files: Files { vae: weights_of("vae", "diffusion_pytorch_model"), text_encoders: te_files },
     })
 }

@@ -227,5 +227,6 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<StableDiffusi
         scheduler,
         source: origin,
         lora_switch: crate::model::layers::adapter::switch(),
+        files: super::Files { vae: vec![path.to_path_buf()], text_encoders: vec![path.to_path_buf()] },
     })
 }

@@ -1,0 +1,142 @@
+//! safetensors headers, checked before any tensor is touched: a truncated download, a hostile
+//! header (absurd sizes, overlapping or out-of-file offsets, element counts that overflow) or a
+//! dtype sdlora cannot read becomes one error naming the file and the tensor, never a panic, a
+//! huge allocation or a slice out of bounds later.
+use anyhow::{bail, Result};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The largest header read (the safetensors crate's own limit).
+pub const MAX_HEADER: u64 = 100_000_000;
+
+/// One tensor's entry: name, dtype, shape and byte range in the data section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub range: (u64, u64),
+}
+
+/// A checked header: tensors in file order and the `__metadata__` strings.
+#[derive(Debug, Default)]
+pub struct Header {
+    pub tensors: Vec<Entry>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Bytes per element of the dtypes candle reads.
+fn dtype_size(d: &str) -> Option<u64> {
+    Some(match d {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "F32" | "I32" | "U32" => 4,
+        "F64" | "I64" | "U64" => 8,
+        _ => return None,
+    })
+}
+
+/// Parses and checks a header of `json` for a data section of `data_len` bytes. `file` names
+/// the file in errors.
+pub fn parse(json: &[u8], data_len: u64, file: &str) -> Result<Header> {
+    let corrupt =
+        |what: String| anyhow::anyhow!("{file}: corrupt safetensors header: {what} — download it again");
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
+    let obj = v.as_object().ok_or_else(|| corrupt("not a JSON object".into()))?;
+    let mut h = Header::default();
+    for (k, v) in obj {
+        if k == "__metadata__" {
+            let m = v.as_object().ok_or_else(|| corrupt("__metadata__ is not an object".into()))?;
+            for (mk, mv) in m {
+                let s = mv.as_str().ok_or_else(|| corrupt(format!("__metadata__ `{mk}` is not a string")))?;
+                h.metadata.insert(mk.clone(), s.to_string());
+            }
+            continue;
+        }
+        let bad = |what: &str| corrupt(format!("tensor `{k}`: {what}"));
+        let dtype = v["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
+        let size = dtype_size(dtype).ok_or_else(|| {
+            anyhow::anyhow!("{file}: tensor `{k}` has dtype {dtype}, which sdlora cannot read — convert the file to F32, F16 or BF16")
+        })?;
+        let shape = v["shape"]
+            .as_array()
+            .ok_or_else(|| bad("no shape"))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| bad("a dimension is not a whole number"))?;
+        let offsets =
+            v["data_offsets"].as_array().filter(|a| a.len() == 2).ok_or_else(|| bad("no data_offsets"))?;
+        let (Some(begin), Some(end)) = (offsets[0].as_u64(), offsets[1].as_u64()) else {
+            return Err(bad("data_offsets are not whole numbers"));
+        };
+        let bytes = shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .and_then(|n| n.checked_mul(size))
+            .ok_or_else(|| bad(&format!("shape {shape:?} overflows")))?;
+        if begin > end || end - begin != bytes {
+            return Err(bad(&format!(
+                "shape {shape:?} of {dtype} needs {bytes} bytes, its range {begin}..{end} disagrees"
+            )));
+        }
+        if end > data_len {
+            bail!(
+                "{file}: truncated: tensor `{k}` ends at byte {end} but the file holds {data_len} data bytes — download it again"
+            );
+        }
+        h.tensors.push(Entry { name: k.clone(), dtype: dtype.into(), shape, range: (begin, end) });
+    }
+    // the tensors tile the data section: no overlap, no gap, nothing after the last
+    h.tensors.sort_by_key(|e| e.range);
+    let mut at = 0;
+    for e in &h.tensors {
+        if e.range.0 != at {
+            return Err(corrupt(format!(
+                "tensor `{}` starts at byte {} where {at} was expected (overlapping or gapped offsets)",
+                e.name, e.range.0
+            )));
+        }
+        at = e.range.1;
+    }
+    if at != data_len {
+        bail!(
+            "{file}: {} bytes after the last tensor — the file is damaged, download it again",
+            data_len - at
+        );
+    }
+    Ok(h)
+}
+
+/// Reads and checks the header of the file at `path` (the header only, not the tensors).
+pub fn read(path: &Path) -> Result<Header> {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: cannot open: {e}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| anyhow::anyhow!("{}: not a safetensors file (shorter than 8 bytes)", path.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > MAX_HEADER {
+        bail!(
+            "{}: not a safetensors file or truncated (header of {n} bytes in a {len}-byte file) — download it again",
+            path.display()
+        );
+    }
+    let mut json = vec![0u8; n as usize];
+    f.read_exact(&mut json)?;
+    parse(&json, len - 8 - n, &path.display().to_string())
+}
+
+/// Checks a whole safetensors file held in memory, as `read` checks one on disk.
+pub fn check_bytes(data: &[u8], file: &str) -> Result<Header> {
+    let Some(n) = data.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))) else {
+        bail!("{file}: not a safetensors file (shorter than 8 bytes)");
+    };
+    let len = data.len() as u64;
+    if n > len - 8 || n > MAX_HEADER {
+        bail!("{file}: not a safetensors file or truncated (header of {n} bytes in a {len}-byte file)");
+    }
+    parse(&data[8..8 + n as usize], len - 8 - n, file)
+}
