@@ -13,10 +13,13 @@
 //! - `eval`: base against base + LoRA on target and control prompts; the tiny world's exact scorer.
 //! - `demo`: the embedded tiny-world demo and the pretraining of its base model.
 //! - `cli`: one module per subcommand.
+//! - `fuzz`: fuzz targets over every reader of outside bytes (`fuzz/`, FUZZING.md).
 pub mod cli;
 pub mod data;
 pub mod demo;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod lora;
 pub mod model;
 pub mod report;

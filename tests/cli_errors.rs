@@ -22,6 +22,28 @@ fn expect_error(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// A PNG signature and an IHDR chunk claiming `w` × `h` RGB pixels, then one empty IDAT and IEND.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        c.extend_from_slice(&crc.sum().to_be_bytes());
+        c
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
 struct Fixture {
     _tmp: tempfile::TempDir,
     root: PathBuf,
@@ -80,6 +102,11 @@ fn bad_inputs_each_give_one_clear_line() {
     image::RgbImage::from_pixel(4, 4, image::Rgb([9, 99, 199])).save(f.p("small/s.png")).unwrap();
     run_train(&f, &model, &f.p("small"), &out, &[], &["s.png", "smaller than the smallest bucket"]);
 
+    // a "pixel flood": a PNG whose header claims 100000 × 100000 pixels is refused from its header
+    std::fs::create_dir_all(f.p("flood")).unwrap();
+    std::fs::write(f.p("flood/big.png"), png_claiming(100_000, 100_000)).unwrap();
+    run_train(&f, &model, &f.p("flood"), &out, &[], &["big.png", "larger than 16384 px"]);
+
     // a caption without its image
     std::fs::create_dir_all(f.p("orphan")).unwrap();
     tiny_dataset(&f.root.join("orphan"), 1);
@@ -123,6 +150,37 @@ fn bad_inputs_each_give_one_clear_line() {
     assert!(sdlora(&args.iter().map(String::as_str).collect::<Vec<_>>()).0, "training the tiny model");
     let state = f.p("done/l.state.safetensors");
     run_train(&f, &model, &data, &out, &["--resume", &done], &["not an sdlora training state", &state]);
+    // a LoRA holding NaN (a diverged run's file): refused with the tensor named
+    let mut t = candle_core::safetensors::load(&done, &candle_core::Device::Cpu).unwrap();
+    let key = t.keys().find(|k| k.ends_with("lora_up.weight")).unwrap().clone();
+    let bad = (t[&key].clone() * f64::NAN).unwrap();
+    t.insert(key.clone(), bad);
+    let nan = f.p("done/nan.safetensors");
+    candle_core::safetensors::save(&t, &nan).unwrap();
+    expect_error(&["convert", &nan, &f.p("done/c.safetensors")], &["nan.safetensors", &key, "NaN"]);
+    assert!(!Path::new(&f.p("done/c.safetensors")).exists());
+    // a model whose weights hold NaN: named, instead of a black image or an unexplained divergence
+    let broken = f.p("broken");
+    tiny_model(Path::new(&broken));
+    let unet_file = f.p("broken/unet/diffusion_pytorch_model.safetensors");
+    let mut t = candle_core::safetensors::load(&unet_file, &candle_core::Device::Cpu).unwrap();
+    t.insert("conv_in.bias".into(), (t["conv_in.bias"].clone() * f64::NAN).unwrap());
+    candle_core::safetensors::save(&t, &unet_file).unwrap();
+    let o = f.p("gen");
+    let gen = ["generate", "--model", &broken, "--prompt", "x", "--steps", "1", "--out", &o];
+    expect_error(
+        &gen,
+        &["diffusion_pytorch_model.safetensors: tensor `conv_in.bias` holds NaN", "download it again"],
+    );
+    assert!(std::fs::read_dir(&o).map_or(true, |mut d| d.next().is_none()), "an image was written");
+    run_train(
+        &f,
+        &broken,
+        &data,
+        &out,
+        &["--steps", "8"],
+        &["training diverged", "`conv_in.bias` holds NaN"],
+    );
     let toml = f.p("nan.toml");
     std::fs::write(&toml, "lr = nan\n").unwrap();
     expect_error(&["train", "--config", &toml], &["nan.toml", "lr must be a finite number"]);

@@ -433,6 +433,42 @@ fn cli_single_file_checkpoint_is_hashed_like_a1111() {
     assert_eq!(f["Sampler"], "DPM++ 2M Karras", "no scheduler config: A1111's default sampler");
 }
 
+/// `--model-config`: a single file drawn with its repository's configs (and scheduler) gives the
+/// folder's image, pixel for pixel.
+#[test]
+fn cli_single_file_with_model_config_draws_as_its_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let draw = |model: &Path, extra: &[&str], out: &str| {
+        let o = tmp.path().join(out).display().to_string();
+        let m = model.display().to_string();
+        let mut args =
+            vec!["generate", "--model", &m, "--prompt", "a red disc", "--steps", "2", "--width", "16"];
+        args.extend(["--height", "16", "--out", &o]);
+        args.extend(extra);
+        let (ok, _, err) = sdlora(&args);
+        assert!(ok, "{err}");
+        image::open(tmp.path().join(out).join("00000-42.png")).unwrap().to_rgb8().into_raw()
+    };
+    let pipe = fixtures().join("sd1/pipe");
+    let folder = draw(&pipe, &[], "folder");
+    let single = fixtures().join("sd1/single.safetensors");
+    let cfg = pipe.display().to_string();
+    assert!(draw(&single, &["--model-config", &cfg], "single") == folder);
+    assert!(
+        draw(&single, &[], "inferred") != folder,
+        "the configs made no difference: the test proves nothing"
+    );
+    // train takes it too (and its TOML config as `model_config`)
+    let data = tmp.path().join("data");
+    common::data::tiny_dataset(&data, 2);
+    let (d, lora) = (data.display().to_string(), tmp.path().join("l.safetensors").display().to_string());
+    let m = single.display().to_string();
+    let args =
+        ["train", "--model", &m, "--model-config", &cfg, "--data", &d, "--output", &lora, "--steps", "1"];
+    let (ok, _, err) = sdlora(&[&args[..], &["--resolution", "16"]].concat());
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn help_lists_every_flag_with_its_default() {
     let (ok, help, _) = sdlora(&["generate", "--help"]);

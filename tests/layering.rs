@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Bottom to top. `report` takes plain data and uses nothing of the crate but `util`.
-const LAYERS: [&str; 10] =
-    ["util", "report", "model", "lora", "data", "sample", "train", "eval", "demo", "cli"];
+const LAYERS: [&str; 11] =
+    ["util", "report", "model", "lora", "data", "sample", "train", "eval", "demo", "cli", "fuzz"];
 
 fn rank(module: &str) -> Option<usize> {
     LAYERS.iter().position(|&m| m == module)

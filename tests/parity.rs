@@ -97,6 +97,15 @@ fn unet_half_precision() {
     }
 }
 
+/// `"mid_block_type": null` (pruned U-Nets such as BK-SDM's small ones): no mid block, as
+/// diffusers builds it (tools/fixtures/nomid.py).
+#[test]
+fn unet_without_mid_block() {
+    unet_parity("nomid", DType::F32, "", 1e-4);
+    unet_parity("nomid", DType::F64, "_f64", 1e-10);
+    assert!(model("nomid", DType::F32, true, false, false).unet.unwrap().mid_block.is_none());
+}
+
 #[test]
 fn unet_sd2() {
     unet_parity("sd2", DType::F32, "", 1e-4);

@@ -7,6 +7,7 @@ mod crash_safety;
 mod data_and_formats;
 mod demo;
 mod full_size;
+mod fuzz;
 mod generate;
 mod hub;
 mod layering;

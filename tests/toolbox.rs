@@ -83,6 +83,44 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64
 }
 
+/// A folder merged from a single file is a whole diffusers folder: its components listed in
+/// model_index.json and the family's original scheduler beside them.
+#[test]
+fn merge_of_a_single_file_writes_a_whole_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = fixture("sd1/lora/ours_kohya.safetensors");
+    let out = tmp.path().join("merged");
+    let arg = format!("{}:0.7", lora.display());
+    let single = fixture("sd1/single.safetensors");
+    sdlora(&["merge", "--model", p(&single), "--lora", &arg, "--output", p(&out)]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model_index.json")).unwrap()).unwrap();
+    assert_eq!(index["unet"][1], "UNet2DConditionModel");
+    assert_eq!(index["text_encoder"][1], "CLIPTextModel");
+    assert_eq!(index["scheduler"][1], "PNDMScheduler");
+    let merged = load(p(&out), &opts()).unwrap();
+    assert_eq!(merged.scheduler.class_name.as_deref(), Some("PNDMScheduler"));
+    assert_eq!(merged.scheduler.steps_offset, 1);
+    // with --model-config, the repository's own scheduler is copied instead
+    let out2 = tmp.path().join("merged2");
+    let cfg = fixture("sd1/pipe");
+    sdlora(&[
+        "merge",
+        "--model",
+        p(&single),
+        "--lora",
+        &arg,
+        "--output",
+        p(&out2),
+        "--model-config",
+        p(&cfg),
+    ]);
+    assert_eq!(
+        std::fs::read(out2.join("scheduler/scheduler_config.json")).unwrap(),
+        std::fs::read(cfg.join("scheduler/scheduler_config.json")).unwrap()
+    );
+}
+
 #[test]
 fn merge_equals_runtime_lora_and_extract_recovers_it() {
     let tmp = tempfile::tempdir().unwrap();

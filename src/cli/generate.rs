@@ -16,6 +16,10 @@ pub struct GenerateArgs {
     /// (not with HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub model: String,
+    /// For a single-file --model: a diffusers folder whose config.json files (and scheduler) to
+    /// use instead of those inferred from the weights — for non-standard sizes.
+    #[arg(long, value_name = "DIR")]
+    pub model_config: Option<PathBuf>,
     /// A LoRA to apply, as FILE or FILE:STRENGTH (strength defaults to 1). Repeat for several.
     #[arg(long = "lora", value_name = "FILE[:STRENGTH]")]
     pub loras: Vec<String>,
@@ -135,7 +139,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("--out {}: cannot create the folder: {e}", args.out.display()))?;
 
-    let load_opts = LoadOptions { prediction_type: args.prediction_type, ..Default::default() };
+    let load_opts = LoadOptions {
+        prediction_type: args.prediction_type,
+        config: args.model_config.clone(),
+        ..Default::default()
+    };
     let mut sd = load::load(&args.model, &load_opts)?;
     let (_, note) = resolve(&args.scheduler, &sd.scheduler)?;
     if let Some(n) = note {

@@ -50,6 +50,10 @@ pub struct ExtractArgs {
     /// The fine-tuned model.
     #[arg(long)]
     pub tuned: String,
+    /// For single-file models: a diffusers folder whose config.json files to use instead of those
+    /// inferred from the weights — for non-standard sizes.
+    #[arg(long, value_name = "DIR")]
+    pub model_config: Option<PathBuf>,
     /// Where to write the LoRA.
     #[arg(long, short)]
     pub output: PathBuf,
@@ -74,9 +78,10 @@ pub struct MergeArgs {
     /// Output: a folder (diffusers layout) or a .safetensors single file (original layout).
     #[arg(long, short)]
     pub output: PathBuf,
-    /// For a single-file --model: a diffusers folder whose configs to use.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    /// For a single-file --model: a diffusers folder whose config.json files (and scheduler and
+    /// tokenizers) to use instead of those inferred from the weights — for non-standard sizes.
+    #[arg(long, value_name = "DIR", visible_alias = "config")]
+    pub model_config: Option<PathBuf>,
 }
 
 /// `path.safetensors:0.8` → (path, 0.8)
@@ -259,8 +264,8 @@ pub fn extract_cmd(a: &ExtractArgs) -> Result<()> {
     if a.rank == 0 {
         bail!("--rank 0 would extract nothing: give a rank of 1 or more");
     }
-    let base = read_model(&a.base, None)?;
-    let tuned = read_model(&a.tuned, None)?;
+    let base = read_model(&a.base, a.model_config.as_deref())?;
+    let tuned = read_model(&a.tuned, a.model_config.as_deref())?;
     if base.family != tuned.family {
         bail!(
             "{}: is {} but {} is {} — extract needs two models of one family",
@@ -322,7 +327,7 @@ pub fn extract_cmd(a: &ExtractArgs) -> Result<()> {
 
 pub fn merge(a: &MergeArgs) -> Result<()> {
     let loras = a.loras.iter().map(|s| super::generate::parse_lora(s)).collect::<Result<Vec<_>>>()?;
-    let mut model = read_model(&a.model, a.config.as_deref())?;
+    let mut model = read_model(&a.model, a.model_config.as_deref())?;
     let n = merge_loras(&mut model, &loras)?;
     if a.output.extension().is_some_and(|e| e == "safetensors") {
         write_single_file(&model, &a.output)?;

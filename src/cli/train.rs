@@ -82,7 +82,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     if !target.is_empty() || !control.is_empty() {
         eprintln!("sampling {} target and {} control prompts, base and LoRA", target.len(), control.len());
-        let e = evaluate(&cfg.model, &summary.lora_path, &target, &control, resolution, cfg.sampling())?;
+        let load = crate::model::load::LoadOptions {
+            prediction_type: cfg.prediction_type,
+            config: cfg.model_config.clone(),
+            ..Default::default()
+        };
+        let e =
+            evaluate(&cfg.model, &load, &summary.lora_path, &target, &control, resolution, cfg.sampling())?;
         if let Some(l) = e.scores.learned {
             let (lo, hi) = crate::util::interval95(l, e.scores.learned_of);
             eprintln!(

@@ -17,14 +17,14 @@ pub struct Item {
     pub reg: bool,
 }
 
-fn is_image(p: &Path) -> bool {
+pub fn is_image(p: &Path) -> bool {
     p.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 /// `10_mydog` → (10, "mydog")
-fn repeats_of(dir: &Path) -> Option<(usize, String)> {
+pub fn folder_repeats(dir: &Path) -> Option<(usize, String)> {
     let name = dir.file_name()?.to_str()?;
     let (n, rest) = name.split_once('_')?;
     Some((n.parse().ok()?, rest.to_string()))
@@ -41,7 +41,7 @@ pub fn scan(root: &Path, default_caption: Option<&str>, flag: &str) -> Result<Ve
     for e in std::fs::read_dir(root).with_context(|| format!("{}: cannot list", root.display()))? {
         let p = e?.path();
         if p.is_dir() {
-            if let Some((n, name)) = repeats_of(&p) {
+            if let Some((n, name)) = folder_repeats(&p) {
                 dirs.push((p, n, Some(name)));
             }
         }
@@ -114,15 +114,31 @@ fn unreadable(p: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{}: unreadable image ({e}) — re-export it as PNG or JPEG", p.display())
 }
 
-/// The file's decoder (format guessed from its bytes) and its EXIF orientation.
+/// The longest image side read: past it a header is more likely hostile (a "pixel flood" that
+/// would claim gigabytes when decoded) than a photo, and training crops far below it anyway.
+pub const MAX_SIDE: u32 = 16384;
+
+/// The file's decoder (format guessed from its bytes) and its EXIF orientation. Sizes are
+/// checked from the header, before any pixel is decoded.
 fn open_decoder(p: &Path) -> Result<(impl image::ImageDecoder, image::metadata::Orientation)> {
     use image::ImageDecoder;
-    let mut dec = image::ImageReader::open(p)
+    let mut reader = image::ImageReader::open(p)
         .map_err(|e| unreadable(p, &e))?
         .with_guessed_format()
-        .map_err(|e| unreadable(p, &e))?
-        .into_decoder()
         .map_err(|e| unreadable(p, &e))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    // an RGBA image at the largest size, 16-bit, is 2 GiB: room for any real photo
+    limits.max_alloc = Some(2 << 30);
+    reader.limits(limits);
+    let mut dec = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => anyhow::anyhow!(
+            "{}: the image is larger than {MAX_SIDE} px a side (or claims to be) — downscale it",
+            p.display()
+        ),
+        e => unreadable(p, &e),
+    })?;
     let o = dec.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     Ok((dec, o))
 }

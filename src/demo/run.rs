@@ -268,8 +268,15 @@ pub fn run(
 
     progress("sampling base and LoRA with the same seeds", 0, 0);
     let model_id = model.display().to_string();
-    let eval =
-        crate::eval::evaluate::evaluate(&model_id, &lora, &target, &control_prompts, o.side, o.sampling)?;
+    let eval = crate::eval::evaluate::evaluate(
+        &model_id,
+        &Default::default(),
+        &lora,
+        &target,
+        &control_prompts,
+        o.side,
+        o.sampling,
+    )?;
     let learned = eval.scores.learned.unwrap_or(0.0);
     let learned_base = eval.scores.learned_base.unwrap_or(0.0);
     let followed = eval.scores.followed.unwrap_or_default();

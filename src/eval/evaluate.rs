@@ -46,6 +46,7 @@ fn miss(group: &'static str, i: usize, prompt: &str, base: &RgbImage, lora: Dete
 /// Samples `target` and `control` prompts (seed = `seed` + index) with and without the LoRA.
 pub fn evaluate(
     model: &str,
+    load_options: &LoadOptions,
     lora: &Path,
     target: &[(String, u64)],
     control: &[(String, u64)],
@@ -53,7 +54,7 @@ pub fn evaluate(
     how: Sampling,
 ) -> Result<Evaluation> {
     // one load: every prompt with the base, then the same prompts and seeds with the LoRA applied
-    let mut sd = load(model, &LoadOptions::default())?;
+    let mut sd = load(model, load_options)?;
     let all: Vec<(String, u64)> = target.iter().chain(control).cloned().collect();
     let mut base_all = sample_images(&sd, &all, side, how)?;
     crate::lora::apply::apply_file(&mut sd, lora, 1.0, 0)?;

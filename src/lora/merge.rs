@@ -182,6 +182,31 @@ fn merge_embedding(model: &mut ModelTensors, word: &str, k: usize, v: &Tensor) -
 }
 
 /// Writes a diffusers folder (configs, weights, and the source's scheduler/tokenizer files).
+/// scheduler_config.json of the family's original repository (SD 1.5 and 2.x: PNDM; SDXL: Euler).
+fn original_scheduler(family: Family) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "_class_name": "PNDMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "clip_sample": false,
+        "trained_betas": null,
+        "prediction_type": "epsilon"
+    });
+    if family == Family::Sdxl {
+        v["_class_name"] = "EulerDiscreteScheduler".into();
+        v["interpolation_type"] = "linear".into();
+        v["timestep_spacing"] = "leading".into();
+        v["use_karras_sigmas"] = false.into();
+        v["sample_max_value"] = 1.0.into();
+    }
+    v
+}
+
 pub fn write_folder(model: &ModelTensors, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
     for (c, m) in &model.comps {
@@ -212,13 +237,37 @@ pub fn write_folder(model: &ModelTensors, out: &Path) -> Result<()> {
             std::fs::copy(src.join("model_index.json"), out.join("model_index.json"))?;
         }
     }
+    if !out.join("scheduler").is_dir() {
+        // a single file holds no scheduler: the one of the family's original repository, which
+        // diffusers' from_single_file takes too
+        std::fs::create_dir_all(out.join("scheduler"))?;
+        let json = serde_json::to_string_pretty(&original_scheduler(model.family))?;
+        crate::util::write_atomic(&out.join("scheduler/scheduler_config.json"), json.as_bytes())?;
+    }
     if !out.join("model_index.json").exists() {
         let class = if model.family == Family::Sdxl {
             "StableDiffusionXLPipeline"
         } else {
             "StableDiffusionPipeline"
         };
-        std::fs::write(out.join("model_index.json"), serde_json::json!({"_class_name": class}).to_string())?;
+        let mut index = serde_json::json!({"_class_name": class});
+        let libs = [
+            ("unet", "diffusers", "UNet2DConditionModel"),
+            ("vae", "diffusers", "AutoencoderKL"),
+            ("text_encoder", "transformers", "CLIPTextModel"),
+            ("text_encoder_2", "transformers", "CLIPTextModelWithProjection"),
+        ];
+        for (c, lib, class) in libs {
+            if model.comps.contains_key(c) {
+                index[c] = serde_json::json!([lib, class]);
+            }
+        }
+        let scheduler = original_scheduler(model.family)["_class_name"].clone();
+        index["scheduler"] = serde_json::json!(["diffusers", scheduler]);
+        crate::util::write_atomic(
+            &out.join("model_index.json"),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )?;
     }
     Ok(())
 }

@@ -105,8 +105,18 @@ pub struct UNetConfig {
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default)]
     pub sample_size: Option<usize>,
-    #[serde(default)]
+    /// As diffusers reads it: absent means the cross-attention mid block, `null` means none
+    /// (pruned U-Nets such as BK-SDM's small variants).
+    #[serde(default = "d_mid_block", deserialize_with = "null_is_none")]
     pub mid_block_type: Option<String>,
+}
+
+fn d_mid_block() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+
+fn null_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
 }
 
 impl UNetConfig {
@@ -252,5 +262,34 @@ impl VaeConfig {
         self.down_block_types = vec!["DownEncoderBlock2D".into(); n];
         self.up_block_types = vec!["UpDecoderBlock2D".into(); n];
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UNetConfig;
+
+    /// diffusers' reading: a missing key is the cross-attention mid block, null is none; and what
+    /// we write reads back the same way in diffusers.
+    #[test]
+    fn mid_block_type_null_means_no_mid_block() {
+        let mut j = serde_json::to_value(crate::model::tiny::tiny_sd1().unet).unwrap();
+        let o = j.as_object_mut().unwrap();
+        o.remove("mid_block_type");
+        let absent: UNetConfig = serde_json::from_value(j.clone()).unwrap();
+        assert_eq!(absent.mid_block_type.as_deref(), Some("UNetMidBlock2DCrossAttn"));
+        let written = serde_json::to_value(&absent).unwrap();
+        assert_eq!(written["mid_block_type"], "UNetMidBlock2DCrossAttn");
+        j["mid_block_type"] = serde_json::Value::Null;
+        let none: UNetConfig = serde_json::from_value(j).unwrap();
+        assert_eq!(none.mid_block_type, None);
+        assert!(serde_json::to_value(&none).unwrap()["mid_block_type"].is_null());
+        // `bench --write-model` writes the type out, as diffusers' save_pretrained does
+        for c in [crate::model::tiny::sd15(), crate::model::tiny::sdxl()] {
+            assert_eq!(serde_json::to_value(&c.unet).unwrap()["mid_block_type"], "UNetMidBlock2DCrossAttn");
+        }
+        let w = crate::model::weights::Weights::meta();
+        crate::model::unet::UNet2DConditionModel::load(&none, &w).unwrap();
+        assert!(w.recorded().iter().all(|(n, _)| !n.starts_with("mid_block")));
     }
 }

@@ -140,3 +140,80 @@ pub fn check_bytes(data: &[u8], file: &str) -> Result<Header> {
     }
     parse(&data[8..8 + n as usize], len - 8 - n, file)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend((0..data_len).map(|i| i as u8));
+        v
+    }
+
+    fn err(header: &str, data_len: usize) -> String {
+        format!("{:#}", check_bytes(&file(header, data_len), "x.safetensors").unwrap_err())
+    }
+
+    #[test]
+    fn a_whole_file_passes_with_its_entries() {
+        let h = check_bytes(
+            &file(
+                r#"{"__metadata__":{"k":"v"},"b":{"dtype":"F16","shape":[2],"data_offsets":[8,12]},"a":{"dtype":"F32","shape":[2,1],"data_offsets":[0,8]}}"#,
+                12,
+            ),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(h.tensors.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(h.metadata["k"], "v");
+    }
+
+    /// Each hostile header is refused with the file (and the tensor, where there is one) named.
+    #[test]
+    fn hostile_headers_are_refused_naming_the_tensor() {
+        let t = |dtype: &str, shape: &str, a: u64, b: u64| {
+            format!(r#"{{"w":{{"dtype":"{dtype}","shape":{shape},"data_offsets":[{a},{b}]}}}}"#)
+        };
+        for (header, len, want) in [
+            (t("F32", "[4]", 0, 16), 8, "ends at byte 16"),
+            (t("F32", "[4]", 0, 8), 8, "needs 16 bytes"),
+            (t("F32", "[4]", 16, 0), 16, "needs 16 bytes"),
+            (t("F32", "[4294967296,4294967296,16]", 0, 16), 16, "overflows"),
+            (t("F32", "[-1]", 0, 4), 4, "whole number"),
+            (t("Q4", "[4]", 0, 4), 4, "dtype Q4"),
+            (t("F32", "[1]", 0, 4), 8, "4 bytes after the last tensor"),
+            (t("F32", "[1]", 4, 8), 8, "starts at byte 4"),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#
+                    .into(),
+                6,
+                "`b` starts at byte 2",
+            ),
+            (r#"{"__metadata__":{"k":1}}"#.into(), 0, "`k` is not a string"),
+            ("[1,2]".into(), 0, "not a JSON object"),
+            ("{\"w\":".into(), 0, "corrupt safetensors header"),
+        ] {
+            let e = err(&header, len);
+            assert!(e.starts_with("x.safetensors: ") && e.contains(want), "{header}: {e}");
+        }
+        // a header length past the file, or absurdly large
+        let mut f = file("{}", 0);
+        f[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(format!("{:#}", check_bytes(&f, "y").unwrap_err()).contains("truncated"));
+        assert!(format!("{:#}", check_bytes(&[1, 2], "y").unwrap_err()).contains("shorter than 8 bytes"));
+    }
+
+    /// What this check accepts, the safetensors crate (which candle loads with) accepts too.
+    #[test]
+    fn accepted_files_load_in_candle() {
+        let f = file(
+            r#"{"a":{"dtype":"F32","shape":[2,1],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[0],"data_offsets":[8,8]}}"#,
+            8,
+        );
+        check_bytes(&f, "x").unwrap();
+        let t = candle_core::safetensors::load_buffer(&f, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(t["a"].dims(), [2, 1]);
+    }
+}

@@ -44,7 +44,8 @@ pub struct UNet2DConditionModel {
     pub time_embedding: Mlp,
     pub add_embedding: Option<Mlp>,
     pub down_blocks: Vec<DownBlock>,
-    pub mid_block: MidBlock,
+    /// None for configs with `"mid_block_type": null`.
+    pub mid_block: Option<MidBlock>,
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
@@ -318,7 +319,7 @@ pub struct UNetSaved {
     ctx: Tensor,
     conv_in: Conv2dSaved,
     down: Vec<(Kept<DownSaved>, usize)>,
-    mid: Kept<Vec<LayerSaved>>,
+    mid: Option<Kept<Vec<LayerSaved>>>,
     up: Vec<(Kept<UpSaved>, usize)>,
     norm_out: NormSaved,
     conv_out: Conv2dSaved,
@@ -360,9 +361,15 @@ impl UNet2DConditionModel {
 
         let last = boc[n - 1];
         let wm = w.pp("mid_block");
-        let mid_block = MidBlock {
-            resnets: vec![resnet(&wm.pp("resnets.0"), last, last)?, resnet(&wm.pp("resnets.1"), last, last)?],
-            attention: attn(&wm.pp("attentions.0"), last, heads[n - 1], tlpb[n - 1])?,
+        let mid_block = match c.mid_block_type {
+            Some(_) => Some(MidBlock {
+                resnets: vec![
+                    resnet(&wm.pp("resnets.0"), last, last)?,
+                    resnet(&wm.pp("resnets.1"), last, last)?,
+                ],
+                attention: attn(&wm.pp("attentions.0"), last, heads[n - 1], tlpb[n - 1])?,
+            }),
+            None => None,
         };
 
         let mut up_blocks = vec![];
@@ -464,10 +471,13 @@ impl UNet2DConditionModel {
             h = y;
             down.push((if ck { Kept::Inputs(input, vec![]) } else { Kept::Full(saved) }, pos));
         }
-        let input = h.clone();
-        let (y, saved) = self.mid_block.forward_train(&h, &temb, &ctx)?;
-        h = y;
-        let mid = if ck { Kept::Inputs(input, vec![]) } else { Kept::Full(saved) };
+        let mut mid = None;
+        if let Some(m) = &self.mid_block {
+            let input = h.clone();
+            let (y, saved) = m.forward_train(&h, &temb, &ctx)?;
+            h = y;
+            mid = Some(if ck { Kept::Inputs(input, vec![]) } else { Kept::Full(saved) });
+        }
         let mut up = vec![];
         for b in &self.up_blocks {
             let pos = skips.len();
@@ -503,11 +513,13 @@ impl UNet2DConditionModel {
             }
             d = dx;
         }
-        let saved = match s.mid {
-            Kept::Full(x) => x,
-            Kept::Inputs(x, _) => self.mid_block.forward_train(&x, temb, ctx)?.1,
-        };
-        d = self.mid_block.backward(saved, &d, &mut dtemb, &mut dctx, g)?;
+        if let (Some(m), Some(kept)) = (&self.mid_block, s.mid) {
+            let saved = match kept {
+                Kept::Full(x) => x,
+                Kept::Inputs(x, _) => m.forward_train(&x, temb, ctx)?.1,
+            };
+            d = m.backward(saved, &d, &mut dtemb, &mut dctx, g)?;
+        }
         for (b, (kept, pos)) in self.down_blocks.iter().zip(s.down).rev() {
             let saved = match kept {
                 Kept::Full(x) => x,
@@ -561,8 +573,10 @@ impl Visit for UNet2DConditionModel {
             b.attentions.visit(&join(&q, "attentions"), f);
             b.downsampler.visit(&join(&q, "downsamplers.0.conv"), f);
         }
-        self.mid_block.resnets.visit(&join(p, "mid_block.resnets"), f);
-        self.mid_block.attention.visit(&join(p, "mid_block.attentions.0"), f);
+        if let Some(m) = &mut self.mid_block {
+            m.resnets.visit(&join(p, "mid_block.resnets"), f);
+            m.attention.visit(&join(p, "mid_block.attentions.0"), f);
+        }
         for (i, b) in self.up_blocks.iter_mut().enumerate() {
             let q = join(p, format!("up_blocks.{i}"));
             b.resnets.visit(&join(&q, "resnets"), f);

@@ -176,12 +176,6 @@ pub fn denoise(
         latents = sched.step(&pred, i, &latents, noise)?;
         progress(i + 1, timesteps.len());
     }
-    let worst = latents.abs()?.max_all()?.to_scalar::<f32>()?;
-    if !worst.is_finite() {
-        bail!(
-            "the latents became non-finite (NaN/inf) while sampling — try another scheduler or fewer LoRAs"
-        );
-    }
     Ok(latents)
 }
 
@@ -194,6 +188,22 @@ pub fn decode(vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
         images.push(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?);
     }
     Ok(Tensor::cat(&images, 0)?)
+}
+
+/// A non-finite output becomes an error naming the broken weight, or the precision, instead of a
+/// black image.
+fn finite(sd: &StableDiffusion, t: &Tensor, what: &str) -> Result<()> {
+    // NaN and inf survive a sum (a max would skip NaN)
+    let m = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if m.is_finite() {
+        return Ok(());
+    }
+    match sd.non_finite_weight() {
+        Some(w) => bail!("{w} holds NaN or infinite values, so {what} produced them — the model file is broken, download it again"),
+        None => bail!(
+            "{what} produced NaN or infinite values (an overflow: a LoRA at too high a strength, or f16, in which SDXL's VAE overflows) — lower the LoRA's strength (FILE:0.7) or compute in f32"
+        ),
+    }
 }
 
 /// How many of `steps` the base draws alone for `GenerateOptions::lora_start` = `share`.
@@ -328,7 +338,10 @@ fn generate_rows(
     let latents = (noise.randn(&shape, unet.conv_in.weight.device())? * sched.init_noise_sigma())?;
     let latents =
         denoise(unet, sched.as_mut(), latents, &guidance, base_first.as_ref(), &mut noise, progress)?;
-    let images = to_rgb8(&decode(vae, &latents)?)?;
+    finite(sd, &latents, "the U-Net")?;
+    let decoded = decode(vae, &latents)?;
+    finite(sd, &decoded, "the VAE")?;
+    let images = to_rgb8(&decoded)?;
     let out = images
         .into_iter()
         .zip(seeds)

@@ -29,6 +29,12 @@ pub struct TrainArgs {
     #[arg(long, short)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<PathBuf>,
+    /// For a single-file --model: a diffusers folder whose config.json files (and scheduler and
+    /// tokenizers) to use instead of those inferred from the weights — for non-standard sizes,
+    /// e.g. the model's own Hugging Face repo without its weights.
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_config: Option<PathBuf>,
     /// A TOML file with any of these settings (keys = flag names with `_` for `-`).
     #[arg(long)]
     #[serde(skip)]
@@ -323,6 +329,7 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub gradient_checkpointing: bool,
     pub prediction_type: Option<PredictionType>,
+    pub model_config: Option<PathBuf>,
     pub cache_dir: Option<PathBuf>,
     pub sample_prompts: Option<PathBuf>,
     pub sample_every: usize,
@@ -380,6 +387,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             gradient_checkpointing: false,
             prediction_type: None,
+            model_config: None,
             cache_dir: None,
             sample_prompts: None,
             sample_every: 0,
@@ -400,12 +408,22 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Config file (if any) overlaid with the flags given on the command line.
     pub fn resolve(args: &TrainArgs) -> Result<Self> {
-        let mut map = match &args.config {
+        let text = match &args.config {
             Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+                Some(std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?)
+            }
+            None => None,
+        };
+        Self::resolve_text(args, text.as_deref())
+    }
+
+    /// `resolve` with the config file's `text` already read.
+    pub fn resolve_text(args: &TrainArgs, text: Option<&str>) -> Result<Self> {
+        let file = args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "config".into());
+        let mut map = match text {
+            Some(text) => {
                 let v: toml::Value =
-                    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?;
+                    toml::from_str(text).map_err(|e| anyhow::anyhow!("{file}: {}", e.message()))?;
                 serde_json::to_value(v)?
             }
             None => serde_json::json!({}),

@@ -117,6 +117,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         dtype,
         device: device.clone(),
         prediction_type: cfg.prediction_type,
+        config: cfg.model_config.clone(),
         ..Default::default()
     };
     let mut sd = load(&cfg.model, &opts)?;

@@ -244,6 +244,9 @@ fn optimizer_step(
         guard.in_a_row += 1;
         eprintln!("warning: step {}: non-finite loss or gradient — step skipped", step + 1);
         if guard.in_a_row >= 5 {
+            if let Some(w) = run.sd.non_finite_weight() {
+                bail!("training diverged: {w} holds NaN or infinite values — the model file is broken, download it again");
+            }
             bail!(
                 "training diverged: non-finite loss for 5 steps in a row at step {} — lower --lr, or use --dtype bf16/f32 instead of f16",
                 step + 1

@@ -41,7 +41,12 @@ fn check_object(o: &Object, path: &Path) -> Result<()> {
 /// Checks every pickle inside the zip container.
 fn check_pickles(path: &Path) -> Result<()> {
     let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut zip = zip::ZipArchive::new(BufReader::new(f)).map_err(|_| {
+    check_zip(BufReader::new(f), path)
+}
+
+/// `check_pickles` on any reader; `path` names it in errors.
+pub fn check_zip<R: Read + std::io::Seek>(r: R, path: &Path) -> Result<()> {
+    let mut zip = zip::ZipArchive::new(r).map_err(|_| {
         anyhow::anyhow!(
             "{}: not a PyTorch zip checkpoint (legacy pre-1.6 pickles are not supported) — re-save it or convert to .safetensors",
             path.display()
@@ -56,13 +61,19 @@ fn check_pickles(path: &Path) -> Result<()> {
     for n in names {
         let mut buf = vec![];
         zip.by_name(&n)?.read_to_end(&mut buf)?;
-        let mut stack = Stack::empty();
-        stack
-            .read_loop(&mut std::io::Cursor::new(buf))
-            .map_err(|e| anyhow::anyhow!("{}: corrupt pickle {n}: {e}", path.display()))?;
-        check_object(&stack.finalize()?, path)?;
+        check_pickle(&buf, path)?;
     }
     Ok(())
+}
+
+/// Runs one pickle through candle's interpreter (which only builds objects, never runs code) and
+/// refuses it if it names anything but torch's tensor machinery.
+pub fn check_pickle(bytes: &[u8], path: &Path) -> Result<()> {
+    let mut stack = Stack::empty();
+    stack
+        .read_loop(&mut std::io::Cursor::new(bytes))
+        .map_err(|e| anyhow::anyhow!("{}: corrupt pickle: {e}", path.display()))?;
+    check_object(&stack.finalize()?, path)
 }
 
 /// All tensors of a PyTorch checkpoint. With `key` (e.g. "state_dict"), the tensors under it.

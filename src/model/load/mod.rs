@@ -156,9 +156,43 @@ pub struct StableDiffusion {
 /// The files a model's components were read from (empty for a model built in memory).
 #[derive(Clone, Debug, Default)]
 pub struct Files {
+    pub unet: Vec<PathBuf>,
     pub vae: Vec<PathBuf>,
     /// Text encoders' weights and tokenizers' vocabularies.
     pub text_encoders: Vec<PathBuf>,
+}
+
+impl StableDiffusion {
+    /// The first weight holding NaN or infinity, as "file: tensor `name`", scanning the files the
+    /// model came from: run when a forward pass came out non-finite, to name the culprit.
+    pub fn non_finite_weight(&self) -> Option<String> {
+        let f = &self.files;
+        let mut seen = std::collections::HashSet::new();
+        for p in f.unet.iter().chain(&f.vae).chain(&f.text_encoders) {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !seen.insert(p.clone()) || !["safetensors", "ckpt", "pt", "pth", "bin"].contains(&ext) {
+                continue;
+            }
+            let tensors: Vec<(String, candle_core::Tensor)> = if ext == "safetensors" {
+                crate::model::weights::load_checked(p).ok()?.into_iter().collect()
+            } else {
+                ckpt::read_pickle(p, None).ok()?
+            };
+            let mut tensors = tensors;
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, t) in tensors {
+                if !t.dtype().is_float() {
+                    continue;
+                }
+                // NaN and inf survive a sum (a max would skip NaN)
+                let finite = t.to_dtype(DType::F32).and_then(|t| t.sum_all()?.to_scalar::<f32>());
+                if finite.is_ok_and(|m| !m.is_finite()) {
+                    return Some(format!("{}: tensor `{name}`", p.display()));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// SDXL has a second text encoder; SD2 is told apart from SD1 by its 1024-wide context.
@@ -258,6 +292,10 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<StableDiffusion> {
         scheduler,
         source: dir.display().to_string(),
         lora_switch: crate::model::layers::adapter::switch(),
-        files: Files { vae: weights_of("vae", "diffusion_pytorch_model"), text_encoders: te_files },
+        files: Files {
+            unet: weights_of("unet", "diffusion_pytorch_model"),
+            vae: weights_of("vae", "diffusion_pytorch_model"),
+            text_encoders: te_files,
+        },
     })
 }

@@ -75,6 +75,9 @@ fn infer_unet(family: Family, m: &HashMap<String, Tensor>, pooled_dim: Option<us
         Family::Sdxl => tiny::sdxl().unet,
         _ => tiny::sd15().unet,
     };
+    // pruned U-Nets (BK-SDM) have no mid block: diffusers' config says so with null
+    c.mid_block_type =
+        m.keys().any(|k| k.starts_with("mid_block.")).then(|| "UNetMidBlock2DCrossAttn".into());
     let n = count_prefixed(m, |i| format!("down_blocks.{i}."));
     c.block_out_channels =
         (0..n).map(|i| dim(m, &format!("down_blocks.{i}.resnets.0.conv1.weight"), 0).unwrap_or(0)).collect();
@@ -227,6 +230,10 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<StableDiffusi
         scheduler,
         source: origin,
         lora_switch: crate::model::layers::adapter::switch(),
-        files: super::Files { vae: vec![path.to_path_buf()], text_encoders: vec![path.to_path_buf()] },
+        files: super::Files {
+            unet: vec![path.to_path_buf()],
+            vae: vec![path.to_path_buf()],
+            text_encoders: vec![path.to_path_buf()],
+        },
     })
 }
