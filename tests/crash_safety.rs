@@ -301,3 +301,34 @@ fn stale_or_damaged_cache_entries_are_rebuilt_never_used() {
     assert_eq!(r.latents_cached, (0, 3));
     assert_ne!(latents(&r), want);
 }
+
+#[test]
+fn a_read_only_output_folder_is_one_clear_error_before_training() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let ro = f.root.join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // the model and data stay readable to the unprivileged user below
+    std::fs::set_permissions(&f.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = sdlora();
+    cmd.args(f.args(&ro.join("lora.safetensors"), 2, &[]));
+    // SAFETY: only async-signal-safe calls between fork and exec
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            // as root permissions do not apply: run as nobody (a no-op for other users)
+            if libc::geteuid() == 0 {
+                libc::setgid(65534);
+                libc::setuid(65534);
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert!(!o.status.success() && lines.len() == 1, "{err}");
+    assert!(lines[0].contains("ro/lora.safetensors") && lines[0].contains("cannot write there"), "{err}");
+    assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0);
+}

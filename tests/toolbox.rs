@@ -119,6 +119,18 @@ fn merge_of_a_single_file_writes_a_whole_folder() {
         std::fs::read(out2.join("scheduler/scheduler_config.json")).unwrap(),
         std::fs::read(cfg.join("scheduler/scheduler_config.json")).unwrap()
     );
+    // a folder in the way is not merged into; the model is written whole or not at all
+    let o = Command::new(env!("CARGO_BIN_EXE_sdlora"))
+        .args(["merge", "--model", p(&single), "--lora", &arg, "--output", p(&out)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("exists and is not empty"), "{err}");
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
 }
 
 #[test]

@@ -207,7 +207,24 @@ fn original_scheduler(family: Family) -> serde_json::Value {
     v
 }
 
+/// Writes the model as a diffusers folder: into a temporary sibling first, renamed into place
+/// when whole, so a stopped merge leaves no half-written model. `out` must not exist or be empty.
 pub fn write_folder(model: &ModelTensors, out: &Path) -> Result<()> {
+    if out.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+        anyhow::bail!("{}: the folder exists and is not empty — choose a new folder", out.display());
+    }
+    let name = out.file_name().with_context(|| format!("{}: not a folder name", out.display()))?;
+    let tmp = out.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let res = write_folder_into(model, &tmp).and_then(|_| {
+        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot create the folder", out.display()))
+    });
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res
+}
+
+fn write_folder_into(model: &ModelTensors, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
     for (c, m) in &model.comps {
         let d = out.join(c);

@@ -134,7 +134,8 @@ pub struct TrainArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_every: Option<usize>,
     /// Continue from a training state (<output>.state.safetensors or a -stepN one) exactly
-    /// where it stopped.
+    /// where it stopped; `latest` takes the newest whole state of --output in its folder, a
+    /// folder the newest there. Ctrl-C during training saves the step and prints this command.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume: Option<PathBuf>,
