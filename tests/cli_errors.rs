@@ -1,7 +1,7 @@
 //! Bad input gets one clear error line naming the file and the fix — never a panic — and
 //! leaves no output behind.
 use crate::common;
-use common::data::{tiny_dataset, tiny_model};
+use common::data::{tiny_dataset, tiny_model, Fixture};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -44,19 +44,7 @@ fn png_claiming(w: u32, h: u32) -> Vec<u8> {
     png
 }
 
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-}
-
 impl Fixture {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        tiny_model(&root.join("model"));
-        tiny_dataset(&root.join("data"), 2);
-        Self { _tmp: tmp, root }
-    }
     fn p(&self, rel: &str) -> String {
         self.root.join(rel).display().to_string()
     }
@@ -82,7 +70,7 @@ fn run_train(f: &Fixture, model: &str, data: &str, out: &str, extra: &[&str], ne
 
 #[test]
 fn bad_inputs_each_give_one_clear_line() {
-    let f = Fixture::new();
+    let f = Fixture::new(2);
     let out = f.p("out/lora.safetensors");
     std::fs::create_dir_all(f.p("out")).unwrap();
     let (model, data) = (f.p("model"), f.p("data"));
@@ -198,7 +186,7 @@ fn bad_inputs_each_give_one_clear_line() {
 
 #[test]
 fn broken_models_name_the_file() {
-    let f = Fixture::new();
+    let f = Fixture::new(2);
     let out = f.p("lora.safetensors");
     let data = f.p("data");
     let weights = "unet/diffusion_pytorch_model.safetensors";

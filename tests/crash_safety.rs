@@ -2,25 +2,12 @@
 //! printed; twice: at once), SIGTERM, kill -9, a write that fails for want of space. Each leaves
 //! only complete files, and resuming continues bit for bit.
 use crate::common;
-use common::data::{tiny_dataset, tiny_model};
+use common::data::Fixture;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-}
-
 impl Fixture {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        tiny_model(&root.join("model"));
-        tiny_dataset(&root.join("data"), 3);
-        Self { _tmp: tmp, root }
-    }
-
     /// `train` of the tiny model into `out`, constant learning rate (so a shorter run is a
     /// prefix of a longer one).
     fn args(&self, out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {
@@ -83,6 +70,19 @@ fn signal(child: &Child, sig: i32) {
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
 }
 
+/// Sends `signals`, waits, and checks the run ended as a stopped one (exit 130, no panic);
+/// returns its stderr.
+fn stop(mut child: Child, err: std::thread::JoinHandle<String>, signals: &[i32]) -> String {
+    for &s in signals {
+        signal(&child, s);
+    }
+    let status = child.wait().unwrap();
+    let err = err.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
 /// Every file in `dir` is complete: no temporary leftovers, every safetensors reads whole.
 fn only_complete_files(dir: &Path) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -97,15 +97,11 @@ fn only_complete_files(dir: &Path) {
 
 #[test]
 fn ctrl_c_saves_the_step_prints_the_resume_command_and_resuming_is_exact() {
-    let f = Fixture::new();
+    let f = Fixture::new(3);
     let out = f.root.join("a/lora.safetensors");
     let long = f.args(&out, 100_000, &["--save-every", "1"]);
-    let (mut child, err) = start_until(&long, &out, 2);
-    signal(&child, libc::SIGINT);
-    let status = child.wait().unwrap();
-    let err = err.join().unwrap();
-    assert_eq!(status.code(), Some(130), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    let (child, err) = start_until(&long, &out, 2);
+    let err = stop(child, err, &[libc::SIGINT]);
     // "stopped at step N: wrote …" then the command to go on with
     let step: usize = err
         .split("stopped at step ")
@@ -139,21 +135,16 @@ fn ctrl_c_saves_the_step_prints_the_resume_command_and_resuming_is_exact() {
 
 #[test]
 fn a_second_signal_stops_at_once_leaving_only_complete_files() {
-    let f = Fixture::new();
+    let f = Fixture::new(3);
     let out = f.root.join("a/lora.safetensors");
-    let (mut child, err) = start_until(&f.args(&out, 100_000, &["--save-every", "1"]), &out, 1);
-    signal(&child, libc::SIGTERM);
-    signal(&child, libc::SIGINT);
-    let status = child.wait().unwrap();
-    let err = err.join().unwrap();
-    assert_eq!(status.code(), Some(130), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    let (child, err) = start_until(&f.args(&out, 100_000, &["--save-every", "1"]), &out, 1);
+    stop(child, err, &[libc::SIGTERM, libc::SIGINT]);
     only_complete_files(out.parent().unwrap());
 }
 
 #[test]
 fn after_kill_9_resume_latest_continues_exactly() {
-    let f = Fixture::new();
+    let f = Fixture::new(3);
     let out = f.root.join("a/lora.safetensors");
     let (mut child, _err) = start_until(&f.args(&out, 100_000, &["--save-every", "1"]), &out, 3);
     signal(&child, libc::SIGKILL);
@@ -193,7 +184,7 @@ fn after_kill_9_resume_latest_continues_exactly() {
 
 #[test]
 fn a_full_disk_is_one_clear_error_and_leaves_nothing_partial() {
-    let f = Fixture::new();
+    let f = Fixture::new(3);
     let out = f.root.join("a/lora.safetensors");
     let mut cmd = sdlora();
     cmd.args(f.args(&out, 2, &[]));
@@ -220,7 +211,7 @@ fn a_full_disk_is_one_clear_error_and_leaves_nothing_partial() {
 
 #[test]
 fn an_output_that_is_a_folder_is_refused_before_training() {
-    let f = Fixture::new();
+    let f = Fixture::new(3);
     let out = f.root.join("taken.safetensors");
     std::fs::create_dir_all(&out).unwrap();
     let o = sdlora().args(f.args(&out, 2, &[])).output().unwrap();
@@ -236,7 +227,7 @@ fn latents(run: &sdlora::train::setup::Run) -> Vec<Vec<f32>> {
 fn stale_or_damaged_cache_entries_are_rebuilt_never_used() {
     use sdlora::train::config::TrainConfig;
     use sdlora::train::setup::setup;
-    let f = Fixture::new();
+    let f = Fixture::new(3);
     let (model, data) = (f.root.join("model"), f.root.join("data"));
     let args = common::data::train_args(&model, &data, &f.root.join("o.safetensors"), 2);
     let cfg = TrainConfig::resolve(&args).unwrap();
@@ -305,7 +296,7 @@ fn stale_or_damaged_cache_entries_are_rebuilt_never_used() {
 #[test]
 fn a_read_only_output_folder_is_one_clear_error_before_training() {
     use std::os::unix::fs::PermissionsExt;
-    let f = Fixture::new();
+    let f = Fixture::new(3);
     let ro = f.root.join("ro");
     std::fs::create_dir_all(&ro).unwrap();
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();

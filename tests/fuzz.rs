@@ -88,3 +88,24 @@ fn fuzz_seeds_are_accepted_by_their_readers() {
     let cfg = sdlora::train::config::TrainConfig::resolve_text(&args, Some(&toml)).unwrap();
     assert_eq!((cfg.steps, cfg.rank), (10, 8));
 }
+
+/// What reading the targets' code found: an alpha with no value (indexed an empty vector), down
+/// and up weights whose ranks disagree.
+#[test]
+fn lora_modules_that_do_not_fit_together_are_refused() {
+    use candle_core::{Device, Tensor};
+    let k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let t = |shape: &[usize]| Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let file = |alpha: &[usize], up: &[usize]| {
+        let v = vec![
+            (format!("{k}.lora_down.weight"), t(&[2, 320])),
+            (format!("{k}.lora_up.weight"), t(up)),
+            (format!("{k}.alpha"), t(alpha)),
+        ];
+        sdlora::model::weights::serialize(&v, &Default::default()).unwrap()
+    };
+    let err = |b: Vec<u8>| format!("{:#}", sdlora::lora::format::parse(&b, "x.safetensors").err().unwrap());
+    assert!(err(file(&[0], &[320, 2])).contains("holds 0 values, an alpha is one"));
+    assert!(err(file(&[], &[320, 3])).contains("do not make a low-rank pair"));
+    assert!(sdlora::lora::format::parse(&file(&[], &[320, 2]), "x").is_ok());
+}

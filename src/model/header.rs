@@ -194,6 +194,7 @@ mod tests {
             (r#"{"__metadata__":{"k":1}}"#.into(), 0, "`k` is not a string"),
             ("[1,2]".into(), 0, "not a JSON object"),
             ("{\"w\":".into(), 0, "corrupt safetensors header"),
+            (format!("{{\"w\":{}", "[".repeat(100_000)), 0, "recursion limit"),
         ] {
             let e = err(&header, len);
             assert!(e.starts_with("x.safetensors: ") && e.contains(want), "{header}: {e}");

@@ -1,5 +1,5 @@
 //! `sdlora train`'s flags as clap parses them.
-use super::TrainArgs;
+use super::{TrainArgs, TrainConfig};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -19,4 +19,14 @@ fn boolean_switches_take_an_optional_value() {
     assert_eq!(c.args.gradient_checkpointing, None);
     let c = Cli::try_parse_from(["t", "--gradient-checkpointing", "--steps", "3"]).unwrap();
     assert_eq!((c.args.gradient_checkpointing, c.args.steps), (Some(true), Some(3)));
+}
+
+/// A hostile config nesting arrays a million deep: one error, not a stack overflow.
+#[test]
+fn deeply_nested_config_is_an_error() {
+    let n = 1_000_000;
+    let text = format!("x = {}{}", "[".repeat(n), "]".repeat(n));
+    let args = TrainArgs { config: Some("deep.toml".into()), ..Default::default() };
+    let e = TrainConfig::resolve_text(&args, Some(&text)).unwrap_err();
+    assert!(format!("{e:#}").starts_with("deep.toml: "), "{e:#}");
 }

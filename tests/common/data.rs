@@ -18,6 +18,22 @@ pub fn tiny_dataset(dir: &Path, n: usize) {
     sdlora::cli::bench::write_discs(dir, n).unwrap();
 }
 
+/// A temporary folder holding the tiny model (`model/`) and a dataset of `images` (`data/`).
+pub struct Fixture {
+    _tmp: tempfile::TempDir,
+    pub root: std::path::PathBuf,
+}
+
+impl Fixture {
+    pub fn new(images: usize) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        tiny_model(&root.join("model"));
+        tiny_dataset(&root.join("data"), images);
+        Self { _tmp: tmp, root }
+    }
+}
+
 /// `train` arguments for a short run of the tiny model: rank 2 at lr 1e-3, 32 px.
 pub fn train_args(model: &Path, data: &Path, out: &Path, steps: usize) -> TrainArgs {
     TrainArgs {
