@@ -2,7 +2,7 @@
 //! leaves no output behind.
 use crate::common;
 use common::data::{tiny_dataset, tiny_model, Fixture};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn sdlora(args: &[&str]) -> (bool, String) {

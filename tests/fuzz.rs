@@ -1,4 +1,5 @@
-//! A short, seeded run of every fuzz target (`sdlora::fuzz`): its seeds, then mutations of them.
+//! A short, seeded run of every fuzz target (`sdlora::fuzz`): its seeds, what the fuzzers found
+//! (tests/fixtures/fuzz/), then mutations of the seeds.
 //! The long coverage-guided runs are libFuzzer's (`fuzz/`, FUZZING.md); this keeps the targets
 //! compiling, their seeds valid and the bugs they found fixed.
 use rand::{Rng, SeedableRng};
@@ -55,13 +56,21 @@ fn mutate(rng: &mut impl Rng, input: &[u8], seeds: &[Vec<u8>]) -> Vec<u8> {
     v
 }
 
+/// Inputs the fuzzers found crashing, kept in tests/fixtures/fuzz/<target>/ and replayed.
+fn findings(target: &str) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz").join(target);
+    std::fs::read_dir(dir).map_or(vec![], |d| d.map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect())
+}
+
 #[test]
 fn every_fuzz_target_survives_its_seeds_and_their_mutations() {
+    assert!(!findings("safetensors").is_empty(), "the findings are not where this test looks");
     for t in sdlora::fuzz::TARGETS {
         let seeds = (t.seeds)();
         assert!(!seeds.is_empty(), "{}: no seeds", t.name);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5d10a);
         let mut inputs = seeds.clone();
+        inputs.extend(findings(t.name));
         for i in 0..1500 {
             inputs.push(mutate(&mut rng, &seeds[i % seeds.len()], &seeds));
         }

@@ -25,6 +25,32 @@ pub struct Header {
     pub metadata: HashMap<String, String>,
 }
 
+/// A JSON object's entries in file order, duplicates kept (a JSON map would silently keep the last).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut v = vec![];
+                while let Some(e) = m.next_entry::<String, serde_json::Value>()? {
+                    v.push(e);
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Bytes per element of the dtypes candle reads.
 fn dtype_size(d: &str) -> Option<u64> {
     Some(match d {
@@ -41,10 +67,14 @@ fn dtype_size(d: &str) -> Option<u64> {
 pub fn parse(json: &[u8], data_len: u64, file: &str) -> Result<Header> {
     let corrupt =
         |what: String| anyhow::anyhow!("{file}: corrupt safetensors header: {what} — download it again");
-    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
-    let obj = v.as_object().ok_or_else(|| corrupt("not a JSON object".into()))?;
+    let Entries(entries) = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some((k, _)) = entries.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+        // readers disagree on which one counts: the safetensors crate fails, a JSON map keeps the last
+        return Err(corrupt(format!("`{k}` appears twice")));
+    }
     let mut h = Header::default();
-    for (k, v) in obj {
+    for (k, v) in &entries {
         if k == "__metadata__" {
             let m = v.as_object().ok_or_else(|| corrupt("__metadata__ is not an object".into()))?;
             for (mk, mv) in m {
@@ -192,7 +222,13 @@ mod tests {
                 "`b` starts at byte 2",
             ),
             (r#"{"__metadata__":{"k":1}}"#.into(), 0, "`k` is not a string"),
-            ("[1,2]".into(), 0, "not a JSON object"),
+            ("[1,2]".into(), 0, "expected a JSON object"),
+            // found by fuzzing: the safetensors crate reads the first `a`, a JSON map the last
+            (
+                r#"{"a":{},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#.into(),
+                1,
+                "`a` appears twice",
+            ),
             ("{\"w\":".into(), 0, "corrupt safetensors header"),
             (format!("{{\"w\":{}", "[".repeat(100_000)), 0, "recursion limit"),
         ] {
