@@ -463,3 +463,53 @@ fn timestep_range_limits_what_training_draws() {
     let e = setup::setup(&TrainConfig::resolve(&a).unwrap(), &mut |_, _, _| {}).err().unwrap().to_string();
     assert!(e.contains("its scheduler has 1000 training timesteps"), "{e}");
 }
+
+/// `--epochs`: as many steps as cover that many passes over the data (--grad-accum counted), the
+/// same LoRA as those steps given directly; `--save-every-epochs` checkpoints the step that ends
+/// each epoch; steps and epochs together are refused, the command line's one winning over a file.
+#[test]
+fn epochs_train_whole_passes_and_checkpoint_their_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 3);
+    let run = |dir: &str, steps: Option<usize>, epochs: Option<usize>, every: Option<usize>| {
+        let out = tmp.path().join(dir).join("lora.safetensors");
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let args = TrainArgs {
+            steps,
+            epochs,
+            save_every_epochs: every,
+            grad_accum: Some(2),
+            ..train_args(&model, &data, &out, 1)
+        };
+        let cfg = TrainConfig::resolve(&args).unwrap();
+        let r = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+        let s = trainer::train(r, &cfg, &mut |_, _, _| {}).unwrap();
+        (s.steps, std::fs::read(&out).unwrap(), out)
+    };
+    // 3 images, batch 1: 3 micro-batches an epoch; 3 epochs at 2 per step = 5 steps
+    let (steps, by_epochs, out) = run("e", None, Some(3), Some(1));
+    assert_eq!(steps, 5);
+    let (_, by_steps, _) = run("s", Some(5), None, None);
+    assert!(by_epochs == by_steps, "--epochs 3 differs from the --steps it stands for");
+    // epochs end in steps 2 (micro-batch 3 of 4) and 3 (6 of 6); the third ends the run
+    let ckpt = |s| sdlora::train::trainer::step_path(&out, s).exists();
+    assert_eq!((ckpt(1), ckpt(2), ckpt(3), ckpt(4)), (false, true, true, false));
+
+    let toml = tmp.path().join("t.toml");
+    std::fs::write(&toml, "model = \"m\"\ndata = \"d\"\noutput = \"o.safetensors\"\nsteps = 7\nepochs = 2\n")
+        .unwrap();
+    let err =
+        TrainConfig::resolve(&TrainArgs { config: Some(toml.clone()), ..Default::default() }).err().unwrap();
+    assert!(err.to_string().contains("steps = 7 and epochs = 2: give one"), "{err}");
+    std::fs::write(&toml, "model = \"m\"\ndata = \"d\"\noutput = \"o.safetensors\"\nsteps = 7\n").unwrap();
+    let c = TrainConfig::resolve(&TrainArgs { config: Some(toml), epochs: Some(4), ..Default::default() })
+        .unwrap();
+    assert_eq!(c.epochs, Some(4));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdlora"))
+        .args(["train", "--steps", "3", "--epochs", "2"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
+}

@@ -21,17 +21,23 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         bar.set_message(what.to_string());
     })?;
     bar.finish_and_clear();
+    let epoch_len = trainer::batch_order(&run, &cfg).epoch_len();
+    let cfg = cfg.with_epochs(epoch_len);
     let n_params: usize = run.params.iter().map(|p| p.elem_count()).sum();
     let n_reg = run.items.iter().filter(|i| i.reg).count();
     eprintln!(
-        "{} model, {} images{} at {} px, {} adapters ({} parameters), {} steps",
+        "{} model, {} images{} at {} px, {} adapters ({} parameters), {} steps{}",
         run.sd.family.name(),
         run.items.len() - n_reg,
         if n_reg > 0 { format!(" + {n_reg} regularization images") } else { String::new() },
         run.resolution,
         run.adapters.len(),
         n_params,
-        cfg.steps
+        cfg.steps,
+        match cfg.epochs {
+            Some(e) => format!(" ({e} epochs of {epoch_len} batches)"),
+            None => format!(" ({:.1} epochs)", (cfg.steps * cfg.grad_accum) as f64 / epoch_len as f64),
+        }
     );
     // read before hours of training, so that a wrong path fails now
     let read = |p: &Option<std::path::PathBuf>| -> Result<Vec<(String, u64)>> {
@@ -55,7 +61,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         smooth = Some(s);
         csv.push_str(&format!("{step},{loss}\n"));
         bar.set_position(step as u64);
-        bar.set_message(format!("loss {s:.4} {ips:.2} img/s"));
+        let epoch = (step * cfg.grad_accum).div_ceil(epoch_len);
+        let of = cfg.epochs.map_or(String::new(), |e| format!("/{e}"));
+        bar.set_message(format!("epoch {epoch}{of} loss {s:.4} {ips:.2} img/s"));
     });
     // from here on there is nothing a stop would have to save: Ctrl-C ends the process
     drop(handler);

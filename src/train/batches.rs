@@ -69,6 +69,12 @@ impl BatchOrder {
         Self { keys, batch, seed, epochs: vec![] }
     }
 
+    /// Micro-batches in an epoch (the same in every epoch: the buckets' sizes do not change).
+    pub fn epoch_len(&mut self) -> usize {
+        self.get(0);
+        self.epochs[0].len()
+    }
+
     pub fn get(&mut self, mut k: usize) -> (usize, Vec<usize>) {
         let mut e = 0;
         loop {

@@ -43,6 +43,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
+    /// Train for N epochs instead of --steps: passes over the data, repeats and regularization
+    /// images counted; the steps are worked out from the buckets, --batch-size and --grad-accum.
+    #[arg(long, conflicts_with = "steps")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
     /// Images per step.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,6 +138,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_every: Option<usize>,
+    /// Save the LoRA and training state at the end of every N epochs (0: never), as a -stepN
+    /// checkpoint of the step that ends the epoch.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_every_epochs: Option<usize>,
     /// Continue from a training state (<output>.state.safetensors or a -stepN one) exactly
     /// where it stopped; `latest` takes the newest whole state of --output in its folder, a
     /// folder the newest there. Ctrl-C during training saves the step and prints this command.
@@ -316,6 +326,8 @@ pub struct TrainConfig {
     pub save_dtype: Precision,
     pub dtype: Option<Precision>,
     pub save_every: usize,
+    pub epochs: Option<usize>,
+    pub save_every_epochs: usize,
     pub resume: Option<PathBuf>,
     pub caption: Option<String>,
     pub caption_dropout: f64,
@@ -374,6 +386,8 @@ impl Default for TrainConfig {
             save_dtype: Precision::F16,
             dtype: None,
             save_every: 0,
+            epochs: None,
+            save_every_epochs: 0,
             resume: None,
             caption: None,
             caption_dropout: 0.0,
@@ -435,6 +449,12 @@ impl TrainConfig {
             anyhow::bail!("--{} must be a finite number", k.replace('_', "-"));
         }
         if let (Some(m), Some(f)) = (map.as_object_mut(), flags.as_object()) {
+            // --steps and --epochs say the same thing: the one on the command line wins
+            for (a, b) in [("steps", "epochs"), ("epochs", "steps")] {
+                if f.contains_key(a) {
+                    m.remove(b);
+                }
+            }
             for (k, v) in f {
                 m.insert(k.clone(), v.clone());
             }
@@ -444,6 +464,10 @@ impl TrainConfig {
         // TOML has nan and inf too
         if let Some((k, _)) = map.as_object().and_then(|m| m.iter().find(|(_, v)| v.is_null())) {
             anyhow::bail!("{origin}: {k} must be a finite number");
+        }
+        if let Some(m) = map.as_object().filter(|m| m.contains_key("steps") && m.contains_key("epochs")) {
+            let (s, e) = (&m["steps"], &m["epochs"]);
+            anyhow::bail!("{origin}: steps = {s} and epochs = {e}: give one of them");
         }
         let cfg: TrainConfig = serde_json::from_value(map.clone()).map_err(|e| {
             let msg = e.to_string();
@@ -486,8 +510,13 @@ impl TrainConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(anyhow::anyhow!(m));
-        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.rank == 0 {
-            return bad("--steps, --batch-size, --grad-accum and --rank must be at least 1".into());
+        if self.steps == 0
+            || self.batch_size == 0
+            || self.grad_accum == 0
+            || self.rank == 0
+            || self.epochs == Some(0)
+        {
+            return bad("--steps, --epochs, --batch-size, --grad-accum and --rank must be at least 1".into());
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("--lr {} must be a positive number", self.lr));
@@ -573,6 +602,16 @@ impl TrainConfig {
             lora_start: self.sample_lora_start,
             ..Default::default()
         }
+    }
+
+    /// With `--epochs`, the settings with `steps` worked out: the optimizer steps that cover
+    /// that many epochs of `epoch_len` micro-batches.
+    pub fn with_epochs(&self, epoch_len: usize) -> Self {
+        let mut c = self.clone();
+        if let Some(e) = self.epochs {
+            c.steps = (e * epoch_len).div_ceil(self.grad_accum).max(1);
+        }
+        c
     }
 
     /// The timesteps training draws from, for a scheduler of `n` training timesteps.

@@ -106,11 +106,12 @@ pub fn train_loss_of(run: &Run, cfg: &TrainConfig, samples: &[usize], k: u64) ->
 /// The training loop: draw batches, forward and backward, optimizer step, then the hooks
 /// (progress, sample grids, checkpoints). `on_step(step, loss, images/s)` after each step.
 pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64, f64)) -> Result<Summary> {
+    let mut order = batch_order(&run, cfg);
+    let epoch_len = order.epoch_len();
+    let cfg = &cfg.with_epochs(epoch_len);
     let start = resume(&mut run, cfg)?;
     let eval_before = eval_loss(&run, cfg)?;
     let mut grids = SampleGrids::start(&run, cfg, start)?;
-    let repeats: Vec<usize> = run.items.iter().map(|i| i.repeats).collect();
-    let mut order = BatchOrder::new(&run.samples, &repeats, cfg.batch_size, cfg.seed);
     let (mut text, mut losses, mut guard) = (TextCache::new(), vec![], Guard::default());
     let (t0, mut images) = (std::time::Instant::now(), 0usize);
     for step in start..cfg.steps {
@@ -135,7 +136,13 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         if cfg.sample_every > 0 && done % cfg.sample_every == 0 && done < cfg.steps {
             grids.render(&run, cfg, done)?;
         }
-        if cfg.save_every > 0 && done % cfg.save_every == 0 && done < cfg.steps {
+        // the step whose micro-batches finish an epoch ends it
+        let epochs_done = |s: usize| s * cfg.grad_accum / epoch_len;
+        let epoch_ends = cfg.save_every_epochs > 0
+            && epochs_done(done) > epochs_done(done - 1)
+            && epochs_done(done) % cfg.save_every_epochs == 0;
+        let every = cfg.save_every > 0 && done % cfg.save_every == 0;
+        if (every || epoch_ends) && done < cfg.steps {
             let p = step_path(&cfg.output, done);
             save(&run, cfg, &p, done)?;
             state::save(&state::state_path(&p), &run.adapters, run.embedding.as_ref(), &run.opt, done)?;
@@ -183,6 +190,12 @@ pub struct Interrupted {
     pub step: usize,
     pub state: Option<PathBuf>,
     pub lora: Option<PathBuf>,
+}
+
+/// The order in which the run draws its micro-batches, epoch by epoch.
+pub fn batch_order(run: &Run, cfg: &TrainConfig) -> BatchOrder {
+    let repeats: Vec<usize> = run.items.iter().map(|i| i.repeats).collect();
+    BatchOrder::new(&run.samples, &repeats, cfg.batch_size, cfg.seed)
 }
 
 /// `--resume`: the adapters, embedding and optimizer state as saved; the step to go on from.
