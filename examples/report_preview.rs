@@ -77,6 +77,7 @@ fn main() -> Result<()> {
             .into()],
         settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         losses,
+        val_losses: vec![],
         eval_loss: Some((0.1612, 0.0934)),
         grids: vec![
             ("before — “a … star on a … background”".into(), grid(&before, 8)),

@@ -100,6 +100,7 @@ pub fn caption(data: &[u8]) {
         repeats: 1,
         size: (8, 8),
         reg: false,
+        val: false,
     };
     let freq = crate::train::metadata::tag_frequency([&item]);
     assert!(freq.values().flat_map(|m| m.keys()).all(|t| !t.is_empty() && t.trim() == t));

@@ -513,3 +513,51 @@ fn epochs_train_whole_passes_and_checkpoint_their_ends() {
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
 }
+
+/// `--val-data`: held-out images are measured (before, every --val-every steps, at the end) and
+/// never trained on — the LoRA is byte for byte the one trained without them; the loss CSV gets a
+/// `val_loss` column and the report's plot a third line.
+#[test]
+fn validation_images_are_measured_and_never_trained_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data, val) = (tmp.path().join("model"), tmp.path().join("data"), tmp.path().join("val"));
+    tiny_model(&model);
+    tiny_dataset(&data, 3);
+    tiny_dataset(&val, 2);
+    let out = |d: &str| {
+        std::fs::create_dir_all(tmp.path().join(d)).unwrap();
+        tmp.path().join(d).join("lora.safetensors")
+    };
+    let (with, without) = (out("with"), out("without"));
+    let run = |o: &std::path::Path, extra: &[&str]| {
+        let mut args: Vec<String> =
+            ["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]
+                .map(String::from)
+                .to_vec();
+        args.extend(
+            ["--output", o.to_str().unwrap(), "--steps", "4", "--resolution", "32"].map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_sdlora")).args(&args).output().unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        String::from_utf8_lossy(&r.stderr).to_string()
+    };
+    let err = run(&with, &["--val-data", val.to_str().unwrap(), "--val-every", "2"]);
+    assert!(err.contains("3 images + 2 validation images"), "{err}");
+    run(&without, &[]);
+    assert!(
+        std::fs::read(&with).unwrap() == std::fs::read(&without).unwrap(),
+        "validation images changed the LoRA"
+    );
+    let csv = std::fs::read_to_string(with.with_extension("loss.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "step,loss,val_loss");
+    let val_at = |step: &str| {
+        let row = lines.iter().find(|l| l.split(',').next() == Some(step)).unwrap();
+        row.split(',').nth(2).unwrap().parse::<f64>().ok()
+    };
+    assert!(val_at("0").is_some_and(|v| v > 0.0) && val_at("2").is_some() && val_at("4").is_some());
+    assert!(val_at("1").is_none() && val_at("3").is_none(), "{csv}");
+    let report = std::fs::read_to_string(with.with_extension("report.html")).unwrap();
+    assert!(report.contains("validation loss (held-out images)"));
+}

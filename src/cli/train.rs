@@ -25,11 +25,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = cfg.with_epochs(epoch_len);
     let n_params: usize = run.params.iter().map(|p| p.elem_count()).sum();
     let n_reg = run.items.iter().filter(|i| i.reg).count();
+    let n_val = run.items.iter().filter(|i| i.val).count();
     eprintln!(
         "{} model, {} images{} at {} px, {} adapters ({} parameters), {} steps{}",
         run.sd.family.name(),
-        run.items.len() - n_reg,
-        if n_reg > 0 { format!(" + {n_reg} regularization images") } else { String::new() },
+        run.items.len() - n_reg - n_val,
+        [(n_reg, "regularization"), (n_val, "validation")]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!(" + {n} {what} images"))
+            .collect::<String>(),
         run.resolution,
         run.adapters.len(),
         n_params,
@@ -53,13 +58,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     let mut smooth = None::<f64>;
-    let mut csv = String::from("step,loss\n");
+    let mut rows: Vec<(usize, f64)> = vec![];
     eprintln!("training — Ctrl-C stops after the current step and saves it");
     let handler = crate::util::stop::Handler::install();
     let result = trainer::train(run, &cfg, &mut |step, loss, ips| {
         let s = smooth.map(|s| 0.9 * s + 0.1 * loss).unwrap_or(loss);
         smooth = Some(s);
-        csv.push_str(&format!("{step},{loss}\n"));
+        rows.push((step, loss));
         bar.set_position(step as u64);
         let epoch = (step * cfg.grad_accum).div_ceil(epoch_len);
         let of = cfg.epochs.map_or(String::new(), |e| format!("/{e}"));
@@ -71,10 +76,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let summary = match result {
         Ok(s) => s,
         Err(e) => match e.downcast::<trainer::Interrupted>() {
-            Ok(i) => return Err(stopped(&i, &csv).into()),
+            Ok(i) => return Err(stopped(&i, &loss_csv(&rows, &i.val_losses)).into()),
             Err(e) => return Err(e),
         },
     };
+    let csv = loss_csv(&rows, &summary.val_losses);
     crate::util::write_atomic(&cfg.output.with_extension("loss.csv"), csv.as_bytes())?;
     let mut report = summary.report(format!(
         "sdlora train: {}",
@@ -154,6 +160,29 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// The loss log: `step,loss` per optimizer step, with a `val_loss` column where the validation
+/// loss was measured (step 0: before training).
+pub fn loss_csv(rows: &[(usize, f64)], val: &[(usize, f64)]) -> String {
+    if val.is_empty() {
+        return std::iter::once("step,loss".to_string())
+            .chain(rows.iter().map(|(s, l)| format!("{s},{l}")))
+            .map(|l| l + "\n")
+            .collect();
+    }
+    let mut by_step: std::collections::BTreeMap<usize, (Option<f64>, Option<f64>)> = Default::default();
+    for &(s, l) in rows {
+        by_step.entry(s).or_default().0 = Some(l);
+    }
+    for &(s, v) in val {
+        by_step.entry(s).or_default().1 = Some(v);
+    }
+    let cell = |x: Option<f64>| x.map_or(String::new(), |x| x.to_string());
+    std::iter::once("step,loss,val_loss".to_string())
+        .chain(by_step.iter().map(|(s, (l, v))| format!("{s},{},{}", cell(*l), cell(*v))))
+        .map(|l| l + "\n")
+        .collect()
 }
 
 /// What a stopped run kept and the command that goes on from there.

@@ -15,6 +15,8 @@ pub struct Item {
     pub size: (u32, u32),
     /// A regularization image (`--reg-data`): its loss counts `--prior-loss-weight` times.
     pub reg: bool,
+    /// A held-out validation image (`--val-data`): never trained on (no repeats).
+    pub val: bool,
 }
 
 pub fn is_image(p: &Path) -> bool {
@@ -74,7 +76,7 @@ pub fn scan(root: &Path, default_caption: Option<&str>, flag: &str) -> Result<Ve
                 default_caption.map(String::from).or(class.clone()).unwrap_or_default()
             };
             let size = image_size(&p)?;
-            items.push(Item { image: p, caption, repeats, size, reg: false });
+            items.push(Item { image: p, caption, repeats, size, reg: false, val: false });
         }
     }
     if items.is_empty() {
@@ -90,6 +92,22 @@ pub fn scan(root: &Path, default_caption: Option<&str>, flag: &str) -> Result<Ve
 /// kohya's balance of regularization images: an epoch shows as many of them as training images
 /// (repeats counted). The reg images are taken in order with their own repeats; if they fall
 /// short, each gets one more repeat in turn until they match; if they are more, the rest sit out.
+impl Item {
+    /// A training image: neither regularization nor validation.
+    pub fn is_training(&self) -> bool {
+        !self.reg && !self.val
+    }
+}
+
+/// The held-out images of `--val-data`: marked, and drawn zero times an epoch.
+pub fn held_out(mut items: Vec<Item>) -> Vec<Item> {
+    for i in &mut items {
+        i.val = true;
+        i.repeats = 0;
+    }
+    items
+}
+
 pub fn balance_reg(train: &[Item], mut reg: Vec<Item>) -> Vec<Item> {
     let want: usize = train.iter().map(|i| i.repeats).sum();
     let (mut n, mut used) = (0, 0);
@@ -186,6 +204,7 @@ mod tests {
             repeats: r,
             size: (8, 8),
             reg: false,
+            val: false,
         };
         repeats.iter().enumerate().map(it).collect()
     }

@@ -67,6 +67,8 @@ pub struct Report {
     pub settings: Vec<(String, String)>,
     /// Loss per optimizer step.
     pub losses: Vec<f64>,
+    /// (step, loss on held-out images), when measured.
+    pub val_losses: Vec<(usize, f64)>,
     /// Fixed-set loss before and after training, when measured.
     pub eval_loss: Option<(f64, f64)>,
     /// Labelled sample grids in display order ("before", "step 500", "after", "base vs LoRA").
@@ -180,7 +182,7 @@ impl Report {
         }
 
         h.push_str("<h2>Loss</h2>\n<figure class=\"plot\">\n");
-        h.push_str(&loss_svg(&self.losses, 960, 380)?);
+        h.push_str(&loss_svg(&self.losses, &self.val_losses, 960, 380)?);
         h.push_str("\n</figure>\n");
 
         if !self.grids.is_empty() {

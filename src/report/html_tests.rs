@@ -12,6 +12,7 @@ fn sample_report() -> Report {
         notes: vec!["Preview only".into()],
         settings: vec![("rank".into(), "16".into()), ("lr".into(), "1e-4".into())],
         losses: (0..75).map(|i| 0.3 / (1.0 + i as f64 / 10.0)).collect(),
+        val_losses: vec![],
         eval_loss: Some((0.25, 0.2)),
         grids: vec![
             ("before".into(), grid(&[solid([255, 0, 0], 8), solid([0, 255, 0], 8)], 2)),

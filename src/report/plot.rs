@@ -7,9 +7,11 @@ use plotters::prelude::*;
 /// dark smoothed line that shows the trend.
 const RAW: RGBColor = RGBColor(150, 180, 220);
 const SMOOTH: RGBColor = RGBColor(20, 70, 160);
+const VAL: RGBColor = RGBColor(215, 95, 20);
 /// The lines' stroke attributes in the SVG, for tests that count their points.
 pub const RAW_STROKE: &str = "stroke=\"#96B4DC\"";
 pub const SMOOTH_STROKE: &str = "stroke=\"#1446A0\"";
+pub const VAL_STROKE: &str = "stroke=\"#D75F14\"";
 
 /// Centred moving average over a window of about 1/25 of the run (no lag, unlike an EMA, so the
 /// smoothed curve lines up with the steps it summarises). Same length as `v`.
@@ -25,10 +27,12 @@ pub fn smooth(v: &[f64]) -> Vec<f64> {
 
 /// SVG (`<svg …>…</svg>`, no XML prolog, ready to inline in HTML) of the loss per optimizer step:
 /// raw and smoothed, axes labelled. Steps with a non-finite loss (skipped steps) are left out.
-/// Each line is one `<polyline>` with one point per finite step.
-pub fn loss_svg(losses: &[f64], width: u32, height: u32) -> Result<String> {
+/// Each line is one `<polyline>` with one point per finite step. `val`, (step, validation loss)
+/// pairs, is drawn over them as a third line with dots.
+pub fn loss_svg(losses: &[f64], val: &[(usize, f64)], width: u32, height: u32) -> Result<String> {
     let pts: Vec<(f64, f64)> =
         losses.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| ((i + 1) as f64, l)).collect();
+    let val: Vec<(f64, f64)> = val.iter().filter(|v| v.1.is_finite()).map(|&(s, l)| (s as f64, l)).collect();
     let smoothed: Vec<(f64, f64)> =
         pts.iter().map(|p| p.0).zip(smooth(&pts.iter().map(|p| p.1).collect::<Vec<_>>())).collect();
     let mut svg = String::new();
@@ -43,14 +47,16 @@ pub fn loss_svg(losses: &[f64], width: u32, height: u32) -> Result<String> {
             ))
             .map_err(plot_err)?;
         } else {
-            let (lo, hi) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            let (lo, hi) =
+                pts.iter().chain(&val).fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
             let pad = if hi > lo { (hi - lo) * 0.05 } else { lo.abs().max(1e-3) * 0.5 };
-            let x_max = (pts.last().map_or(1.0, |p| p.0)).max(2.0);
+            let x_max = pts.iter().chain(&val).map(|p| p.0).fold(2.0, f64::max);
+            let x_min = if val.iter().any(|p| p.0 < 1.0) { 0.0 } else { 1.0 };
             let mut chart = ChartBuilder::on(&root)
                 .margin(12)
                 .x_label_area_size(40)
                 .y_label_area_size(64)
-                .build_cartesian_2d(1f64..x_max, (lo - pad)..(hi + pad))
+                .build_cartesian_2d(x_min..x_max, (lo - pad)..(hi + pad))
                 .map_err(plot_err)?;
             chart
                 .configure_mesh()
@@ -74,6 +80,14 @@ pub fn loss_svg(losses: &[f64], width: u32, height: u32) -> Result<String> {
                 .map_err(plot_err)?
                 .label("moving average")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], SMOOTH.stroke_width(2)));
+            if !val.is_empty() {
+                chart
+                    .draw_series(LineSeries::new(val.clone(), VAL.stroke_width(2)))
+                    .map_err(plot_err)?
+                    .label("validation loss (held-out images)")
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], VAL.stroke_width(2)));
+                chart.draw_series(val.iter().map(|&p| Circle::new(p, 3, VAL.filled()))).map_err(plot_err)?;
+            }
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::UpperRight)
@@ -123,7 +137,7 @@ mod tests {
     #[test]
     fn svg_has_both_lines_with_a_point_per_step_and_labels() {
         let losses: Vec<f64> = (0..120).map(|i| 0.2 * (-(i as f64) / 40.0).exp() + 0.05).collect();
-        let svg = loss_svg(&losses, 800, 360).unwrap();
+        let svg = loss_svg(&losses, &[], 800, 360).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
         assert!(svg.trim_end().ends_with("</svg>"));
         // Each line, then its legend swatch.
@@ -134,13 +148,23 @@ mod tests {
         }
     }
 
+    /// The validation loss is a third line over the same steps, from step 0, with a legend.
+    #[test]
+    fn validation_losses_are_a_third_line() {
+        let losses: Vec<f64> = (0..40).map(|i| 0.3 - 0.005 * i as f64).collect();
+        let svg = loss_svg(&losses, &[(0, 0.31), (20, 0.25), (40, 0.2)], 800, 360).unwrap();
+        assert_eq!(polyline_points(&svg, VAL_STROKE), vec![3, 2]);
+        assert!(svg.contains("validation loss (held-out images)"));
+        assert_eq!(polyline_points(&svg, RAW_STROKE), vec![40, 2]);
+    }
+
     #[test]
     fn skipped_steps_and_degenerate_runs_still_plot() {
-        let svg = loss_svg(&[0.3, f64::NAN, 0.2, f64::INFINITY, 0.1], 400, 300).unwrap();
+        let svg = loss_svg(&[0.3, f64::NAN, 0.2, f64::INFINITY, 0.1], &[], 400, 300).unwrap();
         assert_eq!(polyline_points(&svg, RAW_STROKE), [3, 2]);
-        let flat = loss_svg(&[0.1], 400, 300).unwrap();
+        let flat = loss_svg(&[0.1], &[], 400, 300).unwrap();
         assert_eq!(polyline_points(&flat, SMOOTH_STROKE), [1, 2]);
-        let none = loss_svg(&[], 400, 300).unwrap();
+        let none = loss_svg(&[], &[], 400, 300).unwrap();
         assert!(none.contains("no loss recorded"));
         assert!(polyline_points(&none, RAW_STROKE).is_empty());
     }

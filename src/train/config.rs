@@ -138,6 +138,16 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_every: Option<usize>,
+    /// A folder of held-out images with captions (as --data, never trained on): their loss at
+    /// fixed noise and timesteps is measured before training, every --val-every steps and at
+    /// the end, and goes to the loss CSV and the report's plot.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_data: Option<PathBuf>,
+    /// Steps between validation losses (with --val-data).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_every: Option<usize>,
     /// Save the LoRA and training state at the end of every N epochs (0: never), as a -stepN
     /// checkpoint of the step that ends the epoch.
     #[arg(long)]
@@ -328,6 +338,8 @@ pub struct TrainConfig {
     pub save_every: usize,
     pub epochs: Option<usize>,
     pub save_every_epochs: usize,
+    pub val_data: Option<PathBuf>,
+    pub val_every: usize,
     pub resume: Option<PathBuf>,
     pub caption: Option<String>,
     pub caption_dropout: f64,
@@ -388,6 +400,8 @@ impl Default for TrainConfig {
             save_every: 0,
             epochs: None,
             save_every_epochs: 0,
+            val_data: None,
+            val_every: 100,
             resume: None,
             caption: None,
             caption_dropout: 0.0,

@@ -113,6 +113,9 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         let reg = scan(dir, None, "--reg-data")?;
         items.extend(balance_reg(&items, reg));
     }
+    if let Some(dir) = &cfg.val_data {
+        items.extend(crate::data::dataset::held_out(scan(dir, None, "--val-data")?));
+    }
     let opts = LoadOptions {
         dtype,
         device: device.clone(),

@@ -24,6 +24,8 @@ pub struct Summary {
     pub lora_path: PathBuf,
     pub lora_bytes: u64,
     pub skipped_steps: usize,
+    /// `--val-data`: (step, validation loss), step 0 before training.
+    pub val_losses: Vec<(usize, f64)>,
     /// Sample grids ([base | LoRA] rows) by step, when sample prompts were given.
     pub grids: Vec<(usize, image::RgbImage)>,
 }
@@ -43,6 +45,7 @@ impl Summary {
             title: title.into(),
             notes,
             losses: s.losses.clone(),
+            val_losses: s.val_losses.clone(),
             eval_loss: Some((s.eval_before, s.eval_after)),
             lora_bytes: s.lora_bytes,
             seconds: s.seconds,
@@ -70,7 +73,7 @@ impl Summary {
 /// timesteps each.
 pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
     let picked: Vec<usize> =
-        (0..run.samples.len()).filter(|&i| !run.items[run.samples[i].item].reg).take(4).collect();
+        (0..run.samples.len()).filter(|&i| run.items[run.samples[i].item].is_training()).take(4).collect();
     let n = picked.len();
     let mut total = 0.0;
     for (i, &s) in picked.iter().enumerate() {
@@ -89,6 +92,31 @@ pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
         }
     }
     Ok(total / (2 * n) as f64)
+}
+
+/// `--val-data`: the mean loss of the held-out images at fixed noise and timesteps (3 each), or
+/// None without them.
+pub fn val_loss(run: &Run, cfg: &TrainConfig) -> Result<Option<f64>> {
+    let held: Vec<usize> = (0..run.samples.len()).filter(|&i| run.items[run.samples[i].item].val).collect();
+    if held.is_empty() {
+        return Ok(None);
+    }
+    let cfg2 = TrainConfig {
+        flip: false,
+        caption_dropout: 0.0,
+        shuffle_tags: false,
+        seed: cfg.seed ^ 0x7a1,
+        min_timestep: 0,
+        max_timestep: None,
+        ..cfg.clone()
+    };
+    let mut total = 0.0;
+    for (i, &s) in held.iter().enumerate() {
+        for j in 0..3u64 {
+            total += loss_of(run, &cfg2, &[s], 5000 + 3 * i as u64 + j)?;
+        }
+    }
+    Ok(Some(total / (3 * held.len()) as f64))
 }
 
 /// The loss of training samples `samples` as micro-step `k` would draw them (noise, timesteps),
@@ -111,12 +139,13 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
     let cfg = &cfg.with_epochs(epoch_len);
     let start = resume(&mut run, cfg)?;
     let eval_before = eval_loss(&run, cfg)?;
+    let mut val_losses: Vec<(usize, f64)> = val_loss(&run, cfg)?.map(|l| (start, l)).into_iter().collect();
     let mut grids = SampleGrids::start(&run, cfg, start)?;
     let (mut text, mut losses, mut guard) = (TextCache::new(), vec![], Guard::default());
     let (t0, mut images) = (std::time::Instant::now(), 0usize);
     for step in start..cfg.steps {
         if crate::util::stop::requested() {
-            return Err(stopped(&run, cfg, step, start)?.into());
+            return Err(stopped(&run, cfg, step, start, val_losses)?.into());
         }
         let mut g = Grads::new(run.adapters.len());
         let mut loss = 0.0;
@@ -133,6 +162,9 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         losses.push(loss);
         on_step(step + 1, loss, images as f64 / t0.elapsed().as_secs_f64());
         let done = step + 1;
+        if cfg.val_every > 0 && done % cfg.val_every == 0 && done < cfg.steps {
+            val_losses.extend(val_loss(&run, cfg)?.map(|l| (done, l)));
+        }
         if cfg.sample_every > 0 && done % cfg.sample_every == 0 && done < cfg.steps {
             grids.render(&run, cfg, done)?;
         }
@@ -153,6 +185,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
     save(&run, cfg, &cfg.output, cfg.steps)?;
     state::save(&state::state_path(&cfg.output), &run.adapters, run.embedding.as_ref(), &run.opt, cfg.steps)?;
     let eval_after = eval_loss(&run, cfg)?;
+    val_losses.extend(val_loss(&run, cfg)?.map(|l| (cfg.steps, l)));
     grids.render(&run, cfg, cfg.steps)?;
     Ok(Summary {
         steps: cfg.steps - start,
@@ -164,22 +197,29 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
         lora_path: cfg.output.clone(),
         lora_bytes: std::fs::metadata(&cfg.output)?.len(),
         skipped_steps: guard.skipped,
+        val_losses,
         grids: grids.done,
     })
 }
 
 /// A stop asked for (Ctrl-C, SIGTERM) before `step`: the LoRA and state of the steps done are
 /// saved as a step checkpoint, and the error says how to go on.
-fn stopped(run: &Run, cfg: &TrainConfig, step: usize, start: usize) -> Result<Interrupted> {
+fn stopped(
+    run: &Run,
+    cfg: &TrainConfig,
+    step: usize,
+    start: usize,
+    val_losses: Vec<(usize, f64)>,
+) -> Result<Interrupted> {
     if step == start {
         let state = cfg.resume.as_ref().map(|r| state::resolve(r, &cfg.output)).transpose()?;
-        return Ok(Interrupted { step, state, lora: None });
+        return Ok(Interrupted { step, state, lora: None, val_losses });
     }
     let p = step_path(&cfg.output, step);
     save(run, cfg, &p, step)?;
     let s = state::state_path(&p);
     state::save(&s, &run.adapters, run.embedding.as_ref(), &run.opt, step)?;
-    Ok(Interrupted { step, state: Some(s), lora: Some(p) })
+    Ok(Interrupted { step, state: Some(s), lora: Some(p), val_losses })
 }
 
 /// A run stopped by the user at `step`, with the state to resume from (if any) and the LoRA of
@@ -190,6 +230,7 @@ pub struct Interrupted {
     pub step: usize,
     pub state: Option<PathBuf>,
     pub lora: Option<PathBuf>,
+    pub val_losses: Vec<(usize, f64)>,
 }
 
 /// The order in which the run draws its micro-batches, epoch by epoch.
@@ -325,10 +366,11 @@ pub fn step_path(out: &Path, step: usize) -> PathBuf {
 }
 
 fn save(run: &Run, cfg: &TrainConfig, path: &Path, steps_done: usize) -> Result<()> {
-    let tags = metadata::tag_frequency(run.items.iter().filter(|i| !i.reg));
+    let tags = metadata::tag_frequency(run.items.iter().filter(|i| !i.reg && !i.val));
     let v = run.sd.scheduler.prediction_type == "v_prediction";
     let n_reg = run.items.iter().filter(|i| i.reg).count();
-    let counts = (run.items.len() - n_reg, n_reg);
+    let n_val = run.items.iter().filter(|i| i.val).count();
+    let counts = (run.items.len() - n_reg - n_val, n_reg);
     let meta = metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, counts, &tags, steps_done);
     let dtype = cfg.save_dtype.dtype();
     let extra = run.embedding.as_ref().map(|e| e.tensors(dtype)).transpose()?.unwrap_or_default();
@@ -358,6 +400,7 @@ mod tests {
             lora_path: "x.safetensors".into(),
             lora_bytes: 1000,
             skipped_steps: 1,
+            val_losses: vec![(0, 0.25), (3, 0.15)],
             grids: vec![],
         };
         let r = s.report("run");
