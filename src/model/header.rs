@@ -166,7 +166,7 @@ pub fn check_bytes(data: &[u8], file: &str) -> Result<Header> {
     };
     let len = data.len() as u64;
     if n > len - 8 || n > MAX_HEADER {
-        bail!("{file}: not a safetensors file or truncated (header of {n} bytes in a {len}-byte file)");
+        bail!("{file}: not a safetensors file or truncated (header of {n} bytes in a {len}-byte file) — download it again");
     }
     parse(&data[8..8 + n as usize], len - 8 - n, file)
 }
