@@ -26,28 +26,37 @@ pub struct Header {
 }
 
 /// A JSON object's entries in file order, duplicates kept (a JSON map would silently keep the last).
-struct Entries(Vec<(String, serde_json::Value)>);
+struct Entries<V>(Vec<(String, V)>);
 
-impl<'de> serde::Deserialize<'de> for Entries {
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for Entries<V> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Entries;
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = Entries<V>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut m: A,
-            ) -> std::result::Result<Entries, A::Error> {
+            ) -> std::result::Result<Entries<V>, A::Error> {
                 let mut v = vec![];
-                while let Some(e) = m.next_entry::<String, serde_json::Value>()? {
+                while let Some(e) = m.next_entry::<String, V>()? {
                     v.push(e);
                 }
                 Ok(Entries(v))
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+impl<V> Entries<V> {
+    /// The first key that appears twice: readers disagree on which one counts (the safetensors
+    /// crate fails, a JSON map keeps the last).
+    fn repeated(&self) -> Option<&str> {
+        let mut seen = std::collections::HashSet::new();
+        self.0.iter().map(|(k, _)| k.as_str()).find(|k| !seen.insert(*k))
     }
 }
 
@@ -67,11 +76,18 @@ fn dtype_size(d: &str) -> Option<u64> {
 pub fn parse(json: &[u8], data_len: u64, file: &str) -> Result<Header> {
     let corrupt =
         |what: String| anyhow::anyhow!("{file}: corrupt safetensors header: {what} — download it again");
-    let Entries(entries) = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
-    let mut seen = std::collections::HashSet::new();
-    if let Some((k, _)) = entries.iter().find(|(k, _)| !seen.insert(k.as_str())) {
-        // readers disagree on which one counts: the safetensors crate fails, a JSON map keeps the last
+    // every value at the top is an object: a tensor's entry or the metadata
+    let top: Entries<Entries<serde_json::Value>> =
+        serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
+    if let Some(k) = top.repeated() {
         return Err(corrupt(format!("`{k}` appears twice")));
+    }
+    let mut entries = vec![];
+    for (k, inner) in top.0 {
+        if let Some(r) = inner.repeated() {
+            return Err(corrupt(format!("`{k}`: `{r}` appears twice")));
+        }
+        entries.push((k, serde_json::Value::Object(inner.0.into_iter().collect())));
     }
     let mut h = Header::default();
     for (k, v) in &entries {
@@ -229,8 +245,13 @@ mod tests {
                 1,
                 "`a` appears twice",
             ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[1.5],"shape":[1],"data_offsets":[0,1]}}"#.into(),
+                1,
+                "`a`: `shape` appears twice",
+            ),
             ("{\"w\":".into(), 0, "corrupt safetensors header"),
-            (format!("{{\"w\":{}", "[".repeat(100_000)), 0, "recursion limit"),
+            (format!("{{\"w\":{{\"x\":{}", "[".repeat(100_000)), 0, "recursion limit"),
         ] {
             let e = err(&header, len);
             assert!(e.starts_with("x.safetensors: ") && e.contains(want), "{header}: {e}");
