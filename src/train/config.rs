@@ -29,8 +29,8 @@ pub struct TrainArgs {
     #[arg(long, short)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<PathBuf>,
-    /// For a single-file --model: a diffusers folder whose config.json files (and scheduler and
-    /// tokenizers) to use instead of those inferred from the weights — for non-standard sizes,
+    /// For a single-file --model: a diffusers folder whose config.json files (and scheduler) to
+    /// use instead of those inferred from the weights — for non-standard sizes,
     /// e.g. the model's own Hugging Face repo without its weights.
     #[arg(long, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
