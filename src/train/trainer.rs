@@ -74,24 +74,7 @@ impl Summary {
 pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
     let picked: Vec<usize> =
         (0..run.samples.len()).filter(|&i| run.items[run.samples[i].item].is_training()).take(4).collect();
-    let n = picked.len();
-    let mut total = 0.0;
-    for (i, &s) in picked.iter().enumerate() {
-        for j in 0..2u64 {
-            let cfg2 = TrainConfig {
-                flip: false,
-                caption_dropout: 0.0,
-                shuffle_tags: false,
-                seed: cfg.seed ^ 0x5eed,
-                // every timestep, so runs with --min/--max-timestep compare with those without
-                min_timestep: 0,
-                max_timestep: None,
-                ..cfg.clone()
-            };
-            total += loss_of(run, &cfg2, &[s], 1000 + 2 * i as u64 + j)?;
-        }
-    }
-    Ok(total / (2 * n) as f64)
+    fixed_loss(run, cfg, &picked, 2, 0x5eed, 1000)
 }
 
 /// `--val-data`: the mean loss of the held-out images at fixed noise and timesteps (3 each), or
@@ -101,22 +84,36 @@ pub fn val_loss(run: &Run, cfg: &TrainConfig) -> Result<Option<f64>> {
     if held.is_empty() {
         return Ok(None);
     }
+    fixed_loss(run, cfg, &held, 3, 0x7a1, 5000).map(Some)
+}
+
+/// The mean loss of `samples`, `draws` fixed (noise, timestep) draws each from a seed of its own
+/// (`salt`) and micro-steps from `k0`, without augmentation.
+fn fixed_loss(
+    run: &Run,
+    cfg: &TrainConfig,
+    samples: &[usize],
+    draws: u64,
+    salt: u64,
+    k0: u64,
+) -> Result<f64> {
     let cfg2 = TrainConfig {
         flip: false,
         caption_dropout: 0.0,
         shuffle_tags: false,
-        seed: cfg.seed ^ 0x7a1,
+        seed: cfg.seed ^ salt,
+        // every timestep, so runs with --min/--max-timestep compare with those without
         min_timestep: 0,
         max_timestep: None,
         ..cfg.clone()
     };
     let mut total = 0.0;
-    for (i, &s) in held.iter().enumerate() {
-        for j in 0..3u64 {
-            total += loss_of(run, &cfg2, &[s], 5000 + 3 * i as u64 + j)?;
+    for (i, &s) in samples.iter().enumerate() {
+        for j in 0..draws {
+            total += loss_of(run, &cfg2, &[s], k0 + draws * i as u64 + j)?;
         }
     }
-    Ok(Some(total / (3 * held.len()) as f64))
+    Ok(total / (draws * samples.len() as u64) as f64)
 }
 
 /// The loss of training samples `samples` as micro-step `k` would draw them (noise, timesteps),
