@@ -519,14 +519,12 @@ fn epochs_train_whole_passes_and_checkpoint_their_ends() {
 /// `val_loss` column and the report's plot a third line.
 #[test]
 fn validation_images_are_measured_and_never_trained_on() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (model, data, val) = (tmp.path().join("model"), tmp.path().join("data"), tmp.path().join("val"));
-    tiny_model(&model);
-    tiny_dataset(&data, 3);
+    let f = common::data::Fixture::new(3);
+    let (model, data, val) = (f.root.join("model"), f.root.join("data"), f.root.join("val"));
     tiny_dataset(&val, 2);
     let out = |d: &str| {
-        std::fs::create_dir_all(tmp.path().join(d)).unwrap();
-        tmp.path().join(d).join("lora.safetensors")
+        std::fs::create_dir_all(f.root.join(d)).unwrap();
+        f.root.join(d).join("lora.safetensors")
     };
     let (with, without) = (out("with"), out("without"));
     let run = |o: &std::path::Path, extra: &[&str]| {
