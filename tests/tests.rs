@@ -1,6 +1,7 @@
 //! The integration tests, compiled into one test binary (as ripgrep does): each file is a
 //! module, `common` holds the shared helpers and tiny-model builders.
 mod backward_fd;
+mod bench;
 mod cli_errors;
 mod common;
 mod crash_safety;

@@ -21,12 +21,49 @@ pub struct BenchArgs {
     /// the CPU f32 result (needs a build with `--features cuda`).
     #[arg(long)]
     pub check_bf16: bool,
+    /// Time the U-Net of --model on the CPU: `step` (a LoRA step: rank --rank on attention,
+    /// AdamW) or `forward`; prints each step, the median of steps 2.., peak RSS and page faults.
+    #[arg(long, value_parser = ["step", "forward"])]
+    pub case: Option<String>,
+    /// The model folder for --case (write one with --write-model DIR --size sd15).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Image side in pixels for --case (latents are a eighth of it).
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Steps to time for --case (the first is not counted in the median).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     use crate::model::tiny;
     if a.check_bf16 {
         return check_bf16();
+    }
+    if let Some(case) = &a.case {
+        let Some(model) = &a.model else {
+            anyhow::bail!("--case {case} needs --model DIR (write one with --write-model DIR --size sd15)")
+        };
+        anyhow::ensure!(
+            a.resolution.is_multiple_of(64) && a.resolution > 0,
+            "--resolution {}: give a multiple of 64",
+            a.resolution
+        );
+        anyhow::ensure!(a.steps > 0 && a.batch_size > 0, "--steps and --batch-size must be at least 1");
+        return super::bench_step::run(&super::bench_step::Case {
+            model,
+            train: case == "step",
+            resolution: a.resolution,
+            batch: a.batch_size,
+            steps: a.steps,
+            rank: a.rank,
+            dtype: candle_core::DType::F32,
+        });
     }
     if a.write_model.is_none() && a.write_data.is_none() {
         anyhow::bail!(

@@ -1,5 +1,6 @@
 //! The command line: one module per subcommand.
 pub mod bench;
+mod bench_step;
 pub mod demo;
 pub mod demo_pretrain;
 pub mod generate;

@@ -1,16 +1,17 @@
 //! Named, shaped access to frozen weights, with the file name in every error.
 //!
-//! A folder's safetensors are memory-mapped and each tensor is converted to the run's dtype as
-//! it is taken; single-file checkpoints are first renamed into diffusers' layout (see `load`) and
+//! A folder's safetensors are read tensor by tensor as each is taken (not memory-mapped: mapped
+//! file pages count as resident beside the converted copies, which doubled peak memory while a
+//! model loaded) and converted to the run's dtype; single-file checkpoints are first renamed into diffusers' layout (see `load`) and
 //! served from a map.
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Error, Result, Shape, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 enum Source {
-    Mmap(MmapedSafetensors),
+    Files(Vec<File>),
     Map(HashMap<String, Tensor>),
     /// Seeded random weights of whatever shape is asked for (benchmarks, tests, demo init).
     Random(u64),
@@ -29,17 +30,80 @@ pub struct Weights {
     pub device: Device,
 }
 
-impl Weights {
-    /// Memory-maps safetensors files. Errors name the file and say what is wrong with it.
-    pub fn from_files(paths: &[PathBuf], dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        for p in paths {
-            check_safetensors(p)?;
-        }
-        // SAFETY: the files are only read; a file changed underneath us is the user's race.
-        let st = unsafe { MmapedSafetensors::multi(paths) }
-            .map_err(|e| anyhow::anyhow!("{}: cannot read safetensors: {e}", show(paths)))?;
+/// One safetensors file: its checked header's entries by name, read on demand.
+struct File {
+    path: PathBuf,
+    file: std::sync::Mutex<std::fs::File>,
+    /// Where the data section starts.
+    data: u64,
+    entries: HashMap<String, super::header::Entry>,
+}
+
+impl File {
+    fn open(path: &Path) -> anyhow::Result<Self> {
+        let header = super::header::read(path)?;
+        let mut file =
+            std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: cannot open: {e}", path.display()))?;
+        let mut n = [0u8; 8];
+        std::io::Read::read_exact(&mut file, &mut n)?;
         Ok(Self {
-            src: Arc::new(Source::Mmap(st)),
+            path: path.to_path_buf(),
+            file: std::sync::Mutex::new(file),
+            data: 8 + u64::from_le_bytes(n),
+            entries: header.tensors.into_iter().map(|e| (e.name.clone(), e)).collect(),
+        })
+    }
+
+    /// The tensor `name` as stored (the header was checked: the range lies inside the file).
+    fn load(&self, name: &str) -> Option<Result<Tensor>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let e = self.entries.get(name)?;
+        let read = || -> std::io::Result<Vec<u8>> {
+            let mut f = self.file.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+            f.seek(SeekFrom::Start(self.data + e.range.0))?;
+            let mut bytes = vec![0u8; (e.range.1 - e.range.0) as usize];
+            f.read_exact(&mut bytes)?;
+            Ok(bytes)
+        };
+        Some((|| {
+            let bytes = read()
+                .map_err(|err| Error::Msg(format!("{}: cannot read `{name}`: {err}", self.path.display())))?;
+            let dtype = stored_dtype(&e.dtype).ok_or_else(|| {
+                Error::Msg(format!("{}: `{name}` has dtype {}", self.path.display(), e.dtype))
+            })?;
+            let view = safetensors::tensor::TensorView::new(dtype, e.shape.clone(), &bytes)
+                .map_err(|err| Error::Msg(format!("{}: `{name}`: {err}", self.path.display())))?;
+            view.load(&Device::Cpu)
+        })())
+    }
+}
+
+/// The dtypes `header` lets through, as safetensors names them.
+fn stored_dtype(s: &str) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype::*;
+    Some(match s {
+        "U8" => U8,
+        "F8_E4M3" => F8_E4M3,
+        "F16" => F16,
+        "BF16" => BF16,
+        "I16" => I16,
+        "U16" => U16,
+        "F32" => F32,
+        "I32" => I32,
+        "U32" => U32,
+        "F64" => F64,
+        "I64" => I64,
+        _ => return None,
+    })
+}
+
+impl Weights {
+    /// Opens safetensors files (their headers checked). Errors name the file and say what is
+    /// wrong with it.
+    pub fn from_files(paths: &[PathBuf], dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let files = paths.iter().map(|p| File::open(p)).collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            src: Arc::new(Source::Files(files)),
             origin: Arc::new(show(paths)),
             prefix: String::new(),
             dtype,
@@ -105,7 +169,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         let full = self.full(name);
         match &*self.src {
-            Source::Mmap(st) => st.get(&full).is_ok(),
+            Source::Files(fs) => fs.iter().any(|f| f.entries.contains_key(&full)),
             Source::Map(m) => m.contains_key(&full),
             Source::Random(_) | Source::Meta(_) => true,
         }
@@ -115,7 +179,9 @@ impl Weights {
     pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
         let full = self.full(name);
         let t = match &*self.src {
-            Source::Mmap(st) => st.load(&full, &self.device).map_err(|_| self.missing(&full))?,
+            Source::Files(fs) => {
+                fs.iter().find_map(|f| f.load(&full)).ok_or_else(|| self.missing(&full))??
+            }
             Source::Map(m) => m.get(&full).cloned().ok_or_else(|| self.missing(&full))?,
             Source::Random(seed) => {
                 return random_tensor(*seed, &full, &shape.into(), self.dtype, &self.device)

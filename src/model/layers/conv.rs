@@ -4,7 +4,8 @@
 //! flipped, transposed kernel, so it runs on the same im2col+GEMM path as the forward instead
 //! of candle's naive conv_transpose2d.
 //!
-//! On the CPU in f32, k×k convolutions and kernel gradients go through `im2col`.
+//! On the CPU in f32, stride-1 k×k convolutions, their input and kernel gradients go through
+//! `conv_taps` (one GEMM per kernel tap); strided ones through `im2col`.
 use super::adapter::{adapters_backward, add_adapters, LoraSaved, Op};
 use super::{Grads, Lora};
 use candle_core::{DType, Result, Tensor};
@@ -100,8 +101,7 @@ pub fn conv_input_grad(
     let (_, _, ho, wo) = dy.dims4()?;
     let own = cpu_f32(dy, w) && kh == kw && kh > 1;
     if own && stride == 1 {
-        // stride 1 pads both sides by kh − 1 − padding: im2col pads as it gathers, no copy
-        return super::im2col::conv2d_flipped(dy, w, kh - 1 - padding);
+        return super::conv_taps::input_grad(dy, w, padding);
     }
     let d = dilate(dy, stride)?;
     let pad_lo = kh - 1 - padding;
@@ -109,7 +109,8 @@ pub fn conv_input_grad(
     let pad_hi_w = in_hw.1 + padding - (wo - 1) * stride - 1;
     let d = d.pad_with_zeros(2, pad_lo, pad_hi_h)?.pad_with_zeros(3, kw - 1 - padding, pad_hi_w)?;
     if own {
-        return super::im2col::conv2d_flipped(&d, w, 0);
+        // padded already: the mirrored kernel's own padding k − 1 − p must be 0
+        return super::conv_taps::input_grad(&d, w, kh - 1);
     }
     let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
     conv2d(&d, &wf.to_dtype(d.dtype())?, 0, 1)
@@ -133,12 +134,15 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         // let candle word the shape error
         return x.conv2d(w, padding, stride, 1, 1);
     }
+    if stride == 1 && kh == kw {
+        return super::conv_taps::conv2d(x, w, padding);
+    }
     super::im2col::conv2d(x, w, padding, stride)
 }
 
 /// Gradient of a conv kernel of shape `wdims` from its input x and output gradient dy: on the
-/// CPU in f32 one GEMM per image over its im2col matrix, else dW[:, :, i, j] = dy · window(i, j)ᵀ,
-/// one GEMM per kernel tap.
+/// CPU in f32 one GEMM per tap on the padded grid (stride 1) or per image over its im2col matrix
+/// (stride 2), else by windows.
 pub fn kernel_grad(
     x: &Tensor,
     dy: &Tensor,
@@ -147,8 +151,22 @@ pub fn kernel_grad(
     padding: usize,
 ) -> Result<Tensor> {
     if cpu_f32(x, dy) {
+        if stride == 1 && wdims.2 == wdims.3 {
+            return super::conv_taps::kernel_grad(x, dy, wdims, padding);
+        }
         return super::im2col::kernel_grad(x, dy, wdims, stride, padding);
     }
+    kernel_grad_by_windows(x, dy, wdims, stride, padding)
+}
+
+/// dW[:, :, i, j] = dy · window(i, j)ᵀ, one candle GEMM per kernel tap (any device and dtype).
+pub fn kernel_grad_by_windows(
+    x: &Tensor,
+    dy: &Tensor,
+    wdims: (usize, usize, usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     let (o, c, kh, kw) = wdims;
     let (_, _, ho, wo) = dy.dims4()?;
     let xp = x.pad_with_zeros(2, padding, padding + stride)?.pad_with_zeros(3, padding, padding + stride)?;

@@ -1,8 +1,6 @@
-//! The CPU f32 convolution: an im2col matrix built one contiguous run of channels per kernel tap
-//! (from a channels-last copy of the input) and one GEMM per image, for the forward and for the
-//! kernel gradient. candle 0.11's tiled im2col writes every element with a stride of its tile,
-//! which made it a third of a sampling step; this path trains the demo's LoRA 1.35× faster
-//! (BENCHMARKS.md).
+//! The CPU f32 strided convolution (the downsamplers): an im2col matrix built one contiguous run
+//! of channels per kernel tap (from a channels-last copy of the input) and one GEMM per image,
+//! for the forward and for the kernel gradient. Stride-1 convolutions go through `conv_taps`.
 use candle_core::{Result, Storage, Tensor};
 use std::sync::Mutex;
 
@@ -152,39 +150,10 @@ fn channels_last(x: &Tensor) -> Result<Vec<f32>> {
     })
 }
 
-/// The kernel w [O, C, KH, KW] flipped in space with in and out swapped, [C, O, KH, KW] — what
-/// the input gradient convolves with — as channels-last rows [C, KH, KW, O]. Rebuilt on every
-/// call rather than cached: a cache would keep a second f32 copy of every frozen kernel, which
-/// at SD sizes costs more memory than this one pass over the kernel costs time.
-fn flipped_rows(w: &Tensor) -> Result<Vec<f32>> {
-    let (o, c, kh, kw) = w.dims4()?;
-    with_f32(w, |v| {
-        let mut out = vec![0f32; c * kh * kw * o];
-        for oi in 0..o {
-            for ci in 0..c {
-                for i in 0..kh {
-                    for j in 0..kw {
-                        let src = ((oi * c + ci) * kh + (kh - 1 - i)) * kw + (kw - 1 - j);
-                        out[((ci * kh + i) * kw + j) * o + oi] = v[src];
-                    }
-                }
-            }
-        }
-        out
-    })
-}
-
 /// y = conv(x, w), x [N, C, H, W] f32 on the CPU, w [O, C, KH, KW]; shapes already checked.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (o, _, kh, kw) = w.dims4()?;
     conv2d_rows(x, &channels_last(w)?, (o, kh, kw), padding, stride)
-}
-
-/// conv(x, flip(w)ᵀ) with stride 1, x [N, O, H, W], w [O, C, KH, KW]: the input gradient of a
-/// convolution by w, without materialising the flipped kernel as a tensor.
-pub fn conv2d_flipped(x: &Tensor, w: &Tensor, padding: usize) -> Result<Tensor> {
-    let (_, c, kh, kw) = w.dims4()?;
-    conv2d_rows(x, &flipped_rows(w)?, (c, kh, kw), padding, 1)
 }
 
 /// The convolution with a kernel given as channels-last rows [O, KH, KW, C].

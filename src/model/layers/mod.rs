@@ -8,10 +8,13 @@ pub mod activation;
 pub mod adapter;
 pub mod attention;
 pub mod conv;
+mod conv_taps;
+mod flash;
 mod im2col;
 pub mod linear;
 pub mod norm;
 pub mod resample;
+mod vmath;
 
 pub use activation::{gelu_backward, quick_gelu, quick_gelu_backward, silu_backward};
 pub use adapter::{Grads, Lora, Switch};

@@ -1,0 +1,270 @@
+//! Stride-1 convolutions on the CPU in f32 as one GEMM per kernel tap, with no im2col matrix and
+//! no reordered copy of the kernel.
+//!
+//! Each image is copied once into a zero-bordered buffer `Xp[C, Hp·Wp + k − 1]`. On that grid the
+//! output pixel q = oy·Wp + ox reads tap (i, j) at q + i·Wp + j, so tap (i, j) is a plain GEMM
+//! `Y'[O, Ho·Wp] += W[:, :, i, j] · Xp[:, i·Wp + j ..]` whose operands are strided views; the
+//! k − 1 columns past each output row are dropped at the end. The input gradient runs the same
+//! loop with the kernel read transposed and mirrored through its strides, and the kernel gradient
+//! is the same product with the roles of the operands swapped.
+use candle_core::{Result, Storage, Tensor};
+
+/// Row-major dst [m, n] (row stride `dst.1`, column stride `dst.2`) = alpha·dst + lhs·rhs, with
+/// lhs [m, k] and rhs [k, n] given by (row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, dst_cs): (&mut [f32], usize, usize),
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
+) {
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        m > 0
+            && n > 0
+            && k > 0
+            && dst.len() > last(dst_rs, dst_cs, m, n)
+            && lhs.len() > last(lhs_rs, lhs_cs, m, k)
+            && rhs.len() > last(rhs_rs, rhs_cs, k, n)
+    );
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the assert above keeps every element the strides reach inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// The padded grid of one convolution: input planes H×W, kernel k×k, padding p, stride 1.
+#[derive(Clone, Copy)]
+struct Grid {
+    h: usize,
+    w: usize,
+    k: usize,
+    p: usize,
+}
+
+impl Grid {
+    fn hp(&self) -> usize {
+        self.h + 2 * self.p
+    }
+    fn wp(&self) -> usize {
+        self.w + 2 * self.p
+    }
+    fn ho(&self) -> usize {
+        self.hp() + 1 - self.k
+    }
+    fn wo(&self) -> usize {
+        self.wp() + 1 - self.k
+    }
+    /// One padded plane, with room for the last tap's overrun.
+    fn plane(&self) -> usize {
+        self.hp() * self.wp() + self.k - 1
+    }
+    /// Output pixels on the padded-width grid.
+    fn q(&self) -> usize {
+        self.ho() * self.wp()
+    }
+
+    /// Copies the planes [C, H, W] into the zero-bordered [C, plane] buffer `xp`.
+    fn pad(&self, x: &[f32], xp: &mut [f32]) {
+        let (h, w, p, wp) = (self.h, self.w, self.p, self.wp());
+        xp.fill(0.0);
+        for (src, dst) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut(self.plane())) {
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                dst[(y + p) * wp + p..][..w].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// Keeps the first `wo` of every `wp` columns: [O, Ho·Wp] → [O, Ho, Wo].
+    fn crop(&self, yq: &[f32], y: &mut [f32]) {
+        let (wp, wo) = (self.wp(), self.wo());
+        for (src, dst) in yq.chunks_exact(wp).zip(y.chunks_exact_mut(wo)) {
+            dst.copy_from_slice(&src[..wo]);
+        }
+    }
+}
+
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("conv_taps: expected a contiguous CPU tensor")
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[a..b]))
+}
+
+/// The kernel [O, C, k, k] as a [rows, cols] matrix per tap: the forward reads W[:, :, i, j]
+/// ([O, C]); the input gradient reads W[:, :, k−1−i, k−1−j]ᵀ ([C, O]).
+#[derive(Clone, Copy)]
+enum Kernel {
+    Forward,
+    Transposed,
+}
+
+/// The convolution of every image of `x` [N, Cin, H, W] by the kernel `w` [O, C, k, k] read as
+/// `how` says, stride 1, padding `p`: [N, Cout, Ho, Wo].
+fn convolve(x: &Tensor, w: &Tensor, p: usize, how: Kernel) -> Result<Tensor> {
+    let (n, cin, h, wd) = x.dims4()?;
+    let (o, c, k, k2) = w.dims4()?;
+    let kk = k * k2;
+    let (cout, rs, cs) = match how {
+        Kernel::Forward => (o, c * kk, kk),
+        Kernel::Transposed => (c, kk, c * kk),
+    };
+    if k != k2 || cin != if matches!(how, Kernel::Forward) { c } else { o } || h + 2 * p < k || wd + 2 * p < k
+    {
+        candle_core::bail!(
+            "conv_taps: input {:?} does not fit kernel {:?} with padding {p}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let g = Grid { h, w: wd, k, p };
+    let y = with_f32(x, |xv| {
+        with_f32(w, |wv| {
+            let mut xp = vec![0f32; cin * g.plane()];
+            let mut yq = vec![0f32; cout * g.q()];
+            let mut y = vec![0f32; n * cout * g.ho() * g.wo()];
+            for (b, yb) in y.chunks_exact_mut(cout * g.ho() * g.wo()).enumerate() {
+                g.pad(&xv[b * cin * h * wd..][..cin * h * wd], &mut xp);
+                for i in 0..k {
+                    for j in 0..k {
+                        let tap = match how {
+                            Kernel::Forward => i * k + j,
+                            Kernel::Transposed => (k - 1 - i) * k + (k - 1 - j),
+                        };
+                        gemm(
+                            (cout, g.q(), cin),
+                            (&mut yq, g.q(), 1),
+                            i + j > 0,
+                            (&wv[tap..], rs, cs),
+                            (&xp[i * g.wp() + j..], g.plane(), 1),
+                        );
+                    }
+                }
+                g.crop(&yq, yb);
+            }
+            y
+        })
+    })??;
+    Tensor::from_vec(y, (n, cout, g.ho(), g.wo()), x.device())
+}
+
+/// y = conv(x, w), stride 1, padding `p`; x [N, C, H, W] f32 on the CPU, w [O, C, k, k].
+pub fn conv2d(x: &Tensor, w: &Tensor, p: usize) -> Result<Tensor> {
+    convolve(x, w, p, Kernel::Forward)
+}
+
+/// dx of y = conv(x, w) with stride 1 and padding `p` from dy [N, O, Ho, Wo]: the convolution of
+/// dy by the mirrored, transposed kernel with padding k − 1 − p.
+pub fn input_grad(dy: &Tensor, w: &Tensor, p: usize) -> Result<Tensor> {
+    let k = w.dim(2)?;
+    convolve(dy, w, k - 1 - p, Kernel::Transposed)
+}
+
+/// dW [O, C, k, k] of y = conv(x, w) with stride 1 and padding `p`, from x [N, C, H, W] and
+/// dy [N, O, Ho, Wo]: per tap, dy on the padded-width grid (zeros past each row) times the
+/// shifted planes of x, summed over the images.
+pub fn kernel_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    (o, c, k, k2): (usize, usize, usize, usize),
+    p: usize,
+) -> Result<Tensor> {
+    let (n, cx, h, wd) = x.dims4()?;
+    let g = Grid { h, w: wd, k, p };
+    if k != k2 || cx != c || h + 2 * p < k || wd + 2 * p < k || dy.dims4()? != (n, o, g.ho(), g.wo()) {
+        candle_core::bail!("kernel_grad: dy {:?} is not the output of this convolution", dy.dims());
+    }
+    let kk = k * k;
+    let dw = with_f32(x, |xv| {
+        with_f32(dy, |dyv| {
+            let mut xp = vec![0f32; c * g.plane()];
+            let mut dq = vec![0f32; o * g.q()];
+            let mut dw = vec![0f32; o * c * kk];
+            let (wo, wp) = (g.wo(), g.wp());
+            for b in 0..n {
+                g.pad(&xv[b * c * h * wd..][..c * h * wd], &mut xp);
+                for (src, dst) in dyv[b * o * g.ho() * wo..][..o * g.ho() * wo]
+                    .chunks_exact(wo)
+                    .zip(dq.chunks_exact_mut(wp))
+                {
+                    dst[..wo].copy_from_slice(src);
+                }
+                for tap in 0..kk {
+                    let (i, j) = (tap / k, tap % k);
+                    gemm(
+                        (o, c, g.q()),
+                        (&mut dw[tap..], c * kk, kk),
+                        b > 0,
+                        (&dq, g.q(), 1),
+                        (&xp[i * wp + j..], 1, g.plane()),
+                    );
+                }
+            }
+            dw
+        })
+    })??;
+    Tensor::from_vec(dw, (o, c, k, k), x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        crate::model::weights::random_tensor(seed, "conv_taps", &shape.into(), DType::F32, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Against candle's direct convolution and its transposed convolution, in f32, for odd and
+    /// even kernels, paddings 0 and 1, non-square planes and two images.
+    #[test]
+    fn taps_equal_candles_convolutions() {
+        for (k, p, h, w) in [(3, 1, 7, 5), (3, 0, 6, 9), (1, 0, 4, 3), (2, 1, 5, 5)] {
+            let x = rand(&[2, 5, h, w], 1);
+            let wt = rand(&[6, 5, k, k], 2);
+            let y = conv2d(&x, &wt, p).unwrap();
+            let want = x.conv2d(&wt, p, 1, 1, 1).unwrap();
+            assert!(max_rel(&y, &want) < 1e-5, "forward k{k} p{p}: {}", max_rel(&y, &want));
+            let dy = rand(y.dims(), 3);
+            let dx = input_grad(&dy, &wt, p).unwrap();
+            let want = dy.conv_transpose2d(&wt, p, 0, 1, 1).unwrap();
+            assert!(max_rel(&dx, &want) < 1e-5, "input grad k{k} p{p}: {}", max_rel(&dx, &want));
+            let dw = kernel_grad(&x, &dy, wt.dims4().unwrap(), p).unwrap();
+            // Σ_b,o,q dy·y is linear in w, so its gradient is the sum of the per-tap windows
+            let want = crate::model::layers::conv::kernel_grad_by_windows(&x, &dy, wt.dims4().unwrap(), 1, p)
+                .unwrap();
+            assert!(max_rel(&dw, &want) < 1e-5, "kernel grad k{k} p{p}: {}", max_rel(&dw, &want));
+        }
+    }
+}
