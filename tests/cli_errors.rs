@@ -272,7 +272,10 @@ fn demo_pretraining_from_a_folder_that_is_not_a_model() {
     let bench_data = tmp.path().join("bench").display().to_string();
     expect_error(&["bench", "--write-data", &bench_data, "--images", "0"], &["--images 0"]);
     expect_error(&["bench", "--case", "step"], &["--case step", "--model DIR"]);
-    expect_error(&["bench", "--case", "step", "--model", &bench_data, "--resolution", "100"], &["--resolution 100"]);
+    expect_error(
+        &["bench", "--case", "step", "--model", &bench_data, "--resolution", "100"],
+        &["--resolution 100"],
+    );
     // numbers are checked before anything runs, under the demo's own flag names
     expect_error(&["demo-pretrain", "--out", &o, "--images", "0"], &["--images", "at least 1"]);
     expect_error(&["demo-pretrain", "--out", &o, "--lr", "nan"], &["--lr NaN", "positive"]);

@@ -28,6 +28,16 @@ pub struct Conv2dSaved {
 
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        // the CPU f32 stride-1 path multiplies by one tap of the kernel at a time: stored
+        // tap-major, each tap is a contiguous matrix (shape-only placeholders are left alone)
+        let taps = weight.dims().len() == 4
+            && weight.dim(2).is_ok_and(|k| k > 1)
+            && weight.dim(2).ok() == weight.dim(3).ok();
+        let weight = if taps && stride == 1 && cpu_f32(&weight, &weight) && weight.is_contiguous() {
+            super::conv_taps::tap_major(&weight).unwrap_or(weight)
+        } else {
+            weight
+        };
         Self { weight, bias, stride, padding, adapters: vec![] }
     }
 
