@@ -7,54 +7,8 @@
 //! k − 1 columns past each output row are dropped at the end. The input gradient runs the same
 //! loop with the kernel read transposed and mirrored through its strides, and the kernel gradient
 //! is the same product with the roles of the operands swapped.
+use super::cpu::{all_threads, gemm, with_f32};
 use candle_core::{Result, Storage, Tensor};
-
-/// Row-major dst [m, n] (row stride `dst.1`, column stride `dst.2`) = alpha·dst + lhs·rhs, with
-/// lhs [m, k] and rhs [k, n] given by (row stride, column stride).
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    (m, n, k): (usize, usize, usize),
-    (dst, dst_rs, dst_cs): (&mut [f32], usize, usize),
-    accumulate: bool,
-    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
-) {
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        m > 0
-            && n > 0
-            && k > 0
-            && dst.len() > last(dst_rs, dst_cs, m, n)
-            && lhs.len() > last(lhs_rs, lhs_cs, m, k)
-            && rhs.len() > last(rhs_rs, rhs_cs, k, n)
-    );
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the assert above keeps every element the strides reach inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
 
 /// The padded grid of one convolution: input planes H×W, kernel k×k, padding p, stride 1.
 #[derive(Clone, Copy)]
@@ -105,15 +59,6 @@ impl Grid {
             dst.copy_from_slice(&src[..wo]);
         }
     }
-}
-
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
-        candle_core::bail!("conv_taps: expected a contiguous CPU tensor")
-    };
-    Ok(f(&cpu.as_slice::<f32>()?[a..b]))
 }
 
 /// Runs `f` on the storage of the CPU f32 tensor `w` [O, C, k, k] from its first element, with
@@ -178,6 +123,7 @@ fn convolve(x: &Tensor, w: &Tensor, p: usize, how: Kernel) -> Result<Tensor> {
                             i + j > 0,
                             (&wv[tap..], rs, cs),
                             (&xp[i * g.wp() + j..], g.plane(), 1),
+                            all_threads(),
                         );
                     }
                 }
@@ -239,6 +185,7 @@ pub fn kernel_grad(
                         b > 0,
                         (&dq, g.q(), 1),
                         (&xp[i * wp + j..], 1, g.plane()),
+                        all_threads(),
                     );
                 }
             }

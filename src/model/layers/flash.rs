@@ -4,7 +4,8 @@
 //!
 //! Q, K and V are read in place from the projections' [B, L, H·D] outputs through strides; the
 //! results come back head-major, [B, H, L, D], one contiguous region per task.
-use candle_core::{Result, Storage, Tensor, WithDType};
+use super::cpu::{for_each_task, gemm, with_slices};
+use candle_core::{Result, Tensor, WithDType};
 use num_traits::Float;
 use std::sync::Mutex;
 
@@ -53,67 +54,6 @@ impl<'a, T> Head<'a, T> {
     fn rows(&self, r0: usize) -> &'a [T] {
         &self.v[r0 * self.stride..]
     }
-}
-
-/// dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n]; each operand is
-/// (slice, row stride, column stride). Single-threaded: the tasks are the parallelism.
-fn gemm<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    (dst, dst_rs, dst_cs): (&mut [T], usize, usize),
-    accumulate: bool,
-    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
-) {
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        dst.len() > last(dst_rs, dst_cs, m, n)
-            && lhs.len() > last(lhs_rs, lhs_cs, m, k)
-            && rhs.len() > last(rhs_rs, rhs_cs, k, n)
-    );
-    // SAFETY: the assert above keeps every element the strides reach inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
-/// Runs `f` on the values of the CPU tensors `ts`, each in row-major order.
-fn with_slices<T: Real, R, const N: usize>(ts: [&Tensor; N], f: impl FnOnce([&[T]; N]) -> R) -> Result<R> {
-    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut views = Vec::with_capacity(N);
-    for (storage, layout) in &guards {
-        let (Storage::Cpu(cpu), Some((a, b))) = (&**storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("flash attention: expected CPU tensors")
-        };
-        views.push(&cpu.as_slice::<T>()?[a..b]);
-    }
-    let Ok(views) = views.try_into() else { unreachable!("N views") };
-    Ok(f(views))
-}
-
-/// Runs `f(i)` for every task i < n on candle's CPU thread pool.
-fn for_each_task(n: usize, f: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
 }
 
 /// The shapes of one call: batch, heads, query rows, key rows, head size.
@@ -194,6 +134,7 @@ pub fn forward<T: Real>(
                     false,
                     (qh.rows(q0), qh.stride, 1),
                     (kh.rows(k0), 1, kh.stride),
+                    1,
                 );
                 for r in 0..rows {
                     let row = &mut sc[r * cols..][..cols];
@@ -205,7 +146,7 @@ pub fn forward<T: Real>(
                     m[r] = mx;
                     ob[r * d..][..d].iter_mut().for_each(|y| *y *= corr);
                 }
-                gemm((rows, d, cols), (ob, d, 1), true, (&sc, cols, 1), (vh.rows(k0), vh.stride, 1));
+                gemm((rows, d, cols), (ob, d, 1), true, (&sc, cols, 1), (vh.rows(k0), vh.stride, 1), 1);
             }
             for r in 0..rows {
                 let inv = sum[r].recip();
@@ -278,6 +219,7 @@ pub fn backward<T: Real>(
                         false,
                         (qh.rows(q0), qh.stride, 1),
                         (kh.rows(k0), 1, kh.stride),
+                        1,
                     );
                     for r in 0..rows {
                         let row = &mut p[r * cols..][..cols];
@@ -291,6 +233,7 @@ pub fn backward<T: Real>(
                         true,
                         (&p, 1, cols),
                         (gh.rows(q0), gh.stride, 1),
+                        1,
                     );
                     // dP = dO Vᵀ, then dS = P ∘ (dP − D) · scale in place
                     gemm(
@@ -299,6 +242,7 @@ pub fn backward<T: Real>(
                         false,
                         (gh.rows(q0), gh.stride, 1),
                         (vh.rows(k0), 1, vh.stride),
+                        1,
                     );
                     for r in 0..rows {
                         for j in 0..cols {
@@ -313,6 +257,7 @@ pub fn backward<T: Real>(
                         true,
                         (&dp, cols, 1),
                         (kh.rows(k0), kh.stride, 1),
+                        1,
                     );
                     gemm(
                         (cols, d, rows),
@@ -320,6 +265,7 @@ pub fn backward<T: Real>(
                         true,
                         (&dp, 1, cols),
                         (qh.rows(q0), qh.stride, 1),
+                        1,
                     );
                 }
             }

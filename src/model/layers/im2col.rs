@@ -1,15 +1,9 @@
 //! The CPU f32 strided convolution (the downsamplers): an im2col matrix built one contiguous run
 //! of channels per kernel tap (from a channels-last copy of the input) and one GEMM per image,
 //! for the forward and for the kernel gradient. Stride-1 convolutions go through `conv_taps`.
-use candle_core::{Result, Storage, Tensor};
+use super::cpu::{all_threads, for_each_task, gemm, with_f32};
+use candle_core::{Result, Tensor};
 use std::sync::Mutex;
-
-/// Runs `f(b)` for every image b < n on candle's own CPU thread pool. On rayon's, candle's
-/// worker kept spinning for the next candle op on a core the images needed (2-core `perf`:
-/// an eighth of a training step's samples).
-fn per_image(n: usize, f: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
-}
 
 /// `v` cut into chunks of `len`, each lockable by the one task that fills it.
 fn chunks(v: &mut [f32], len: usize) -> Vec<Mutex<&mut [f32]>> {
@@ -68,66 +62,10 @@ impl Im2Col {
     }
 }
 
-/// Row-major dst [m, n] = lhs [m, k] · rhs [k, n], where lhs and rhs are given by their row and
-/// column strides.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    threads: usize,
-) {
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        dst.len() >= m * n
-            && lhs.len() > last(lhs_rs, lhs_cs, m, k)
-            && rhs.len() > last(rhs_rs, rhs_cs, k, n)
-    );
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the assert above keeps every element the strides reach inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
-
 fn geometry(x: &Tensor, (kh, kw): (usize, usize), stride: usize, padding: usize) -> Result<Im2Col> {
     let (_, c, h, w) = x.dims4()?;
     let (ho, wo) = ((h + 2 * padding - kh) / stride + 1, (w + 2 * padding - kw) / stride + 1);
     Ok(Im2Col { c, h, w, kh, kw, stride, padding, ho, wo })
-}
-
-/// Runs `f` on the values of `t` (f32 on the CPU) in row-major order, borrowed where `t` is
-/// contiguous: every candle copy here was a pass over the activations.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
-        candle_core::bail!("im2col: expected a contiguous CPU tensor")
-    };
-    Ok(f(&cpu.as_slice::<f32>()?[a..b]))
 }
 
 /// [N, C, H, W] → channels-last values [N, H, W, C], in one pass, images in parallel.
@@ -137,7 +75,7 @@ fn channels_last(x: &Tensor) -> Result<Vec<f32>> {
     with_f32(x, |v| {
         let mut out = vec![0f32; n * hw * c];
         let parts = chunks(&mut out, hw * c);
-        per_image(n, |b| {
+        for_each_task(n, |b| {
             let mut ob = parts[b].lock().expect("one task per image");
             for (ch, plane) in v[b * c * hw..][..c * hw].chunks_exact(hw).enumerate() {
                 for (p, &e) in plane.iter().enumerate() {
@@ -173,12 +111,19 @@ fn conv2d_rows(
     // decodes one at a time) gives the threads to the GEMM instead
     if n == 1 {
         let col = g.matrix(&xl, 0);
-        gemm((o, p, k), &mut y, wr, (k, 1), &col, (1, k), rayon::current_num_threads());
+        gemm((o, p, k), (&mut y, p, 1), false, (wr, k, 1), (&col, 1, k), all_threads());
     } else {
         let parts = chunks(&mut y, o * p);
-        per_image(n, |b| {
+        for_each_task(n, |b| {
             let col = g.matrix(&xl, b);
-            gemm((o, p, k), &mut parts[b].lock().expect("one task per image"), wr, (k, 1), &col, (1, k), 1);
+            gemm(
+                (o, p, k),
+                (&mut parts[b].lock().expect("one task per image"), p, 1),
+                false,
+                (wr, k, 1),
+                (&col, 1, k),
+                1,
+            );
         });
     }
     Tensor::from_vec(y, (n, o, g.ho, g.wo), x.device())
@@ -199,19 +144,19 @@ pub fn kernel_grad(
         candle_core::bail!("kernel_grad: dy {:?} is not the output of this convolution", dy.dims());
     }
     let xl = channels_last(x)?;
-    let threads = if n == 1 { rayon::current_num_threads() } else { 1 };
+    let threads = if n == 1 { all_threads() } else { 1 };
     let dw = with_f32(dy, |dyv| {
         let mut each = vec![0f32; n * o * k];
         let parts = chunks(&mut each, o * k);
         let one = |b: usize| {
             let col = g.matrix(&xl, b);
             let mut dwb = parts[b].lock().expect("one task per image");
-            gemm((o, k, p), &mut dwb, &dyv[b * o * p..], (p, 1), &col, (k, 1), threads);
+            gemm((o, k, p), (&mut dwb, k, 1), false, (&dyv[b * o * p..], p, 1), (&col, k, 1), threads);
         };
         if n == 1 {
             one(0)
         } else {
-            per_image(n, one)
+            for_each_task(n, one)
         }
         drop(parts);
         let mut dw = vec![0f32; o * k];

@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod attention;
 pub mod conv;
 mod conv_taps;
+mod cpu;
 mod flash;
 mod im2col;
 pub mod linear;
