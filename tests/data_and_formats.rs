@@ -138,7 +138,7 @@ fn f16_base_trains_and_captions_are_cached_on_disk() {
     let cfg = TrainConfig::resolve(&a).unwrap();
     let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
     assert_eq!(run.sd.unet.as_ref().unwrap().conv_in.weight.dtype(), candle_core::DType::F16);
-    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(run, &cfg, &mut |_| {}).unwrap();
     assert!(s.losses.iter().all(|l| l.is_finite()) && s.losses.len() == 3);
     let texts = std::fs::read_dir(&cache)
         .unwrap()
@@ -186,7 +186,7 @@ fn buckets_fit_the_models_downsampling() {
     for s in &run.samples {
         assert!(s.bucket.0 % 16 == 0 && s.bucket.1 % 16 == 0, "bucket {:?}", s.bucket);
     }
-    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(run, &cfg, &mut |_| {}).unwrap();
     assert!(s.losses[0].is_finite());
     // a resolution below one cell is refused with what the model needs
     a.resolution = Some(8);

@@ -23,7 +23,7 @@ fn config(model: &Path, data: &Path, out: &Path, steps: usize) -> TrainConfig {
 
 fn train(cfg: &TrainConfig) -> trainer::Summary {
     let run = setup::setup(cfg, &mut |_, _, _| {}).unwrap();
-    trainer::train(run, cfg, &mut |_, _, _| {}).unwrap()
+    trainer::train(run, cfg, &mut |_| {}).unwrap()
 }
 
 #[test]
@@ -55,4 +55,33 @@ fn loss_falls_and_resume_is_byte_identical() {
     assert!(a == b, "resumed LoRA differs from the uninterrupted one");
     let c = std::fs::read(&half).unwrap();
     assert!(a != c, "10 more steps changed nothing");
+}
+
+/// The loop reports every step and every forward of the fixed-seed loss before and after (a
+/// full-size forward takes seconds: the progress bar shows them), and the evaluation's loss is
+/// the training loss of the same draw without its backward.
+#[test]
+fn progress_reports_steps_and_each_evaluation_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    tiny_model(&model);
+    tiny_dataset(&data, 4);
+    let cfg = config(&model, &data, &tmp.path().join("lora.safetensors"), 3);
+    let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+    let (a, b) = (
+        trainer::loss_of(&run, &cfg, &[1], 7).unwrap(),
+        trainer::train_loss_of(&run, &cfg, &[1], 7).unwrap(),
+    );
+    assert!(a.is_finite() && a > 0.0 && (a - b).abs() <= 1e-6 * b, "evaluate {a} vs train {b}");
+    let mut events = vec![];
+    trainer::train(run, &cfg, &mut |p| {
+        events.push(match p {
+            trainer::Progress::Step { step, .. } => format!("step {step}"),
+            trainer::Progress::Evaluating { done, total } => format!("eval {done}/{total}"),
+        })
+    })
+    .unwrap();
+    let evals: Vec<String> = (0..=8).map(|i| format!("eval {i}/8")).collect();
+    let steps: Vec<String> = (1..=3).map(|i| format!("step {i}")).collect();
+    assert_eq!(events, [evals.clone(), steps, evals].concat());
 }

@@ -29,7 +29,7 @@ fn trained_embedding_is_bundled_resumes_exactly_and_changes_only_its_word() {
         a.save_every = Some(2);
         a.resume = resume.map(sdlora::train::state::state_path);
         let cfg = TrainConfig::resolve(&a).unwrap();
-        trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap()
+        trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_| {}).unwrap()
     };
     for d in ["a", "b"] {
         std::fs::create_dir_all(tmp.path().join(d)).unwrap();

@@ -71,7 +71,7 @@ fn text_encoder_lora_and_every_option_together() {
         .filter(|(c, _)| c == "text_encoder")
         .map(|(_, a)| a.down.flatten_all().unwrap().to_vec1().unwrap())
         .collect();
-    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(run, &cfg, &mut |_| {}).unwrap();
     assert_eq!(s.losses.len(), 6);
     assert!(s.losses.iter().all(|l| l.is_finite()));
     let k = tensor_names(&out);
@@ -102,7 +102,7 @@ fn exclude_layers_leaves_matching_layers_without_adapters() {
     a.text_encoder_lr = Some(5e-4);
     a.exclude_layers = Some(r"^(down_blocks\.0|up_blocks\.1)\.|\.mlp\.".into());
     let cfg = TrainConfig::resolve(&a).unwrap();
-    trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
+    trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_| {}).unwrap();
     let k = tensor_names(&out);
     let has = |p: &str| k.iter().any(|k| k.starts_with(p));
     assert!(!has("lora_unet_down_blocks_0_") && !has("lora_unet_up_blocks_1_"), "{k:?}");
@@ -141,7 +141,7 @@ fn sdxl_training_writes_kohya_sgm_names_for_both_text_encoders() {
     let cfg = TrainConfig::resolve(&a).unwrap();
     let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
     assert_eq!(run.sd.family, sdlora::model::load::Family::Sdxl);
-    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(run, &cfg, &mut |_| {}).unwrap();
     assert!(s.losses.iter().all(|l| l.is_finite()));
     let k = tensor_names(&out);
     assert!(
@@ -197,7 +197,7 @@ fn sample_grids_before_during_and_after_training() {
     a.sample_every = Some(2);
     let cfg = TrainConfig::resolve(&a).unwrap();
     let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
-    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(run, &cfg, &mut |_| {}).unwrap();
     let steps: Vec<usize> = s.grids.iter().map(|(k, _)| *k).collect();
     assert_eq!(steps, vec![0, 2, 4]);
     for k in [0, 2, 4] {
@@ -223,7 +223,7 @@ fn sample_grids_before_during_and_after_training() {
     a.steps = Some(1);
     a.output = Some(tmp.path().join("g1.safetensors"));
     let cfg = TrainConfig::resolve(&a).unwrap();
-    let s1 = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
+    let s1 = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_| {}).unwrap();
     let (b_unguided, _) = halves(&s1.grids[0].1);
     assert!(b_unguided.as_raw() != b0.as_raw(), "guidance 1 draws another base image than 7");
     a.sample_cfg = Some(0.5);
@@ -236,7 +236,7 @@ fn sample_grids_before_during_and_after_training() {
     a.steps = Some(4);
     a.output = Some(tmp.path().join("held.safetensors"));
     let cfg = TrainConfig::resolve(&a).unwrap();
-    let s = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_| {}).unwrap();
     let (b, l) = halves(&s.grids.last().unwrap().1);
     assert!(b.as_raw() == b0.as_raw() && l.as_raw() == b0.as_raw(), "the LoRA held back for every step");
 }
@@ -258,7 +258,7 @@ fn regularization_images_share_the_epoch_at_their_weight() {
     let cfg = TrainConfig::resolve(&a).unwrap();
     let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
     assert_eq!(run.items.iter().filter(|i| i.reg).count(), 2, "2 of the 5 reg images balance 2 images");
-    let s = trainer::train(run, &cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(run, &cfg, &mut |_| {}).unwrap();
     assert_eq!(s.losses.iter().filter(|&&l| l == 0.0).count(), 4, "{:?}", s.losses);
     let meta = std::fs::read(&out).unwrap();
     let (_, m) = safetensors::SafeTensors::read_metadata(&meta).unwrap();
@@ -267,7 +267,7 @@ fn regularization_images_share_the_epoch_at_their_weight() {
 
     a.prior_loss_weight = Some(1.0);
     let cfg = TrainConfig::resolve(&a).unwrap();
-    let s = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(setup::setup(&cfg, &mut |_, _, _| {}).unwrap(), &cfg, &mut |_| {}).unwrap();
     assert!(s.losses.iter().all(|&l| l > 0.0), "{:?}", s.losses);
 
     a.prior_loss_weight = Some(2.0);
@@ -392,8 +392,7 @@ fn differential_output_preservation_keeps_prompts_without_the_trigger() {
 
     // trained with and without preservation: what each changed on the trigger-less captions
     let changed = |cfg: &TrainConfig| {
-        let s =
-            trainer::train(setup::setup(cfg, &mut |_, _, _| {}).unwrap(), cfg, &mut |_, _, _| {}).unwrap();
+        let s = trainer::train(setup::setup(cfg, &mut |_, _, _| {}).unwrap(), cfg, &mut |_| {}).unwrap();
         assert!(s.losses.iter().all(|l| l.is_finite()), "{:?}", s.losses);
         let mut run = setup::setup(&dop, &mut |_, _, _| {}).unwrap();
         sdlora::train::state::load(
@@ -448,7 +447,7 @@ fn timestep_range_limits_what_training_draws() {
     assert!(l.is_finite() && h.is_finite() && f.is_finite());
     assert!(l < 0.2 * h && l < 0.2 * f, "t < 10: {l}, any t: {f}, t ≥ 990: {h}");
 
-    let s = trainer::train(run, &low, &mut |_, _, _| {}).unwrap();
+    let s = trainer::train(run, &low, &mut |_| {}).unwrap();
     assert!(s.losses.iter().all(|l| l.is_finite()));
     let bytes = std::fs::read(&low.output).unwrap();
     let meta = safetensors::SafeTensors::read_metadata(&bytes).unwrap().1.metadata().clone().unwrap();
@@ -485,7 +484,7 @@ fn epochs_train_whole_passes_and_checkpoint_their_ends() {
         };
         let cfg = TrainConfig::resolve(&args).unwrap();
         let r = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
-        let s = trainer::train(r, &cfg, &mut |_, _, _| {}).unwrap();
+        let s = trainer::train(r, &cfg, &mut |_| {}).unwrap();
         (s.steps, std::fs::read(&out).unwrap(), out)
     };
     // 3 images, batch 1: 3 micro-batches an epoch; 3 epochs at 2 per step = 5 steps

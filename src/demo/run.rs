@@ -262,8 +262,10 @@ pub fn run(
         ..Default::default()
     };
     let cfg = TrainConfig::resolve(&args)?;
-    let summary = trainer::train(setup::setup(&cfg, &mut |_, _, _| {})?, &cfg, &mut |i, _, _| {
-        progress("training the LoRA", i, o.steps)
+    let summary = trainer::train(setup::setup(&cfg, &mut |_, _, _| {})?, &cfg, &mut |p| {
+        if let trainer::Progress::Step { step, .. } = p {
+            progress("training the LoRA", step, o.steps)
+        }
     })?;
 
     progress("sampling base and LoRA with the same seeds", 0, 0);

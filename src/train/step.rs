@@ -60,13 +60,18 @@ pub fn micro_step(
         (base_conditioning(run, &b.captions, text)?, None)
     };
     let unet = run.sd.unet.as_ref().expect("loaded");
-    let (pred, saved) = unet.forward_train(&b.unet_input(&cond))?;
+    let input = b.unet_input(&cond);
+    let (pred, saved) = match mode {
+        // nothing kept for a backward: at full size that is gigabytes
+        Mode::Evaluate => (unet.forward(&input)?, None),
+        Mode::Train { .. } => unet.forward_train(&input).map(|(p, s)| (p, Some(s)))?,
+    };
     let diff = (pred.to_dtype(DType::F32)? - &b.target)?;
     let weights = Tensor::from_vec(b.loss_weights(run, cfg), (b.of.len(), 1, 1, 1), &run.device)?;
     // per-row MSE times its weight, summed over rows and divided by the drawn samples
     let per_row = diff.sqr()?.mean((1, 2, 3))?;
     let loss = (per_row * weights.flatten_all()?)?.sum_all()?.to_scalar::<f32>()? as f64 / b.n as f64;
-    let Mode::Train { scale } = mode else { return Ok(loss) };
+    let (Mode::Train { scale }, Some(saved)) = (mode, saved) else { return Ok(loss) };
 
     let n_el = diff.elem_count() / b.of.len();
     let dpred = (diff.broadcast_mul(&weights)? * (2.0 * scale * loss_scale(run) / (n_el * b.n) as f64))?;

@@ -69,22 +69,33 @@ impl Summary {
     }
 }
 
+/// What the training loop reports as it goes.
+pub enum Progress {
+    /// A finished optimizer step: its number, its loss, images per second so far.
+    Step { step: usize, loss: f64, images_per_second: f64 },
+    /// `done` of `total` forwards of a fixed-seed evaluation or validation loss.
+    Evaluating { done: usize, total: usize },
+}
+
+/// Reports `done`/`total` evaluation forwards.
+pub type Tick<'a> = &'a mut dyn FnMut(usize, usize);
+
 /// Fixed-seed evaluation loss over (up to) 4 training samples (no regularization images), 2
 /// timesteps each.
-pub fn eval_loss(run: &Run, cfg: &TrainConfig) -> Result<f64> {
+pub fn eval_loss(run: &Run, cfg: &TrainConfig, tick: Tick) -> Result<f64> {
     let picked: Vec<usize> =
         (0..run.samples.len()).filter(|&i| run.items[run.samples[i].item].is_training()).take(4).collect();
-    fixed_loss(run, cfg, &picked, 2, 0x5eed, 1000)
+    fixed_loss(run, cfg, &picked, 2, 0x5eed, 1000, tick)
 }
 
 /// `--val-data`: the mean loss of the held-out images at fixed noise and timesteps (3 each), or
 /// None without them.
-pub fn val_loss(run: &Run, cfg: &TrainConfig) -> Result<Option<f64>> {
+pub fn val_loss(run: &Run, cfg: &TrainConfig, tick: Tick) -> Result<Option<f64>> {
     let held: Vec<usize> = (0..run.samples.len()).filter(|&i| run.items[run.samples[i].item].val).collect();
     if held.is_empty() {
         return Ok(None);
     }
-    fixed_loss(run, cfg, &held, 3, 0x7a1, 5000).map(Some)
+    fixed_loss(run, cfg, &held, 3, 0x7a1, 5000, tick).map(Some)
 }
 
 /// The mean loss of `samples`, `draws` fixed (noise, timestep) draws each from a seed of its own
@@ -96,6 +107,7 @@ fn fixed_loss(
     draws: u64,
     salt: u64,
     k0: u64,
+    tick: Tick,
 ) -> Result<f64> {
     let cfg2 = TrainConfig {
         flip: false,
@@ -108,11 +120,14 @@ fn fixed_loss(
         ..cfg.clone()
     };
     let mut total = 0.0;
+    let n = samples.len() * draws as usize;
     for (i, &s) in samples.iter().enumerate() {
         for j in 0..draws {
+            tick(i * draws as usize + j as usize, n);
             total += loss_of(run, &cfg2, &[s], k0 + draws * i as u64 + j)?;
         }
     }
+    tick(n, n);
     Ok(total / (draws * samples.len() as u64) as f64)
 }
 
@@ -129,14 +144,16 @@ pub fn train_loss_of(run: &Run, cfg: &TrainConfig, samples: &[usize], k: u64) ->
 }
 
 /// The training loop: draw batches, forward and backward, optimizer step, then the hooks
-/// (progress, sample grids, checkpoints). `on_step(step, loss, images/s)` after each step.
-pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64, f64)) -> Result<Summary> {
+/// (progress, sample grids, checkpoints). `on` hears of each step and evaluation forward.
+pub fn train(mut run: Run, cfg: &TrainConfig, on: &mut dyn FnMut(Progress)) -> Result<Summary> {
     let mut order = batch_order(&run, cfg);
     let epoch_len = order.epoch_len();
     let cfg = &cfg.with_epochs(epoch_len);
     let start = resume(&mut run, cfg)?;
-    let eval_before = eval_loss(&run, cfg)?;
-    let mut val_losses: Vec<(usize, f64)> = val_loss(&run, cfg)?.map(|l| (start, l)).into_iter().collect();
+    let mut tick = |done, total| on(Progress::Evaluating { done, total });
+    let eval_before = eval_loss(&run, cfg, &mut tick)?;
+    let mut val_losses: Vec<(usize, f64)> =
+        val_loss(&run, cfg, &mut tick)?.map(|l| (start, l)).into_iter().collect();
     let mut grids = SampleGrids::start(&run, cfg, start)?;
     let (mut text, mut losses, mut guard) = (TextCache::new(), vec![], Guard::default());
     let (t0, mut images) = (std::time::Instant::now(), 0usize);
@@ -157,10 +174,15 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
             continue;
         }
         losses.push(loss);
-        on_step(step + 1, loss, images as f64 / t0.elapsed().as_secs_f64());
+        on(Progress::Step {
+            step: step + 1,
+            loss,
+            images_per_second: images as f64 / t0.elapsed().as_secs_f64(),
+        });
         let done = step + 1;
         if cfg.val_every > 0 && done % cfg.val_every == 0 && done < cfg.steps {
-            val_losses.extend(val_loss(&run, cfg)?.map(|l| (done, l)));
+            let mut tick = |done, total| on(Progress::Evaluating { done, total });
+            val_losses.extend(val_loss(&run, cfg, &mut tick)?.map(|l| (done, l)));
         }
         if cfg.sample_every > 0 && done % cfg.sample_every == 0 && done < cfg.steps {
             grids.render(&run, cfg, done)?;
@@ -181,8 +203,9 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on_step: &mut dyn FnMut(usize, f64
     // saved first: the evaluation and the grids after it may be cut short
     save(&run, cfg, &cfg.output, cfg.steps)?;
     state::save(&state::state_path(&cfg.output), &run.adapters, run.embedding.as_ref(), &run.opt, cfg.steps)?;
-    let eval_after = eval_loss(&run, cfg)?;
-    val_losses.extend(val_loss(&run, cfg)?.map(|l| (cfg.steps, l)));
+    let mut tick = |done, total| on(Progress::Evaluating { done, total });
+    let eval_after = eval_loss(&run, cfg, &mut tick)?;
+    val_losses.extend(val_loss(&run, cfg, &mut tick)?.map(|l| (cfg.steps, l)));
     grids.render(&run, cfg, cfg.steps)?;
     Ok(Summary {
         steps: cfg.steps - start,

@@ -109,7 +109,7 @@ pub fn conv_input_grad(
 ) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     let (_, _, ho, wo) = dy.dims4()?;
-    let own = cpu_f32(dy, w) && kh == kw && kh > 1;
+    let own = cpu_f32(dy, w) && kh == kw;
     if own && stride == 1 {
         return super::conv_taps::input_grad(dy, w, padding);
     }
