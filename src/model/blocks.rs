@@ -2,12 +2,12 @@
 //! its BasicTransformerBlocks, and the resamplers. Each backward mirrors its forward bottom-up.
 use super::layers::load::{conv, group_norm, layer_norm, linear};
 use super::layers::{
-    gelu_backward, join, upsample_nearest2x, upsample_nearest2x_backward, Attention, AttentionSaved, Conv2d,
+    geglu, join, upsample_nearest2x, upsample_nearest2x_backward, Attention, AttentionSaved, Conv2d,
     Conv2dSaved, GroupNorm, LayerMut, LayerNorm, Linear, LinearSaved, NormSaved, Visit, DIFFUSERS_NAMES,
 };
 use super::weights::Weights;
 use crate::model::layers::Grads;
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 // ---------------------------------------------------------------------------------------------
 // ResnetBlock2D
@@ -123,8 +123,8 @@ pub struct TransformerBlockSaved {
     a2: AttentionSaved,
     n3: NormSaved,
     proj: LinearSaved,
-    hidden: Tensor,
-    gate: Tensor,
+    /// The projection's output, GEGLU's input.
+    geglu_in: Tensor,
     out: LinearSaved,
 }
 
@@ -163,20 +163,16 @@ impl BasicTransformerBlock {
         let x = (x + h)?;
         let (h, n3) = self.norm3.forward_train(&x)?;
         let (h, proj) = self.ff_proj.forward_train(&h)?;
-        let chunks = h.chunk(2, D::Minus1)?;
-        let (hidden, gate) = (chunks[0].contiguous()?, chunks[1].contiguous()?);
-        let h = (&hidden * gate.gelu_erf()?)?;
-        let (h, out) = self.ff_out.forward_train(&h)?;
-        let saved = TransformerBlockSaved { n1, a1, n2, a2, n3, proj, hidden, gate, out };
+        let (ff, out) = self.ff_out.forward_train(&geglu::forward(&h)?)?;
+        let saved = TransformerBlockSaved { n1, a1, n2, a2, n3, proj, geglu_in: h, out };
+        let h = ff;
         Ok(((x + h)?, saved))
     }
 
     /// Returns (dx, d context).
     pub fn backward(&self, s: TransformerBlockSaved, dy: &Tensor, g: &mut Grads) -> Result<(Tensor, Tensor)> {
         let dh = self.ff_out.backward(s.out, dy, g)?;
-        let d_hidden = (&dh * s.gate.gelu_erf()?)?;
-        let d_gate = gelu_backward(&s.gate, &(&dh * &s.hidden)?)?;
-        let dh = self.ff_proj.backward(s.proj, &Tensor::cat(&[d_hidden, d_gate], D::Minus1)?, g)?;
+        let dh = self.ff_proj.backward(s.proj, &geglu::backward(&s.geglu_in, &dh)?, g)?;
         let dx = (dy + self.norm3.backward(s.n3, &dh, g)?)?;
         let (dh, dctx) = self.attn2.backward(s.a2, &dx, g)?;
         let dx = (&dx + self.norm2.backward(s.n2, &dh, g)?)?;

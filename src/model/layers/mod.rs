@@ -11,6 +11,7 @@ pub mod conv;
 mod conv_taps;
 mod cpu;
 mod flash;
+pub mod geglu;
 mod im2col;
 pub mod linear;
 pub mod norm;
