@@ -1,10 +1,11 @@
 //! Stride-1 convolutions on the CPU in f32 as one GEMM per kernel tap, with no im2col matrix and
 //! no reordered copy of the kernel.
 //!
-//! Each image is copied once into a zero-bordered buffer `Xp[C, Hp·Wp + k − 1]`. On that grid the
-//! output pixel q = oy·Wp + ox reads tap (i, j) at q + i·Wp + j, so tap (i, j) is a plain GEMM
-//! `Y'[O, Ho·Wp] += W[:, :, i, j] · Xp[:, i·Wp + j ..]` whose operands are strided views; the
-//! k − 1 columns past each output row are dropped at the end. The input gradient runs the same
+//! The images are copied once into a zero-bordered buffer `Xp[C, N·(Hp·Wp + k − 1)]`, each
+//! image's plane after the last. On that grid the output pixel q = oy·Wp + ox reads tap (i, j) at
+//! q + i·Wp + j, so tap (i, j) is a plain GEMM `Y'[O, ·] += W[:, :, i, j] · Xp[:, i·Wp + j ..]`
+//! over the whole batch whose operands are strided views; the k − 1 columns past each output row
+//! and the rows between images are dropped at the end. The input gradient runs the same
 //! loop with the kernel read transposed and mirrored through its strides, and the kernel gradient
 //! is the same product with the roles of the operands swapped.
 use super::cpu::{all_threads, gemm, with_f32};
@@ -41,23 +42,54 @@ impl Grid {
         self.ho() * self.wp()
     }
 
-    /// Copies the planes [C, H, W] into the zero-bordered [C, plane] buffer `xp`.
-    fn pad(&self, x: &[f32], xp: &mut [f32]) {
-        let (h, w, p, wp) = (self.h, self.w, self.p, self.wp());
-        xp.fill(0.0);
-        for (src, dst) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut(self.plane())) {
+    /// Output columns for `n` images: each image's plane follows the last, so one GEMM covers
+    /// the batch (the columns between images are computed and dropped).
+    fn cols(&self, n: usize) -> usize {
+        (n - 1) * self.plane() + self.q()
+    }
+
+    /// Zero-bordered planes of all images, [C, N·plane]: channel c of image b at c·N·plane +
+    /// b·plane. `x` is [N, C, H, W].
+    fn pad(&self, x: &[f32], n: usize, c: usize) -> Vec<f32> {
+        let (h, w, p, wp, plane) = (self.h, self.w, self.p, self.wp(), self.plane());
+        let mut xp = vec![0f32; c * n * plane];
+        for (i, src) in x.chunks_exact(h * w).enumerate() {
+            let (b, ch) = (i / c, i % c);
+            let dst = &mut xp[(ch * n + b) * plane..][..plane];
             for (y, row) in src.chunks_exact(w).enumerate() {
                 dst[(y + p) * wp + p..][..w].copy_from_slice(row);
             }
         }
+        xp
     }
 
-    /// Keeps the first `wo` of every `wp` columns: [O, Ho·Wp] → [O, Ho, Wo].
-    fn crop(&self, yq: &[f32], y: &mut [f32]) {
-        let (wp, wo) = (self.wp(), self.wo());
-        for (src, dst) in yq.chunks_exact(wp).zip(y.chunks_exact_mut(wo)) {
-            dst.copy_from_slice(&src[..wo]);
+    /// The valid outputs of [O, cols(N)] as [N, O, Ho, Wo]: the first `wo` of every `wp` columns
+    /// of each image's `q`.
+    fn crop(&self, yq: &[f32], n: usize, o: usize) -> Vec<f32> {
+        let (wp, wo, cols) = (self.wp(), self.wo(), self.cols(n));
+        let mut y = vec![0f32; n * o * self.ho() * wo];
+        for (i, dst) in y.chunks_exact_mut(self.ho() * wo).enumerate() {
+            let (b, oc) = (i / o, i % o);
+            let src = &yq[oc * cols + b * self.plane()..][..self.q()];
+            for (s, d) in src.chunks_exact(wp).zip(dst.chunks_exact_mut(wo)) {
+                d.copy_from_slice(&s[..wo]);
+            }
         }
+        y
+    }
+
+    /// dy [N, O, Ho, Wo] placed on the grid of `crop`, [O, cols(N)], zero elsewhere.
+    fn uncrop(&self, dy: &[f32], n: usize, o: usize) -> Vec<f32> {
+        let (wp, wo, cols) = (self.wp(), self.wo(), self.cols(n));
+        let mut dq = vec![0f32; o * cols];
+        for (i, src) in dy.chunks_exact(self.ho() * wo).enumerate() {
+            let (b, oc) = (i / o, i % o);
+            let dst = &mut dq[oc * cols + b * self.plane()..][..self.q()];
+            for (s, d) in src.chunks_exact(wo).zip(dst.chunks_exact_mut(wp)) {
+                d[..wo].copy_from_slice(s);
+            }
+        }
+        dq
     }
 }
 
@@ -106,30 +138,26 @@ fn convolve(x: &Tensor, w: &Tensor, p: usize, how: Kernel) -> Result<Tensor> {
                 Kernel::Forward => (o, so, sc),
                 Kernel::Transposed => (c, sc, so),
             };
-            let mut xp = vec![0f32; cin * g.plane()];
-            let mut yq = vec![0f32; cout * g.q()];
-            let mut y = vec![0f32; n * cout * g.ho() * g.wo()];
-            for (b, yb) in y.chunks_exact_mut(cout * g.ho() * g.wo()).enumerate() {
-                g.pad(&xv[b * cin * h * wd..][..cin * h * wd], &mut xp);
-                for i in 0..k {
-                    for j in 0..k {
-                        let tap = match how {
-                            Kernel::Forward => i * si + j * sj,
-                            Kernel::Transposed => (k - 1 - i) * si + (k - 1 - j) * sj,
-                        };
-                        gemm(
-                            (cout, g.q(), cin),
-                            (&mut yq, g.q(), 1),
-                            i + j > 0,
-                            (&wv[tap..], rs, cs),
-                            (&xp[i * g.wp() + j..], g.plane(), 1),
-                            all_threads(),
-                        );
-                    }
+            let xp = g.pad(xv, n, cin);
+            let cols = g.cols(n);
+            let mut yq = vec![0f32; cout * cols];
+            for i in 0..k {
+                for j in 0..k {
+                    let tap = match how {
+                        Kernel::Forward => i * si + j * sj,
+                        Kernel::Transposed => (k - 1 - i) * si + (k - 1 - j) * sj,
+                    };
+                    gemm(
+                        (cout, cols, cin),
+                        (&mut yq, cols, 1),
+                        i + j > 0,
+                        (&wv[tap..], rs, cs),
+                        (&xp[i * g.wp() + j..], n * g.plane(), 1),
+                        all_threads(),
+                    );
                 }
-                g.crop(&yq, yb);
             }
-            y
+            g.crop(&yq, n, cout)
         })
     })??;
     let cout = if matches!(how, Kernel::Forward) { o } else { c };
@@ -165,29 +193,19 @@ pub fn kernel_grad(
     let kk = k * k;
     let dw = with_f32(x, |xv| {
         with_f32(dy, |dyv| {
-            let mut xp = vec![0f32; c * g.plane()];
-            let mut dq = vec![0f32; o * g.q()];
+            let (xp, dq) = (g.pad(xv, n, c), g.uncrop(dyv, n, o));
+            let cols = g.cols(n);
             let mut dw = vec![0f32; o * c * kk];
-            let (wo, wp) = (g.wo(), g.wp());
-            for b in 0..n {
-                g.pad(&xv[b * c * h * wd..][..c * h * wd], &mut xp);
-                for (src, dst) in dyv[b * o * g.ho() * wo..][..o * g.ho() * wo]
-                    .chunks_exact(wo)
-                    .zip(dq.chunks_exact_mut(wp))
-                {
-                    dst[..wo].copy_from_slice(src);
-                }
-                for tap in 0..kk {
-                    let (i, j) = (tap / k, tap % k);
-                    gemm(
-                        (o, c, g.q()),
-                        (&mut dw[tap..], c * kk, kk),
-                        b > 0,
-                        (&dq, g.q(), 1),
-                        (&xp[i * wp + j..], 1, g.plane()),
-                        all_threads(),
-                    );
-                }
+            for tap in 0..kk {
+                let (i, j) = (tap / k, tap % k);
+                gemm(
+                    (o, c, cols),
+                    (&mut dw[tap..], c * kk, kk),
+                    false,
+                    (&dq, cols, 1),
+                    (&xp[i * g.wp() + j..], 1, n * g.plane()),
+                    all_threads(),
+                );
             }
             dw
         })
