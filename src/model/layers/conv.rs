@@ -29,11 +29,17 @@ pub struct Conv2dSaved {
 impl Conv2d {
     pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
         // the CPU f32 stride-1 path multiplies by one tap of the kernel at a time: stored
-        // tap-major, each tap is a contiguous matrix (shape-only placeholders are left alone)
+        // tap-major, each tap is a contiguous matrix (shape-only placeholders and trained
+        // kernels, whose gradients follow the variable itself, are left alone)
         let taps = weight.dims().len() == 4
             && weight.dim(2).is_ok_and(|k| k > 1)
             && weight.dim(2).ok() == weight.dim(3).ok();
-        let weight = if taps && stride == 1 && cpu_f32(&weight, &weight) && weight.is_contiguous() {
+        let weight = if taps
+            && stride == 1
+            && cpu_f32(&weight, &weight)
+            && weight.is_contiguous()
+            && !weight.is_variable()
+        {
             super::conv_taps::tap_major(&weight).unwrap_or(weight)
         } else {
             weight
@@ -199,4 +205,22 @@ fn strided_window(xp: &Tensor, i: usize, j: usize, s: usize, ho: usize, wo: usiz
         return Ok(t);
     }
     t.reshape((n, c, ho, s, wo, s))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((n, c, ho, wo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Frozen 3×3 kernels are stored tap-major; a trained kernel stays the variable it was built
+    /// from, or its gradient would go to a copy the optimizer never sees.
+    #[test]
+    fn only_frozen_kernels_are_stored_tap_major() {
+        let w = crate::model::weights::random_tensor(1, "w", &(4, 3, 3, 3).into(), DType::F32, &Device::Cpu)
+            .unwrap();
+        assert!(!Conv2d::new(w.clone(), None, 1, 1).weight.is_contiguous());
+        let v = Var::from_tensor(&w).unwrap();
+        let c = Conv2d::new(v.as_tensor().clone(), None, 1, 1);
+        assert!(c.weight.is_variable() && c.weight.id() == v.as_tensor().id());
+    }
 }
