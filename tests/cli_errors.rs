@@ -182,6 +182,32 @@ fn bad_inputs_each_give_one_clear_line() {
         &["--sample-lora-start", "2"],
         &["--sample-lora-start 2", "between 0 and 1"],
     );
+    // optimizers: a misspelt setting lists the right ones; settings that cannot work together
+    run_train(
+        &f,
+        &model,
+        &data,
+        &out,
+        &["--optimizer", "prodigy", "--optimizer-args", "d_coeff=2"],
+        &["--optimizer-args d_coeff", "d_coef"],
+    );
+    run_train(
+        &f,
+        &model,
+        &data,
+        &out,
+        &["--optimizer", "prodigy", "--text-encoder-lr", "0.5"],
+        &["--text-encoder-lr 0.5", "same value as --lr"],
+    );
+    run_train(
+        &f,
+        &model,
+        &data,
+        &out,
+        &["--optimizer", "adafactor", "--lr", "1e-3", "--optimizer-args", "relative_step=true"],
+        &["relative_step=true", "leave out --lr"],
+    );
+    run_train(&f, &model, &data, &out, &["--ema-decay", "1.5"], &["--ema-decay 1.5", "between 0 and 1"]);
 }
 
 #[test]

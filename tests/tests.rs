@@ -12,6 +12,7 @@ mod fuzz;
 mod generate;
 mod hub;
 mod layering;
+mod optimizers;
 mod parity;
 mod schedulers;
 mod settings;

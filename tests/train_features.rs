@@ -400,6 +400,7 @@ fn differential_output_preservation_keeps_prompts_without_the_trigger() {
             &run.adapters,
             None,
             &mut run.opt,
+            None,
         )
         .unwrap();
         dop_term(&run, &dop)

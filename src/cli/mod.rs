@@ -74,6 +74,7 @@ pub fn command() -> clap::Command {
         .filter_map(|(k, v)| match v {
             serde_json::Value::Null => None,
             serde_json::Value::String(s) if s.is_empty() => None,
+            serde_json::Value::Array(a) if a.is_empty() => Some((k.clone(), "none".into())),
             serde_json::Value::String(s) => Some((k.clone(), s.clone())),
             v => Some((k.clone(), v.to_string())),
         })

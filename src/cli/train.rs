@@ -62,14 +62,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     eprintln!("training — Ctrl-C stops after the current step and saves it");
     let handler = crate::util::stop::Handler::install();
     let result = trainer::train(run, &cfg, &mut |p| match p {
-        trainer::Progress::Step { step, loss, images_per_second: ips } => {
+        trainer::Progress::Step { step, loss, images_per_second: ips, lr } => {
             let s = smooth.map(|s| 0.9 * s + 0.1 * loss).unwrap_or(loss);
             smooth = Some(s);
             rows.push((step, loss));
             bar.set_position(step as u64);
             let epoch = (step * cfg.grad_accum).div_ceil(epoch_len);
             let of = cfg.epochs.map_or(String::new(), |e| format!("/{e}"));
-            bar.set_message(format!("epoch {epoch}{of} loss {s:.4} {ips:.2} img/s"));
+            bar.set_message(format!("epoch {epoch}{of} loss {s:.4} lr {lr:.2e} {ips:.2} img/s"));
         }
         // a full-size forward takes seconds: the bar says why it is not moving
         trainer::Progress::Evaluating { done, total } => {

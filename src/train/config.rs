@@ -1,6 +1,7 @@
 //! `sdlora train` settings: command-line flags and `--config train.toml` share their names
 //! (flag `--batch-size` = key `batch_size`); flags given on the command line win.
 use super::optim::LrSchedule;
+use super::optimizer::{OptimizerKind, Settings};
 use crate::lora::format::LoraFormat;
 use crate::lora::targets::Preset;
 use crate::model::load::PredictionType;
@@ -98,6 +99,32 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warmup_steps: Option<usize>,
+    /// adamw (torch's AdamW), prodigy (learning-rate free: --lr defaults to 1.0 and scales its
+    /// estimate) or adafactor (factored second moments, transformers' Adafactor).
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerKind>,
+    /// The optimizer's settings as KEY=VALUE, under the reference's own keyword names (kohya's
+    /// --optimizer_args), e.g. `--optimizer-args d_coef=2 use_bias_correction=true`.
+    /// adamw: betas=0.9,0.999 eps=1e-8 weight_decay=0.01.
+    /// prodigy: betas=0.9,0.999 beta3=None (√beta2) eps=1e-8 weight_decay=0 decouple=true
+    /// use_bias_correction=false safeguard_warmup=false d0=1e-6 d_coef=1 growth_rate=inf.
+    /// adafactor: eps=1e-30,1e-3 clip_threshold=1 decay_rate=-0.8 beta1=None weight_decay=0
+    /// scale_parameter=false relative_step=false warmup_init=false (relative_step=true: its own
+    /// step size min(1e-2, 1/√step) instead of --lr, which is then not given).
+    #[arg(long, value_name = "KEY=VALUE", num_args = 1..)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer_args: Option<Vec<String>>,
+    /// Save an exponential moving average of the adapters instead of their last values, e.g.
+    /// 0.999 (diffusers' EMAModel: the average warms up as min(decay, (1+n)/(10+n))); the raw
+    /// weights stay in the training state [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f64>,
+    /// Steps before the average starts (it copies the weights until then).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_start_step: Option<usize>,
     /// Which layers get adapters: attn (to_q/k/v/out, diffusers' default), attn-mlp (every
     /// Linear and 1×1 conv of the transformer blocks, kohya's default), full (+ ResNet 3×3
     /// convs, "LoCon"), cross-kv (to_k/to_v of the cross-attentions, Custom Diffusion's choice:
@@ -328,6 +355,10 @@ pub struct TrainConfig {
     pub embedding_lr: Option<f64>,
     pub lr_scheduler: LrSchedule,
     pub warmup_steps: usize,
+    pub optimizer: OptimizerKind,
+    pub optimizer_args: Vec<String>,
+    pub ema_decay: Option<f64>,
+    pub ema_start_step: usize,
     pub targets: Preset,
     pub exclude_layers: Option<String>,
     pub resolution: Option<u32>,
@@ -390,6 +421,10 @@ impl Default for TrainConfig {
             embedding_lr: None,
             lr_scheduler: LrSchedule::Constant,
             warmup_steps: 0,
+            optimizer: OptimizerKind::Adamw,
+            optimizer_args: vec![],
+            ema_decay: None,
+            ema_start_step: 0,
             targets: Preset::AttnMlp,
             exclude_layers: None,
             resolution: None,
@@ -483,7 +518,8 @@ impl TrainConfig {
             let (s, e) = (&m["steps"], &m["epochs"]);
             anyhow::bail!("{origin}: steps = {s} and epochs = {e}: give one of them");
         }
-        let cfg: TrainConfig = serde_json::from_value(map.clone()).map_err(|e| {
+        let lr_given = map.get("lr").is_some();
+        let mut cfg: TrainConfig = serde_json::from_value(map.clone()).map_err(|e| {
             let msg = e.to_string();
             match msg.strip_prefix("unknown variant `").and_then(|m| m.split_once("`, expected ")) {
                 // name the setting and its choices: "--targets `x`: choose attn, attn-mlp, …"
@@ -506,7 +542,50 @@ impl TrainConfig {
             }
         }
         cfg.validate()?;
+        cfg.fit_lr_to_optimizer(lr_given)?;
         Ok(cfg)
+    }
+
+    /// Prodigy's --lr scales its own estimate: 1.0 unless given. Adafactor's relative step
+    /// replaces --lr and its schedule.
+    fn fit_lr_to_optimizer(&mut self, lr_given: bool) -> Result<()> {
+        match self.optimizer_settings()? {
+            Settings::Prodigy(_) => {
+                if !lr_given {
+                    self.lr = 1.0;
+                }
+                for (flag, l) in
+                    [("--text-encoder-lr", self.text_encoder_lr), ("--embedding-lr", self.embedding_lr)]
+                {
+                    if l.is_some_and(|l| l != self.lr) {
+                        anyhow::bail!(
+                            "{flag} {}: Prodigy estimates one step size for every parameter — give it the same value as --lr ({}), or leave it out",
+                            l.unwrap_or_default(),
+                            self.lr
+                        );
+                    }
+                }
+            }
+            Settings::Adafactor(a) if a.relative_step => {
+                if lr_given || self.embedding_lr.is_some() {
+                    anyhow::bail!(
+                        "--optimizer-args relative_step=true: Adafactor sets its own step size — leave out --lr and --embedding-lr, or set relative_step=false"
+                    );
+                }
+                if self.lr_scheduler != LrSchedule::Constant || self.warmup_steps > 0 {
+                    anyhow::bail!(
+                        "--optimizer-args relative_step=true: Adafactor's step size has its own schedule — leave out --lr-scheduler and --warmup-steps (warmup_init=true warms it up)"
+                    );
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// `--optimizer` with `--optimizer-args` read.
+    pub fn optimizer_settings(&self) -> Result<Settings> {
+        self.optimizer.settings(&self.optimizer_args)
     }
 
     /// --exclude-layers compiled; an error line names the bad expression.
@@ -603,6 +682,13 @@ impl TrainConfig {
                 self.sample_lora_start
             ));
         }
+        if let Some(d) = self.ema_decay.filter(|d| !(*d > 0.0 && *d < 1.0)) {
+            return bad(format!("--ema-decay {d}: a decay between 0 and 1, e.g. 0.999"));
+        }
+        if self.ema_decay.is_none() && self.ema_start_step > 0 {
+            return bad("--ema-start-step delays the average of --ema-decay: give it too".into());
+        }
+        self.optimizer_settings()?;
         if !(0.0..=1.0).contains(&self.caption_dropout) {
             return bad("--caption-dropout is a probability between 0 and 1".into());
         }

@@ -11,7 +11,7 @@ pub fn kohya_metadata(
     resolution: u32,
     (num_images, num_reg_images): (usize, usize),
     tag_frequency: &BTreeMap<String, BTreeMap<String, usize>>,
-    steps_done: usize,
+    (steps_done, epoch_len): (usize, usize),
 ) -> HashMap<String, String> {
     let base = match family {
         Family::Sd1 => "sd_v1",
@@ -50,6 +50,10 @@ pub fn kohya_metadata(
     put("ss_sd_model_name", cfg.model.clone());
     put("ss_steps", steps_done.to_string());
     put("ss_max_train_steps", cfg.steps.to_string());
+    // kohya's epochs: passes over the data (micro-batches), the one a save falls in counted whole
+    let epochs = |steps: usize| (steps * cfg.grad_accum).div_ceil(epoch_len.max(1));
+    put("ss_epoch", epochs(steps_done).to_string());
+    put("ss_num_epochs", epochs(cfg.steps).to_string());
     put("ss_learning_rate", format!("{}", cfg.lr));
     put("ss_unet_lr", format!("{}", cfg.lr));
     put("ss_text_encoder_lr", cfg.text_encoder_lr.map(|v| format!("{v}")).unwrap_or_else(|| "None".into()));
@@ -81,7 +85,14 @@ pub fn kohya_metadata(
     put("ss_shuffle_caption", py_bool(cfg.shuffle_tags));
     put("ss_keep_tokens", cfg.keep_tokens.to_string());
     put("ss_mixed_precision", cfg.dtype.map_or("f32", |d| d.name()).into());
-    put("ss_optimizer", "AdamW".into());
+    // kohya's form: the class, then the --optimizer_args given
+    let args = cfg.optimizer_args.iter().flat_map(|a| a.split_whitespace()).collect::<Vec<_>>().join(",");
+    let class = cfg.optimizer.class();
+    put("ss_optimizer", if args.is_empty() { class.into() } else { format!("{class}({args})") });
+    if let Some(d) = cfg.ema_decay {
+        let ema = serde_json::json!({"decay": d, "start_step": cfg.ema_start_step});
+        put("sdlora_ema", ema.to_string());
+    }
     put("ss_output_name", title.clone());
     put("ss_tag_frequency", serde_json::to_string(tag_frequency).unwrap_or_default());
     put("ss_training_comment", "trained with sdlora".into());

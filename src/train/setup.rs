@@ -1,7 +1,8 @@
 //! Everything before the first step: model, data, latents, adapters, optimizer.
 use super::config::TrainConfig;
+use super::ema::Ema;
 use super::noise::NoiseSchedule;
-use super::optim::AdamW;
+use super::optimizer::Optimizer;
 use crate::data::dataset::{balance_reg, scan, Item};
 use crate::data::prepare::{prepare, Encoder, Sample};
 use crate::lora::targets::{text_encoder_selects, unet_selects};
@@ -20,7 +21,9 @@ pub struct Run {
     pub params: Vec<Var>,
     /// Learning rate multiplier per parameter (text-encoder adapters train at their own rate).
     pub lr_scale: Vec<f64>,
-    pub opt: AdamW,
+    pub opt: Optimizer,
+    /// `--ema-decay`: the average of the parameters that is saved as the LoRA.
+    pub ema: Option<Ema>,
     pub resolution: u32,
     pub device: Device,
     pub train_text: bool,
@@ -232,7 +235,8 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         }
         None => None,
     };
-    let opt = AdamW::new(&params, 1e-2)?;
+    let opt = Optimizer::new(&cfg.optimizer_settings()?, &params)?;
+    let ema = cfg.ema_decay.map(|d| Ema::new(&params, d, cfg.ema_start_step)).transpose()?;
     let sched = NoiseSchedule::new(&sd.scheduler)?;
     Ok(Run {
         sd,
@@ -243,6 +247,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         params,
         lr_scale,
         opt,
+        ema,
         resolution,
         device,
         train_text,

@@ -1,7 +1,8 @@
-//! Training state for `--resume`: the adapters in f32, AdamW's moments and the step. With the
-//! step, every random choice of the run is known again (see `batches`), so resuming continues
-//! bit for bit.
-use super::optim::AdamW;
+//! Training state for `--resume`: the adapters in f32, the optimizer's state, the EMA and the
+//! step. With the step, every random choice of the run is known again (see `batches`), so
+//! resuming continues bit for bit.
+use super::ema::Ema;
+use super::optimizer::Optimizer;
 use crate::lora::embedding::TrainedWord;
 use crate::lora::AdapterInfo;
 use anyhow::{bail, Context, Result};
@@ -24,7 +25,8 @@ pub fn save(
     path: &Path,
     adapters: &[(String, AdapterInfo)],
     word: Option<&TrainedWord>,
-    opt: &AdamW,
+    opt: &Optimizer,
+    ema: Option<&Ema>,
     step: usize,
 ) -> Result<()> {
     let mut t: Vec<(String, Tensor)> = vec![];
@@ -35,15 +37,20 @@ pub fn save(
     for (k, v) in word.iter().flat_map(|w| &w.vectors).enumerate() {
         t.push((format!("embedding.{k}"), v.as_tensor().to_device(&Device::Cpu)?));
     }
-    for (j, (m, v)) in opt.moments().iter().enumerate() {
-        t.push((format!("adam.{j}.m"), m.to_device(&Device::Cpu)?));
-        t.push((format!("adam.{j}.v"), v.to_device(&Device::Cpu)?));
+    let (tensors, scalars) = opt.state();
+    let ema_tensors = ema.map(|e| e.tensors()).unwrap_or_default();
+    for (k, v) in tensors.into_iter().chain(ema_tensors) {
+        t.push((k, v.to_device(&Device::Cpu)?));
     }
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("step".to_string(), step.to_string()),
-        ("adam_step".to_string(), opt.step.to_string()),
+        ("optimizer".to_string(), opt.kind().name()),
         ("layout".to_string(), layout(adapters, word)),
     ]);
+    meta.extend(scalars);
+    if let Some(e) = ema {
+        meta.insert("ema_steps".into(), e.steps.to_string());
+    }
     crate::model::weights::save_atomic(path, &t, &meta)
 }
 
@@ -95,12 +102,13 @@ pub fn resolve(resume: &Path, output: &Path) -> Result<PathBuf> {
     Ok(resume.to_path_buf())
 }
 
-/// Restores adapters and optimizer; returns the step to continue from.
+/// Restores adapters, optimizer and EMA; returns the step to continue from.
 pub fn load(
     path: &Path,
     adapters: &[(String, AdapterInfo)],
     word: Option<&TrainedWord>,
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
+    ema: Option<&mut Ema>,
 ) -> Result<usize> {
     let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let meta = crate::model::header::check_bytes(&data, &path.display().to_string())?.metadata;
@@ -121,23 +129,38 @@ pub fn load(
         );
     }
     let step: usize = get("step")?.parse()?;
-    opt.step = get("adam_step")?.parse()?;
+    // states written before --optimizer existed are AdamW's
+    let saved = meta.get("optimizer").map_or("adamw", |s| s.as_str());
+    if saved != opt.kind().name() {
+        bail!(
+            "{}: this state was saved with --optimizer {saved} — resume with --optimizer {saved}",
+            path.display()
+        );
+    }
+    match (meta.get("ema_steps"), &ema) {
+        (Some(_), None) => {
+            bail!("{}: this state was saved with --ema-decay — resume with it", path.display())
+        }
+        (None, Some(_)) => bail!(
+            "{}: this state was saved without --ema-decay — resume without it (or start a new run)",
+            path.display()
+        ),
+        _ => {}
+    }
     let t = candle_core::safetensors::load_buffer(&data, &Device::Cpu)?;
-    let take =
-        |k: String| t.get(&k).cloned().with_context(|| format!("{}: missing tensor {k}", path.display()));
+    let take = |k: &str| t.get(k).cloned().with_context(|| format!("{}: missing tensor {k}", path.display()));
     for (i, (_, a)) in adapters.iter().enumerate() {
-        a.down.set(&take(format!("adapter.{i}.down"))?.to_device(a.down.device())?)?;
-        a.up.set(&take(format!("adapter.{i}.up"))?.to_device(a.up.device())?)?;
+        a.down.set(&take(&format!("adapter.{i}.down"))?.to_device(a.down.device())?)?;
+        a.up.set(&take(&format!("adapter.{i}.up"))?.to_device(a.up.device())?)?;
     }
     for (k, v) in word.iter().flat_map(|w| &w.vectors).enumerate() {
-        v.set(&take(format!("embedding.{k}"))?.to_device(v.device())?)?;
+        v.set(&take(&format!("embedding.{k}"))?.to_device(v.device())?)?;
     }
-    let dev = adapters.first().map(|(_, a)| a.down.device().clone()).unwrap_or(Device::Cpu);
-    let moments = (0..opt.moments().len())
-        .map(|j| {
-            Ok((take(format!("adam.{j}.m"))?.to_device(&dev)?, take(format!("adam.{j}.v"))?.to_device(&dev)?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    opt.set_moments(moments);
+    let scalar = |k: &str| -> Result<String> { Ok(get(k)?.clone()) };
+    opt.restore(&take, &scalar).with_context(|| format!("{}: optimizer state", path.display()))?;
+    if let Some(e) = ema {
+        let steps = get("ema_steps")?.parse()?;
+        e.restore(steps, &take).with_context(|| format!("{}: EMA", path.display()))?;
+    }
     Ok(step)
 }

@@ -71,8 +71,9 @@ impl Summary {
 
 /// What the training loop reports as it goes.
 pub enum Progress {
-    /// A finished optimizer step: its number, its loss, images per second so far.
-    Step { step: usize, loss: f64, images_per_second: f64 },
+    /// A finished optimizer step: its number, its loss, images per second so far, and the
+    /// U-Net adapters' learning rate as the optimizer applies it (Prodigy's d·lr).
+    Step { step: usize, loss: f64, images_per_second: f64, lr: f64 },
     /// `done` of `total` forwards of a fixed-seed evaluation or validation loss.
     Evaluating { done: usize, total: usize },
 }
@@ -151,15 +152,15 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on: &mut dyn FnMut(Progress)) -> R
     let cfg = &cfg.with_epochs(epoch_len);
     let start = resume(&mut run, cfg)?;
     let mut tick = |done, total| on(Progress::Evaluating { done, total });
-    let eval_before = eval_loss(&run, cfg, &mut tick)?;
-    let mut val_losses: Vec<(usize, f64)> =
-        val_loss(&run, cfg, &mut tick)?.map(|l| (start, l)).into_iter().collect();
-    let mut grids = SampleGrids::start(&run, cfg, start)?;
+    let (eval_before, val) =
+        with_ema(&mut run, |run| Ok((eval_loss(run, cfg, &mut tick)?, val_loss(run, cfg, &mut tick)?)))?;
+    let mut val_losses: Vec<(usize, f64)> = val.map(|l| (start, l)).into_iter().collect();
+    let mut grids = with_ema(&mut run, |run| SampleGrids::start(run, cfg, start))?;
     let (mut text, mut losses, mut guard) = (TextCache::new(), vec![], Guard::default());
     let (t0, mut images) = (std::time::Instant::now(), 0usize);
     for step in start..cfg.steps {
         if crate::util::stop::requested() {
-            return Err(stopped(&run, cfg, step, start, val_losses)?.into());
+            return Err(stopped(&mut run, cfg, step, start, val_losses)?.into());
         }
         let mut g = Grads::new(run.adapters.len());
         let mut loss = 0.0;
@@ -170,22 +171,24 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on: &mut dyn FnMut(Progress)) -> R
             let mode = Mode::Train { scale: 1.0 / cfg.grad_accum as f64 };
             loss += micro_step(&run, cfg, &idx, k, &mut text, &mut g, mode)? / cfg.grad_accum as f64;
         }
-        if !optimizer_step(&mut run, cfg, &g, loss, step, &mut guard)? {
+        let Some(lr) = optimizer_step(&mut run, cfg, &g, loss, step, &mut guard)? else {
             continue;
-        }
+        };
         losses.push(loss);
         on(Progress::Step {
             step: step + 1,
             loss,
             images_per_second: images as f64 / t0.elapsed().as_secs_f64(),
+            lr: run.opt.effective_lr(lr),
         });
         let done = step + 1;
         if cfg.val_every > 0 && done % cfg.val_every == 0 && done < cfg.steps {
             let mut tick = |done, total| on(Progress::Evaluating { done, total });
-            val_losses.extend(val_loss(&run, cfg, &mut tick)?.map(|l| (done, l)));
+            let l = with_ema(&mut run, |run| val_loss(run, cfg, &mut tick))?;
+            val_losses.extend(l.map(|l| (done, l)));
         }
         if cfg.sample_every > 0 && done % cfg.sample_every == 0 && done < cfg.steps {
-            grids.render(&run, cfg, done)?;
+            with_ema(&mut run, |run| grids.render(run, cfg, done))?;
         }
         // the step whose micro-batches finish an epoch ends it
         let epochs_done = |s: usize| s * cfg.grad_accum / epoch_len;
@@ -194,15 +197,15 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on: &mut dyn FnMut(Progress)) -> R
             && epochs_done(done) % cfg.save_every_epochs == 0;
         let every = cfg.save_every > 0 && done % cfg.save_every == 0;
         if (every || epoch_ends) && done < cfg.steps {
-            let p = step_path(&cfg.output, done);
-            save(&run, cfg, &p, done)?;
-            state::save(&state::state_path(&p), &run.adapters, run.embedding.as_ref(), &run.opt, done)?;
+            checkpoint(&mut run, cfg, done)?;
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
     // saved first: the evaluation and the grids after it may be cut short
+    save_state(&run, &state::state_path(&cfg.output), cfg.steps)?;
+    // from here on the weights are the ones saved: the average, with --ema-decay
+    swap_ema(&mut run)?;
     save(&run, cfg, &cfg.output, cfg.steps)?;
-    state::save(&state::state_path(&cfg.output), &run.adapters, run.embedding.as_ref(), &run.opt, cfg.steps)?;
     let mut tick = |done, total| on(Progress::Evaluating { done, total });
     let eval_after = eval_loss(&run, cfg, &mut tick)?;
     val_losses.extend(val_loss(&run, cfg, &mut tick)?.map(|l| (cfg.steps, l)));
@@ -225,7 +228,7 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on: &mut dyn FnMut(Progress)) -> R
 /// A stop asked for (Ctrl-C, SIGTERM) before `step`: the LoRA and state of the steps done are
 /// saved as a step checkpoint, and the error says how to go on.
 fn stopped(
-    run: &Run,
+    run: &mut Run,
     cfg: &TrainConfig,
     step: usize,
     start: usize,
@@ -235,11 +238,40 @@ fn stopped(
         let state = cfg.resume.as_ref().map(|r| state::resolve(r, &cfg.output)).transpose()?;
         return Ok(Interrupted { step, state, lora: None, val_losses });
     }
-    let p = step_path(&cfg.output, step);
-    save(run, cfg, &p, step)?;
-    let s = state::state_path(&p);
-    state::save(&s, &run.adapters, run.embedding.as_ref(), &run.opt, step)?;
+    let (p, s) = checkpoint(run, cfg, step)?;
     Ok(Interrupted { step, state: Some(s), lora: Some(p), val_losses })
+}
+
+/// The LoRA and training state after `step` steps, as `-stepN` files; returns their paths.
+fn checkpoint(run: &mut Run, cfg: &TrainConfig, step: usize) -> Result<(PathBuf, PathBuf)> {
+    let p = step_path(&cfg.output, step);
+    let s = state::state_path(&p);
+    save_state(run, &s, step)?;
+    with_ema(run, |run| save(run, cfg, &p, step))?;
+    Ok((p, s))
+}
+
+fn save_state(run: &Run, path: &Path, step: usize) -> Result<()> {
+    state::save(path, &run.adapters, run.embedding.as_ref(), &run.opt, run.ema.as_ref(), step)
+}
+
+/// Exchanges the trained weights with their moving average (nothing without --ema-decay).
+fn swap_ema(run: &mut Run) -> Result<()> {
+    if let Some(e) = &mut run.ema {
+        e.swap(&run.params)?;
+        if let Some(w) = &run.embedding {
+            w.install(&mut run.sd.text_encoders)?;
+        }
+    }
+    Ok(())
+}
+
+/// `f` on the weights a LoRA saved now would hold: the moving average with --ema-decay.
+fn with_ema<T>(run: &mut Run, f: impl FnOnce(&Run) -> Result<T>) -> Result<T> {
+    swap_ema(run)?;
+    let out = f(run);
+    swap_ema(run)?;
+    out
 }
 
 /// A run stopped by the user at `step`, with the state to resume from (if any) and the LoRA of
@@ -263,7 +295,7 @@ pub fn batch_order(run: &Run, cfg: &TrainConfig) -> BatchOrder {
 fn resume(run: &mut Run, cfg: &TrainConfig) -> Result<usize> {
     let Some(p) = &cfg.resume else { return Ok(0) };
     let p = &state::resolve(p, &cfg.output)?;
-    let start = state::load(p, &run.adapters, run.embedding.as_ref(), &mut run.opt)?;
+    let start = state::load(p, &run.adapters, run.embedding.as_ref(), &mut run.opt, run.ema.as_mut())?;
     eprintln!("resuming from {} (step {start})", p.display());
     if let Some(e) = &run.embedding {
         e.install(&mut run.sd.text_encoders)?;
@@ -285,8 +317,9 @@ struct Guard {
     in_a_row: usize,
 }
 
-/// Unscales and clips the gradients, then AdamW on the adapters (and the trained embedding, which
-/// is installed into the text encoders' table again). False: the step was skipped.
+/// Unscales and clips the gradients, then the optimizer on the adapters (and the trained embedding, which
+/// is installed into the text encoders' table again). The step's learning rate; None: the step
+/// was skipped.
 fn optimizer_step(
     run: &mut Run,
     cfg: &TrainConfig,
@@ -294,7 +327,7 @@ fn optimizer_step(
     loss: f64,
     step: usize,
     guard: &mut Guard,
-) -> Result<bool> {
+) -> Result<Option<f64>> {
     let mut grads = vec![];
     for (_, a) in &run.adapters {
         match g.get(a.id) {
@@ -326,16 +359,19 @@ fn optimizer_step(
                 step + 1
             );
         }
-        return Ok(false);
+        return Ok(None);
     }
     guard.in_a_row = 0;
     let lr = lr_at(cfg.lr_scheduler, cfg.lr, step, cfg.steps, cfg.warmup_steps);
     let lrs: Vec<f64> = run.lr_scale.iter().map(|s| s * lr).collect();
     run.opt.step(&run.params, &grads, &lrs)?;
+    if let Some(e) = &mut run.ema {
+        e.update(&run.params)?;
+    }
     if let Some(e) = &run.embedding {
         e.install(&mut run.sd.text_encoders)?;
     }
-    Ok(true)
+    Ok(Some(lr))
 }
 
 /// `--sample-prompts`: [base | LoRA] grids with the same seeds, written as PNGs and kept for
@@ -391,7 +427,16 @@ fn save(run: &Run, cfg: &TrainConfig, path: &Path, steps_done: usize) -> Result<
     let n_reg = run.items.iter().filter(|i| i.reg).count();
     let n_val = run.items.iter().filter(|i| i.val).count();
     let counts = (run.items.len() - n_reg - n_val, n_reg);
-    let meta = metadata::kohya_metadata(cfg, run.sd.family, v, run.resolution, counts, &tags, steps_done);
+    let epoch_len = batch_order(run, cfg).epoch_len();
+    let meta = metadata::kohya_metadata(
+        cfg,
+        run.sd.family,
+        v,
+        run.resolution,
+        counts,
+        &tags,
+        (steps_done, epoch_len),
+    );
     let dtype = cfg.save_dtype.dtype();
     let extra = run.embedding.as_ref().map(|e| e.tensors(dtype)).transpose()?.unwrap_or_default();
     let layout = unet_layout(&run.sd);
