@@ -12,6 +12,7 @@ mod fuzz;
 mod generate;
 mod hub;
 mod layering;
+mod masked_loss;
 mod optimizers;
 mod parity;
 mod schedulers;

@@ -65,7 +65,8 @@ pub fn scan(root: &Path, default_caption: Option<&str>, flag: &str) -> Result<Ve
                 );
             }
         }
-        for p in entries.into_iter().filter(|p| is_image(p)) {
+        // OneTrainer's masks sit beside their images: never images of their own
+        for p in entries.into_iter().filter(|p| is_image(p) && !super::mask::is_mask(p)) {
             let cap_path = p.with_extension("txt");
             let caption = if cap_path.exists() {
                 std::fs::read_to_string(&cap_path)
@@ -173,12 +174,18 @@ fn image_size(p: &Path) -> Result<(u32, u32)> {
     })
 }
 
-/// Decodes an image upright (EXIF orientation applied) as RGB; alpha is composited on white and
-/// grayscale, CMYK and 16-bit images are converted.
-pub fn load_rgb(p: &Path) -> Result<image::RgbImage> {
+/// Decodes an image as it is, EXIF orientation applied.
+pub fn load_upright(p: &Path) -> Result<image::DynamicImage> {
     let (dec, o) = open_decoder(p)?;
     let mut img = image::DynamicImage::from_decoder(dec).map_err(|e| unreadable(p, &e))?;
     img.apply_orientation(o);
+    Ok(img)
+}
+
+/// Decodes an image upright (EXIF orientation applied) as RGB; alpha is composited on white and
+/// grayscale, CMYK and 16-bit images are converted.
+pub fn load_rgb(p: &Path) -> Result<image::RgbImage> {
+    let img = load_upright(p)?;
     if !img.color().has_alpha() {
         return Ok(img.to_rgb8());
     }

@@ -2,4 +2,5 @@
 pub mod buckets;
 pub mod cache;
 pub mod dataset;
+pub mod mask;
 pub mod prepare;

@@ -20,14 +20,33 @@ pub struct Sample {
     pub crop_tl: (u32, u32),
     pub latent: Tensor,
     pub latent_flipped: Option<Tensor>,
+    /// `--masked-loss`: the loss weight of each latent pixel, [1, h, w] (and flipped).
+    pub mask: Option<Tensor>,
+    pub mask_flipped: Option<Tensor>,
 }
 
 /// Resize so the image covers the bucket, then crop it there (centre, or at `offset` ∈ [0,1]²).
 pub fn fit_to_bucket(img: &image::RgbImage, b: Bucket, offset: (f64, f64)) -> (image::RgbImage, (u32, u32)) {
+    fit(img, b, offset, image::imageops::FilterType::Lanczos3)
+}
+
+/// The same resize and crop for an image's mask (a filter that cannot ring past 0 and 255).
+pub fn fit_mask_to_bucket(mask: &image::GrayImage, b: Bucket, offset: (f64, f64)) -> image::GrayImage {
+    fit(mask, b, offset, image::imageops::FilterType::Triangle).0
+}
+
+type Image<P> = image::ImageBuffer<P, Vec<<P as image::Pixel>::Subpixel>>;
+
+fn fit<P: image::Pixel + 'static>(
+    img: &Image<P>,
+    b: Bucket,
+    offset: (f64, f64),
+    filter: image::imageops::FilterType,
+) -> (Image<P>, (u32, u32)) {
     let (w, h) = img.dimensions();
     let s = (b.0 as f64 / w as f64).max(b.1 as f64 / h as f64);
     let (rw, rh) = (((w as f64 * s).round() as u32).max(b.0), ((h as f64 * s).round() as u32).max(b.1));
-    let resized = image::imageops::resize(img, rw, rh, image::imageops::FilterType::Lanczos3);
+    let resized = image::imageops::resize(img, rw, rh, filter);
     let x = ((rw - b.0) as f64 * offset.0).round() as u32;
     let y = ((rh - b.1) as f64 * offset.1).round() as u32;
     (image::imageops::crop_imm(&resized, x, y, b.0, b.1).to_image(), (y, x))
@@ -53,6 +72,11 @@ pub struct Encoder<'a> {
 }
 
 impl Encoder<'_> {
+    /// Pixels per latent pixel along a side.
+    pub fn downscale(&self) -> u32 {
+        1 << self.vae.config.block_out_channels.len().saturating_sub(1)
+    }
+
     /// Scaled latent of an image (cached).
     pub fn encode(&self, img: &image::RgbImage, key_extra: &str) -> Result<Tensor> {
         // the pixels after resize, crop and flip stand for the image bytes, its size, crop and flip
@@ -62,7 +86,7 @@ impl Encoder<'_> {
         let key =
             format!("latent|{pixels}|{}x{}|{}|{key_extra}", img.width(), img.height(), self.fingerprint);
         let path = self.cache_dir.as_ref().map(|d| super::cache::entry_path(d, "", &key));
-        let f = 1usize << self.vae.config.block_out_channels.len().saturating_sub(1);
+        let f = self.downscale() as usize;
         let want = [self.vae.config.latent_channels, img.height() as usize / f, img.width() as usize / f];
         if let Some(p) = &path {
             let hit = super::cache::get(p, &key).and_then(|mut m| m.remove("latent"));
@@ -87,12 +111,13 @@ impl Encoder<'_> {
     }
 }
 
-/// Buckets, crops and encodes every item. `progress` is called after each image.
+/// Buckets, crops and encodes every item, and with `masked` reads its mask. `progress` is
+/// called after each image.
 pub fn prepare(
     items: &[Item],
     resolution: u32,
     step: u32,
-    flip: bool,
+    (flip, masked): (bool, bool),
     enc: &Encoder,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Sample>> {
@@ -107,6 +132,18 @@ pub fn prepare(
         } else {
             None
         };
+        let mask = match masked {
+            true => {
+                super::mask::load(&it.image, it.size)?.map(|m| fit_mask_to_bucket(&m, bucket, (0.5, 0.5)))
+            }
+            false => None,
+        };
+        let f = enc.downscale();
+        let mask_flipped = match (&mask, flip) {
+            (Some(m), true) => Some(super::mask::to_latent(&image::imageops::flip_horizontal(m), f)?),
+            _ => None,
+        };
+        let mask = mask.map(|m| super::mask::to_latent(&m, f)).transpose()?;
         out.push(Sample {
             item: i,
             caption: it.caption.clone(),
@@ -115,6 +152,8 @@ pub fn prepare(
             crop_tl,
             latent,
             latent_flipped,
+            mask,
+            mask_flipped,
         });
         progress(i + 1);
     }

@@ -250,6 +250,13 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_crop: Option<bool>,
+    /// Weigh each image's loss by its mask: `NAME-masklabel.png` beside `NAME.png` (OneTrainer's;
+    /// white counts, black does not, grey in between), else the image's alpha channel; images
+    /// with neither count whole. The mask is cropped and flipped with the image and averaged
+    /// down to the latent's pixels (kohya's masked loss).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked_loss: Option<bool>,
     /// min-SNR-γ loss weighting; 5 is the paper's value [default: off].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -378,6 +385,7 @@ pub struct TrainConfig {
     pub keep_tokens: usize,
     pub flip: bool,
     pub random_crop: bool,
+    pub masked_loss: bool,
     pub min_snr_gamma: Option<f64>,
     pub noise_offset: f64,
     pub min_timestep: usize,
@@ -444,6 +452,7 @@ impl Default for TrainConfig {
             keep_tokens: 0,
             flip: false,
             random_crop: false,
+            masked_loss: false,
             min_snr_gamma: None,
             noise_offset: 0.0,
             min_timestep: 0,

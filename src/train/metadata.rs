@@ -74,6 +74,7 @@ pub fn kohya_metadata(
     put("ss_seed", cfg.seed.to_string());
     put("ss_min_snr_gamma", cfg.min_snr_gamma.map(|g| g.to_string()).unwrap_or_else(|| "None".into()));
     put("ss_noise_offset", cfg.noise_offset.to_string());
+    put("ss_masked_loss", py_bool(cfg.masked_loss));
     if cfg.min_timestep > 0 || cfg.max_timestep.is_some() {
         // kohya writes no key for its min/max_timestep
         let range = serde_json::json!({"min_timestep": cfg.min_timestep, "max_timestep": cfg.max_timestep});

@@ -154,8 +154,15 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     };
     let enc = Encoder { vae, fingerprint, cache_dir: Some(cache_dir), counts: Default::default() };
     let n = items.len();
-    let samples =
-        prepare(&items, resolution, step, cfg.flip, &enc, &mut |i| progress("encoding images", i, n))?;
+    let samples = prepare(&items, resolution, step, (cfg.flip, cfg.masked_loss), &enc, &mut |i| {
+        progress("encoding images", i, n)
+    })?;
+    if cfg.masked_loss && !samples.iter().any(|s| s.mask.is_some() && items[s.item].is_training()) {
+        anyhow::bail!(
+            "--masked-loss: no training image in {} has a mask — put NAME-masklabel.png (white: train on it) beside NAME.png, or give the images an alpha channel",
+            cfg.data.display()
+        );
+    }
     let latents_cached = enc.counts.get();
     if !cfg.random_crop && cfg.sample_prompts.is_none() {
         sd.vae = None; // latents are cached: free the VAE

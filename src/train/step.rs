@@ -68,13 +68,18 @@ pub fn micro_step(
     };
     let diff = (pred.to_dtype(DType::F32)? - &b.target)?;
     let weights = Tensor::from_vec(b.loss_weights(run, cfg), (b.of.len(), 1, 1, 1), &run.device)?;
+    // kohya's masked loss: the squared error weighed per latent pixel, then the same mean
+    let mdiff = match &b.mask {
+        Some(m) => diff.broadcast_mul(m)?,
+        None => diff.clone(),
+    };
     // per-row MSE times its weight, summed over rows and divided by the drawn samples
-    let per_row = diff.sqr()?.mean((1, 2, 3))?;
+    let per_row = (&diff * &mdiff)?.mean((1, 2, 3))?;
     let loss = (per_row * weights.flatten_all()?)?.sum_all()?.to_scalar::<f32>()? as f64 / b.n as f64;
     let (Mode::Train { scale }, Some(saved)) = (mode, saved) else { return Ok(loss) };
 
     let n_el = diff.elem_count() / b.of.len();
-    let dpred = (diff.broadcast_mul(&weights)? * (2.0 * scale * loss_scale(run) / (n_el * b.n) as f64))?;
+    let dpred = (mdiff.broadcast_mul(&weights)? * (2.0 * scale * loss_scale(run) / (n_el * b.n) as f64))?;
     let d = unet.backward(saved, &dpred.to_dtype(pred.dtype())?, g)?;
     if let Some((s, ids)) = te_saved {
         let d_embeds =
@@ -101,6 +106,8 @@ struct Batch<'a> {
     timestep: Tensor,
     time_ids: Tensor,
     target: Tensor,
+    /// `--masked-loss`: each row's loss weight per latent pixel, [rows, 1, h, w].
+    mask: Option<Tensor>,
 }
 
 impl<'a> Batch<'a> {
@@ -109,18 +116,33 @@ impl<'a> Batch<'a> {
     fn draw(run: &'a Run, cfg: &TrainConfig, idx: &[usize], rng: &mut StdRng) -> Result<Self> {
         let dev = &run.device;
         let samples: Vec<&Sample> = idx.iter().map(|&i| &run.samples[i]).collect();
-        let latents: Vec<Tensor> = if cfg.random_crop {
-            samples.iter().map(|s| random_crop_latent(run, s, cfg.flip, rng)).collect::<Result<_>>()?
+        let (latents, masks): (Vec<Tensor>, Vec<Option<Tensor>>) = if cfg.random_crop {
+            let drawn =
+                samples.iter().map(|s| random_crop_latent(run, cfg, s, rng)).collect::<Result<Vec<_>>>()?;
+            drawn.into_iter().unzip()
         } else {
             samples
                 .iter()
                 .map(|s| match (&s.latent_flipped, cfg.flip && rng.random::<bool>()) {
-                    (Some(f), true) => f.clone(),
-                    _ => s.latent.clone(),
+                    (Some(f), true) => (f.clone(), s.mask_flipped.clone()),
+                    _ => (s.latent.clone(), s.mask.clone()),
                 })
-                .collect()
+                .unzip()
         };
         let x0 = Tensor::stack(&latents, 0)?.to_device(dev)?;
+        // images without a mask count whole
+        let mask = match masks.iter().any(Option::is_some) {
+            true => {
+                let full = |l: &Tensor| Tensor::ones((1, l.dim(1)?, l.dim(2)?), DType::F32, l.device());
+                let m: Vec<Tensor> = masks
+                    .iter()
+                    .zip(&latents)
+                    .map(|(m, l)| m.clone().map_or_else(|| full(l), Ok))
+                    .collect::<candle_core::Result<_>>()?;
+                Some(Tensor::stack(&m, 0)?.to_device(dev)?)
+            }
+            false => None,
+        };
         let captions: Vec<String> = samples
             .iter()
             .map(|s| {
@@ -154,6 +176,7 @@ impl<'a> Batch<'a> {
             timestep: Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), n, dev)?,
             time_ids: Tensor::from_vec(ids, (n, 6), dev)?,
             target: sched.target(&x0, &noise, &t)?,
+            mask,
             samples,
             n,
             of: (0..n).collect(),
@@ -182,6 +205,7 @@ impl<'a> Batch<'a> {
         self.timestep = self.timestep.index_select(&ix, 0)?;
         self.time_ids = self.time_ids.index_select(&ix, 0)?;
         self.target = self.target.index_select(&ix, 0)?;
+        self.mask = self.mask.as_ref().map(|m| m.index_select(&ix, 0)).transpose()?;
         self.captions.extend(dop.into_iter().map(|d| d.1));
         Ok(())
     }
@@ -311,16 +335,32 @@ pub fn loss_scale(run: &Run) -> f64 {
     }
 }
 
-/// A fresh random crop of the sample's image (and maybe a flip), through the VAE: the price of
-/// random crops is one VAE encode per image per step.
-fn random_crop_latent(run: &Run, s: &Sample, flip: bool, rng: &mut impl Rng) -> Result<Tensor> {
-    use crate::data::prepare::{fit_to_bucket, to_tensor};
+/// A fresh random crop of the sample's image (and maybe a flip), through the VAE, and its mask
+/// cropped and flipped alike: the price of random crops is one VAE encode per image per step.
+fn random_crop_latent(
+    run: &Run,
+    cfg: &TrainConfig,
+    s: &Sample,
+    rng: &mut impl Rng,
+) -> Result<(Tensor, Option<Tensor>)> {
+    use crate::data::prepare::{fit_mask_to_bucket, fit_to_bucket, to_tensor};
     let vae = run.sd.vae.as_ref().expect("kept for random crops");
-    let img = crate::data::dataset::load_rgb(&run.items[s.item].image)?;
-    let (mut crop, _) = fit_to_bucket(&img, s.bucket, (rng.random(), rng.random()));
-    if flip && rng.random::<bool>() {
+    let item = &run.items[s.item];
+    let img = crate::data::dataset::load_rgb(&item.image)?;
+    let offset = (rng.random(), rng.random());
+    let (mut crop, _) = fit_to_bucket(&img, s.bucket, offset);
+    let mut mask = match cfg.masked_loss {
+        true => {
+            crate::data::mask::load(&item.image, item.size)?.map(|m| fit_mask_to_bucket(&m, s.bucket, offset))
+        }
+        false => None,
+    };
+    if cfg.flip && rng.random::<bool>() {
         crop = image::imageops::flip_horizontal(&crop);
+        mask = mask.map(|m| image::imageops::flip_horizontal(&m));
     }
     let z = vae.encode_mean(&to_tensor(&crop, &run.device)?)?;
-    Ok((z.to_dtype(DType::F32)? * vae.config.scaling_factor)?.squeeze(0)?)
+    let f = crop.width() / z.dim(3)? as u32;
+    let mask = mask.map(|m| crate::data::mask::to_latent(&m, f)).transpose()?;
+    Ok(((z.to_dtype(DType::F32)? * vae.config.scaling_factor)?.squeeze(0)?, mask))
 }
