@@ -22,3 +22,4 @@ mod train_e2e;
 mod train_embedding;
 mod train_features;
 mod unet_backward;
+mod validation;

@@ -44,6 +44,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             None => format!(" ({:.1} epochs)", (cfg.steps * cfg.grad_accum) as f64 / epoch_len as f64),
         }
     );
+    if cfg.val_split > 0.0 {
+        let held: Vec<String> = run
+            .items
+            .iter()
+            .filter(|i| i.val && i.image.starts_with(&cfg.data))
+            .map(|i| i.image.strip_prefix(&cfg.data).unwrap_or(&i.image).display().to_string())
+            .collect();
+        eprintln!("held out for validation (--val-split {}): {}", cfg.val_split, held.join(", "));
+    }
     // read before hours of training, so that a wrong path fails now
     let read = |p: &Option<std::path::PathBuf>| -> Result<Vec<(String, u64)>> {
         let prompts = p.as_deref().map(read_prompts).transpose()?.unwrap_or_default();

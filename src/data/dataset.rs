@@ -109,6 +109,28 @@ pub fn held_out(mut items: Vec<Item>) -> Vec<Item> {
     items
 }
 
+/// `--val-split`: `share` of the images (at least one) held out for validation, picked by
+/// `seed`, and moved behind the ones that train (the order `--val-data` gives them).
+pub fn split_off(items: Vec<Item>, share: f64, seed: u64, root: &Path) -> Result<Vec<Item>> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let n = items.len();
+    let k = ((share * n as f64).round() as usize).max(1);
+    if k >= n {
+        bail!(
+            "--val-split {share}: {k} of the {n} images in {} would be held out, none left to train on — give a smaller share or more images",
+            root.display()
+        );
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x0a15_5b17));
+    let held: std::collections::HashSet<usize> = order[..k].iter().copied().collect();
+    let (train, val): (Vec<_>, Vec<_>) = items.into_iter().enumerate().partition(|(i, _)| !held.contains(i));
+    let mut out: Vec<Item> = train.into_iter().map(|(_, it)| it).collect();
+    out.extend(held_out(val.into_iter().map(|(_, it)| it).collect()));
+    Ok(out)
+}
+
 pub fn balance_reg(train: &[Item], mut reg: Vec<Item>) -> Vec<Item> {
     let want: usize = train.iter().map(|i| i.repeats).sum();
     let (mut n, mut used) = (0, 0);

@@ -171,7 +171,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_data: Option<PathBuf>,
-    /// Steps between validation losses (with --val-data).
+    /// Hold this share of --data's images out for validation instead of a --val-data folder
+    /// (at least one; picked by --seed, listed when training starts), e.g. 0.1.
+    #[arg(long, value_name = "SHARE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_split: Option<f64>,
+    /// Steps between validation losses (with --val-data or --val-split).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_every: Option<usize>,
@@ -377,6 +382,7 @@ pub struct TrainConfig {
     pub epochs: Option<usize>,
     pub save_every_epochs: usize,
     pub val_data: Option<PathBuf>,
+    pub val_split: f64,
     pub val_every: usize,
     pub resume: Option<PathBuf>,
     pub caption: Option<String>,
@@ -444,6 +450,7 @@ impl Default for TrainConfig {
             epochs: None,
             save_every_epochs: 0,
             val_data: None,
+            val_split: 0.0,
             val_every: 100,
             resume: None,
             caption: None,
@@ -689,6 +696,12 @@ impl TrainConfig {
             return bad(format!(
                 "--sample-lora-start {}: a share of the sampling steps between 0 and 1",
                 self.sample_lora_start
+            ));
+        }
+        if !(0.0..1.0).contains(&self.val_split) {
+            return bad(format!(
+                "--val-split {}: the share of the images to hold out, from 0 to below 1",
+                self.val_split
             ));
         }
         if let Some(d) = self.ema_decay.filter(|d| !(*d > 0.0 && *d < 1.0)) {

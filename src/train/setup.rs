@@ -103,6 +103,9 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         );
     }
     let mut items = scan(&cfg.data, cfg.caption.as_deref(), "--data")?;
+    if cfg.val_split > 0.0 {
+        items = crate::data::dataset::split_off(items, cfg.val_split, cfg.seed, &cfg.data)?;
+    }
     if let Some(w) = &cfg.dop_trigger {
         if !items.iter().any(|i| crate::train::batches::replace_trigger(&i.caption, w, "").is_some()) {
             anyhow::bail!(
