@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
             seed: 11,
             dtype: DType::F32,
             dropout: 0.0,
+            dora: false,
             switch: sdlora::model::layers::adapter::switch(),
         };
         let mut adapters = vec![];

@@ -24,6 +24,7 @@ fn lora_spec(rank: usize) -> LoraSpec {
         seed: 5,
         dtype: DType::F64,
         dropout: 0.0,
+        dora: false,
         switch: sdlora::model::layers::adapter::switch(),
     }
 }

@@ -35,6 +35,7 @@ fn sd15_adapters(preset: &str, rank: usize) -> Vec<sdlora::lora::AdapterInfo> {
         seed: 0,
         dtype: DType::F32,
         dropout: 0.0,
+        dora: false,
         switch: sdlora::model::layers::adapter::switch(),
     };
     let preset: Preset = preset.parse().unwrap();

@@ -209,6 +209,7 @@ fn write_lora(dir: &Path, out: &Path) {
         seed: 3,
         dtype: DType::F32,
         dropout: 0.0,
+        dora: false,
         switch: sdlora::model::layers::adapter::switch(),
     };
     let unet = sd.unet.as_mut().unwrap();

@@ -9,11 +9,11 @@ use sdlora::model::unet::UNetInput;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-fn fixture(rel: &str) -> PathBuf {
+pub(crate) fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
 
-fn io(rel: &str) -> HashMap<String, Tensor> {
+pub(crate) fn io(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(rel), &Device::Cpu).unwrap()
 }
 
@@ -30,18 +30,18 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     e
 }
 
-fn close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+pub(crate) fn close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
     let e = rel_err(a, b);
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
 }
 
-fn model(name: &str, dtype: DType, unet: bool, vae: bool, te: bool) -> StableDiffusion {
+pub(crate) fn model(name: &str, dtype: DType, unet: bool, vae: bool, te: bool) -> StableDiffusion {
     let opts = LoadOptions { dtype, unet, vae, text_encoders: te, ..Default::default() };
     load_folder(&fixture(&format!("{name}/pipe")), &opts).unwrap()
 }
 
 /// d mean((out − target)²) / d out
-fn mse_grad(out: &Tensor, target: &Tensor) -> Tensor {
+pub(crate) fn mse_grad(out: &Tensor, target: &Tensor) -> Tensor {
     let n = out.elem_count() as f64;
     ((out - target.to_dtype(out.dtype()).unwrap()).unwrap() * (2.0 / n)).unwrap()
 }

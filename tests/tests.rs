@@ -7,6 +7,7 @@ mod common;
 mod crash_safety;
 mod data_and_formats;
 mod demo;
+mod dora;
 mod full_size;
 mod fuzz;
 mod generate;

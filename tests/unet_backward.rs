@@ -35,6 +35,7 @@ fn check(sdxl: bool) {
         seed: 9,
         dtype: DType::F64,
         dropout: 0.0,
+        dora: false,
         switch: sdlora::model::layers::adapter::switch(),
     };
     let infos = attach(&mut unet, "", &|_, _| true, &spec, 0, &Device::Cpu).unwrap();

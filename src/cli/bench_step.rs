@@ -64,6 +64,7 @@ pub fn run(c: &Case) -> Result<()> {
         seed: 0,
         dtype: DType::F32,
         dropout: 0.0,
+        dora: false,
         switch,
     };
     let adapters = if c.train {

@@ -179,7 +179,7 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     }
     let layers: Vec<serde_json::Value> = entries
         .iter()
-        .map(|(c, p, t)| serde_json::json!({"component": c, "module": p, "rank": t.rank(), "alpha": t.alpha.unwrap_or(t.rank() as f64), "conv": t.down.rank() == 4}))
+        .map(|(c, p, t)| serde_json::json!({"component": c, "module": p, "rank": t.rank(), "alpha": t.alpha.unwrap_or(t.rank() as f64), "conv": t.down.rank() == 4, "dora": t.magnitude.is_some()}))
         .collect();
     let meta: std::collections::BTreeMap<&String, &String> = file.metadata.iter().collect();
     // bundled embeddings: word, text encoder, width
@@ -220,6 +220,10 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
         entries.iter().filter(|(_, _, t)| t.down.rank() == 4 && t.down.dim(2).unwrap_or(1) > 1).count();
     if convs > 0 {
         println!("  3×3 conv modules (LoCon): {convs}");
+    }
+    let dora = entries.iter().filter(|(_, _, t)| t.magnitude.is_some()).count();
+    if dora > 0 {
+        println!("  DoRA modules (with a magnitude): {dora}");
     }
     for (k, v) in meta.iter().filter(|(k, _)| k.starts_with("ss_") || k.starts_with("modelspec.")) {
         let v: String = v.chars().take(100).collect();

@@ -52,10 +52,10 @@ pub fn apply_file(
         m.visit("", &mut |p, layer| {
             if let Some(t) = map.get(p) {
                 match add(layer, t, multiplier, first_id + out.len(), &switch) {
-                    Ok((down, up)) => {
+                    Ok((down, up, magnitude)) => {
                         let alpha = t.alpha.unwrap_or(t.rank() as f64);
-                        let info =
-                            AdapterInfo { path: p.to_string(), id: first_id + out.len(), down, up, alpha };
+                        let id = first_id + out.len();
+                        let info = AdapterInfo { path: p.to_string(), id, down, up, alpha, magnitude };
                         out.push((comp.to_string(), info));
                     }
                     Err(e) => {
@@ -83,7 +83,7 @@ fn add(
     multiplier: f64,
     id: usize,
     switch: &Switch,
-) -> Result<(Var, Var)> {
+) -> Result<(Var, Var, Option<Var>)> {
     let r = t.rank();
     // adapters are f32 whatever the base dtype (f64 stays f64 for the reference checks)
     let dtype = crate::model::layers::acc(match &layer {
@@ -106,11 +106,20 @@ fn add(
     };
     let down = Var::from_tensor(&fit(&t.down, &down_shape, "down")?)?;
     let up = Var::from_tensor(&fit(&t.up, &up_shape, "up")?)?;
+    // DoRA: the multiplier is a strength, the share of the way to the decomposed weight
+    let magnitude = t.magnitude.as_ref().map(|m| fit(m, &[up_shape[0]], "magnitude")).transpose()?;
+    let magnitude = magnitude.map(|m| Var::from_tensor(&m)).transpose()?;
+    let (scale, strength) = match magnitude {
+        Some(_) => (t.scale(), multiplier),
+        None => (t.scale() * multiplier, 1.0),
+    };
     let lora = Lora {
         id,
         down: down.clone(),
         up: up.clone(),
-        scale: t.scale() * multiplier,
+        scale,
+        magnitude: magnitude.clone(),
+        strength,
         dropout: 0.0,
         switch: switch.clone(),
     };
@@ -118,5 +127,5 @@ fn add(
         LayerMut::Linear(l) => l.adapters.push(lora),
         LayerMut::Conv(c) => c.adapters.push(lora),
     }
-    Ok((down, up))
+    Ok((down, up, magnitude))
 }

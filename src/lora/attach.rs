@@ -13,6 +13,8 @@ pub struct AdapterInfo {
     pub down: Var,
     pub up: Var,
     pub alpha: f64,
+    /// DoRA's magnitude per output channel, [out].
+    pub magnitude: Option<Var>,
 }
 
 impl AdapterInfo {
@@ -40,6 +42,9 @@ pub struct LoraSpec {
     pub dtype: DType,
     /// peft's lora_dropout on the adapter input during training.
     pub dropout: f64,
+    /// DoRA: a magnitude per output channel beside the low-rank pair, starting at the norms of
+    /// the base weight's rows (with the pair's product added, as peft does).
+    pub dora: bool,
     pub switch: crate::model::layers::adapter::Switch,
 }
 
@@ -103,17 +108,34 @@ fn make(
             .to_dtype(spec.dtype)?,
     };
     let (down, up) = (Var::from_tensor(&down)?, Var::from_tensor(&up)?);
-    let lora = Lora {
+    let (scale, strength) = match spec.dora {
+        true => (spec.alpha / r as f64, spec.multiplier),
+        false => (spec.alpha / r as f64 * spec.multiplier, 1.0),
+    };
+    let mut lora = Lora {
         id,
         down: down.clone(),
         up: up.clone(),
-        scale: spec.alpha / r as f64 * spec.multiplier,
+        scale,
+        magnitude: None,
+        strength,
         dropout: spec.dropout,
         switch: spec.switch.clone(),
     };
+    if spec.dora {
+        let w = match &layer {
+            LayerMut::Linear(l) => l.weight.clone(),
+            LayerMut::Conv(c) => c.weight.clone(),
+        };
+        // m = ‖W + s·up·down‖ makes the decomposed weight W + s·up·down itself at the start
+        lora.magnitude = Some(Var::from_tensor(&Tensor::ones(w.dim(0)?, spec.dtype, device)?)?);
+        let (_, inv_norm) = crate::model::layers::dora::factors(&lora, &w)?;
+        lora.magnitude = Some(Var::from_tensor(&inv_norm.recip()?.to_dtype(spec.dtype)?)?);
+    }
+    let magnitude = lora.magnitude.clone();
     match layer {
         LayerMut::Linear(l) => l.adapters.push(lora),
         LayerMut::Conv(c) => c.adapters.push(lora),
     }
-    Ok(AdapterInfo { path: path.to_string(), id, down, up, alpha: spec.alpha })
+    Ok(AdapterInfo { path: path.to_string(), id, down, up, alpha: spec.alpha, magnitude })
 }

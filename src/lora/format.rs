@@ -30,6 +30,9 @@ pub struct LoraTensors {
     pub down: Tensor,
     pub up: Tensor,
     pub alpha: Option<f64>,
+    /// DoRA's magnitude per output channel, [out] (kohya/LyCORIS `dora_scale`, PEFT
+    /// `lora_magnitude_vector`).
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraTensors {
@@ -80,6 +83,9 @@ fn split_key(k: &str) -> Option<(String, &'static str, LoraFormat)> {
         (".lora_down.weight", "down", LoraFormat::Kohya),
         (".lora_up.weight", "up", LoraFormat::Kohya),
         (".alpha", "alpha", LoraFormat::Kohya),
+        (".dora_scale", "magnitude", LoraFormat::Kohya),
+        (".lora_magnitude_vector", "magnitude", LoraFormat::Peft),
+        (".lora_magnitude_vector.weight", "magnitude", LoraFormat::Peft),
         (".lora_A.weight", "down", LoraFormat::Peft),
         (".lora_B.weight", "up", LoraFormat::Peft),
         (".lora.down.weight", "down", LoraFormat::DiffusersLegacy),
@@ -103,8 +109,8 @@ fn split_key(k: &str) -> Option<(String, &'static str, LoraFormat)> {
     None
 }
 
-/// (down, up, alpha) of one module while reading.
-type Parts = (Option<Tensor>, Option<Tensor>, Option<f64>);
+/// (down, up, alpha, magnitude) of one module while reading.
+type Parts = (Option<Tensor>, Option<Tensor>, Option<f64>, Option<Tensor>);
 
 pub fn read(path: &Path) -> Result<LoraFile> {
     let data = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -141,6 +147,7 @@ pub fn parse(data: &[u8], file: &str) -> Result<LoraFile> {
                 match role {
                     "down" => e.0 = Some(t.to_dtype(DType::F64)?),
                     "up" => e.1 = Some(t.to_dtype(DType::F64)?),
+                    "magnitude" => e.3 = Some(t.to_dtype(DType::F64)?.flatten_all()?),
                     _ => match t.elem_count() {
                         1 => e.2 = Some(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0]),
                         n => {
@@ -155,19 +162,26 @@ pub fn parse(data: &[u8], file: &str) -> Result<LoraFile> {
     if !unknown.is_empty() {
         unknown.sort();
         bail!(
-            "{file}: {} tensors are not LoRA weights this tool understands (e.g. `{}`) — is this a LoRA file (LoHa/LoKr/DoRA are not supported)?",
+            "{file}: {} tensors are not LoRA weights this tool understands (e.g. `{}`) — is this a LoRA file (LyCORIS's LoHa and LoKr are not supported)?",
             unknown.len(),
             unknown[0]
         );
     }
     let format = format.with_context(|| format!("{file}: no LoRA tensors in this file"))?;
     let mut modules = BTreeMap::new();
-    for (stem, (d, u, a)) in parts {
+    for (stem, (d, u, a, m)) in parts {
         match (d, u) {
             (Some(down), Some(up)) => {
                 check_pair(&down, &up)
                     .map_err(|e| anyhow::anyhow!("{file}: module `{stem}`: {e} — the file is damaged"))?;
-                modules.insert(stem, LoraTensors { down, up, alpha: a });
+                if let Some(m) = m.as_ref().filter(|m| m.elem_count() != up.dim(0).unwrap_or(0)) {
+                    bail!(
+                        "{file}: module `{stem}`: a DoRA magnitude of {} values for {} output channels — the file is damaged",
+                        m.elem_count(),
+                        up.dim(0)?
+                    );
+                }
+                modules.insert(stem, LoraTensors { down, up, alpha: a, magnitude: m });
             }
             _ => bail!("{file}: module `{stem}` lacks its down or up weight — the file is incomplete"),
         }
@@ -273,6 +287,7 @@ pub fn entries(adapters: &[(String, AdapterInfo)]) -> Vec<Entry> {
                 down: a.down.as_tensor().clone(),
                 up: a.up.as_tensor().clone(),
                 alpha: Some(a.alpha),
+                magnitude: a.magnitude.as_ref().map(|m| m.as_tensor().clone()),
             };
             (c.clone(), a.path.clone(), t)
         })
@@ -332,6 +347,12 @@ pub fn write_tensors(
                 tensors.push((format!("{n}.lora_up.weight"), up));
                 tensors
                     .push((format!("{n}.alpha"), Tensor::new(alpha as f32, &Device::Cpu)?.to_dtype(dtype)?));
+                if let Some(m) = &t.magnitude {
+                    // LyCORIS's layout (wd_on_out): [out, 1] or [out, 1, 1, 1], what ComfyUI reads
+                    let mut shape = vec![1; t.down.rank()];
+                    shape[0] = m.elem_count();
+                    tensors.push((format!("{n}.dora_scale"), m.reshape(shape)?.to_dtype(dtype)?));
+                }
             }
             _ => {
                 // PEFT names follow the module tree of the library that loads them; transformers 5
@@ -339,6 +360,17 @@ pub fn write_tensors(
                 let p = peft_path(mpath);
                 tensors.push((format!("{comp}.{p}.lora_A.weight"), down));
                 tensors.push((format!("{comp}.{p}.lora_B.weight"), up));
+                if let Some(m) = &t.magnitude {
+                    // peft's: [out] for a Linear, [1, out, 1, 1] for a Conv2d
+                    let shape = match t.down.rank() {
+                        4 => vec![1, m.elem_count(), 1, 1],
+                        _ => vec![m.elem_count()],
+                    };
+                    tensors.push((
+                        format!("{comp}.{p}.lora_magnitude_vector"),
+                        m.reshape(shape)?.to_dtype(dtype)?,
+                    ));
+                }
             }
         }
     }
@@ -387,7 +419,7 @@ fn peft_metadata(entries: &[Entry]) -> String {
         j.insert(format!("{comp}.target_modules"), targets.into());
         j.insert(format!("{comp}.peft_type"), "LORA".into());
         j.insert(format!("{comp}.bias"), "none".into());
-        j.insert(format!("{comp}.use_dora"), false.into());
+        j.insert(format!("{comp}.use_dora"), mine.iter().any(|(_, _, t)| t.magnitude.is_some()).into());
         j.insert(format!("{comp}.init_lora_weights"), true.into());
         j.insert(format!("{comp}.rank_pattern"), rp.into());
         j.insert(format!("{comp}.alpha_pattern"), ap.into());

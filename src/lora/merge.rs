@@ -1,7 +1,7 @@
 //! `merge`: LoRAs baked into a model's weights, written as a diffusers folder or as one
 //! single-file checkpoint in the original LDM/SGM naming.
 use super::format::{read, resolve};
-use super::ops::delta;
+use super::ops::merged;
 use crate::model::load::ldm_keys::{plan_to_ldm, UnetLayout};
 use crate::model::load::{folder, single_file, Family};
 use anyhow::{bail, Context, Result};
@@ -146,9 +146,8 @@ pub fn merge_loras(model: &mut ModelTensors, loras: &[(PathBuf, f64)]) -> Result
             let m = model.comps.get_mut(&comp).expect("target component");
             let key = weight_key(m, &mpath).expect("target weight");
             let w = &m[&key];
-            let merged =
-                (w.to_dtype(candle_core::DType::F64)? + delta(&t, w.dims(), *scale)?)?.to_dtype(w.dtype())?;
-            m.insert(key, merged);
+            let new_w = merged(&t, w, *scale)?.to_dtype(w.dtype())?;
+            m.insert(key, new_w);
             n += 1;
         }
         for (word, k, v) in &file.embeddings {

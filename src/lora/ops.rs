@@ -94,6 +94,20 @@ pub fn delta(t: &LoraTensors, weight_shape: &[usize], multiplier: f64) -> Result
     Ok((up.matmul(&down)? * (t.scale() * multiplier))?.reshape(weight_shape)?)
 }
 
+/// The base weight `w` with the module merged in at `multiplier`: w + multiplier·scale·up·down,
+/// or for DoRA w + multiplier·(m·(w + scale·up·down)/‖w + scale·up·down‖ − w), the norm per
+/// output channel (ComfyUI's weight_decompose, without its 1e-7 guard). In f64.
+pub fn merged(t: &LoraTensors, w: &Tensor, multiplier: f64) -> Result<Tensor> {
+    let w64 = w.to_dtype(DType::F64)?;
+    let Some(m) = &t.magnitude else { return Ok((&w64 + delta(t, w.dims(), multiplier)?)?) };
+    let o = w.dim(0)?;
+    let calc = (&w64 + delta(t, w.dims(), 1.0)?)?.reshape((o, ()))?;
+    let norm = calc.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let g = m.to_dtype(DType::F64)?.reshape((o, 1))?.div(&norm)?;
+    let decomposed = calc.broadcast_mul(&g)?.reshape(w.dims())?;
+    Ok((&w64 + ((decomposed - &w64)? * multiplier)?)?)
+}
+
 /// Reduces a module to `rank` by SVD of its update; returns it with the share of the update's
 /// squared Frobenius norm that is kept. The new alpha equals the new rank (scale 1).
 pub fn resize(t: &LoraTensors, rank: usize) -> Result<(LoraTensors, f64)> {
@@ -114,6 +128,8 @@ pub fn resize(t: &LoraTensors, rank: usize) -> Result<(LoraTensors, f64)> {
         down: down.reshape(ds)?.to_dtype(DType::F32)?,
         up: up.reshape(us)?.to_dtype(DType::F32)?,
         alpha: Some(r as f64),
+        // DoRA keeps its magnitudes: the direction is what the rank approximates
+        magnitude: t.magnitude.clone(),
     };
     Ok((out, if total > 0.0 { kept / total } else { 1.0 }))
 }
@@ -139,6 +155,7 @@ pub fn extract(base: &Tensor, tuned: &Tensor, rank: usize) -> Result<(LoraTensor
         down: down.reshape(ds)?.to_dtype(DType::F32)?,
         up: up.reshape(us)?.to_dtype(DType::F32)?,
         alpha: Some(r as f64),
+        magnitude: None,
     };
     Ok((t, if total > 0.0 { kept / total } else { 1.0 }))
 }

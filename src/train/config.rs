@@ -57,6 +57,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_accum: Option<usize>,
+    /// lora, or dora (weight-decomposed LoRA: a magnitude per output channel trained beside the
+    /// low-rank pair; saved as LyCORIS's dora_scale for ComfyUI/A1111, PEFT's
+    /// lora_magnitude_vector with --format peft for diffusers).
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterKind>,
     /// LoRA rank (network dim).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -329,6 +335,17 @@ pub struct TrainArgs {
     pub control_prompts: Option<PathBuf>,
 }
 
+/// The kind of adapter trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// Low-rank pair (kohya's networks.lora, peft's LoRA).
+    #[default]
+    Lora,
+    /// DoRA: the low-rank pair sets the weight's direction, a trained magnitude its size.
+    Dora,
+}
+
 /// What the regularization images' loss pulls towards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -357,6 +374,7 @@ pub struct TrainConfig {
     pub steps: usize,
     pub batch_size: usize,
     pub grad_accum: usize,
+    pub adapter: AdapterKind,
     pub rank: usize,
     pub alpha: Option<f64>,
     pub lora_dropout: f64,
@@ -425,6 +443,7 @@ impl Default for TrainConfig {
             steps: 1500,
             batch_size: 1,
             grad_accum: 1,
+            adapter: AdapterKind::Lora,
             rank: 16,
             alpha: None,
             lora_dropout: 0.0,

@@ -30,7 +30,9 @@ pub fn kohya_metadata(
     let mut put = |k: &str, v: String| {
         m.insert(k.to_string(), v);
     };
-    put("ss_network_module", "networks.lora".into());
+    // DoRA is LyCORIS's to kohya users: its module and network_args say so
+    let dora = cfg.adapter == super::config::AdapterKind::Dora;
+    put("ss_network_module", if dora { "lycoris.kohya" } else { "networks.lora" }.into());
     put("ss_network_dim", cfg.rank.to_string());
     put("ss_network_alpha", format!("{}", cfg.alpha()));
     // kohya's network_args, as its train_network.py records them: strings
@@ -38,6 +40,11 @@ pub fn kohya_metadata(
     if cfg.targets == crate::lora::targets::Preset::Full {
         args.insert("conv_dim".into(), cfg.rank.to_string().into());
         args.insert("conv_alpha".into(), format!("{}", cfg.alpha()).into());
+    }
+    if dora {
+        let algo = if cfg.targets == crate::lora::targets::Preset::Full { "locon" } else { "lora" };
+        args.insert("algo".into(), algo.into());
+        args.insert("dora_wd".into(), "True".into());
     }
     if let Some(r) = &cfg.exclude_layers {
         args.insert("exclude_patterns".into(), serde_json::json!([r]).to_string().into());

@@ -182,6 +182,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         seed: cfg.seed,
         dtype: DType::F32,
         dropout: cfg.lora_dropout,
+        dora: cfg.adapter == crate::train::config::AdapterKind::Dora,
         switch: switch.clone(),
     };
     let excluded = cfg.excluded_layers()?;
@@ -228,6 +229,10 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         let s = if comp == "unet" { 1.0 } else { te_scale };
         params.extend([a.down.clone(), a.up.clone()]);
         lr_scale.extend([s, s]);
+        if let Some(m) = &a.magnitude {
+            params.push(m.clone());
+            lr_scale.push(s);
+        }
     }
     let embedding = match &cfg.train_embedding {
         Some(w) => {

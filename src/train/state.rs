@@ -16,7 +16,12 @@ pub fn state_path(lora: &Path) -> PathBuf {
 }
 
 fn layout(adapters: &[(String, AdapterInfo)], word: Option<&TrainedWord>) -> String {
-    let mut v: Vec<String> = adapters.iter().map(|(c, a)| format!("{c}/{}:{}", a.path, a.rank())).collect();
+    let mut v: Vec<String> = adapters
+        .iter()
+        .map(|(c, a)| {
+            format!("{c}/{}:{}{}", a.path, a.rank(), if a.magnitude.is_some() { ":dora" } else { "" })
+        })
+        .collect();
     v.extend(word.map(|w| format!("embedding/{}", w.word)));
     serde_json::to_string(&v).unwrap_or_default()
 }
@@ -33,6 +38,9 @@ pub fn save(
     for (i, (_, a)) in adapters.iter().enumerate() {
         t.push((format!("adapter.{i}.down"), a.down.as_tensor().to_device(&Device::Cpu)?));
         t.push((format!("adapter.{i}.up"), a.up.as_tensor().to_device(&Device::Cpu)?));
+        if let Some(m) = &a.magnitude {
+            t.push((format!("adapter.{i}.magnitude"), m.as_tensor().to_device(&Device::Cpu)?));
+        }
     }
     for (k, v) in word.iter().flat_map(|w| &w.vectors).enumerate() {
         t.push((format!("embedding.{k}"), v.as_tensor().to_device(&Device::Cpu)?));
@@ -124,7 +132,7 @@ pub fn load(
     };
     if get("layout")? != &layout(adapters, word) {
         bail!(
-            "{}: this state was saved for other LoRA layers or rank — resume with the same --model, --targets, --exclude-layers, --rank, --text-encoder-lr and --train-embedding",
+            "{}: this state was saved for other LoRA layers or rank — resume with the same --model, --adapter, --targets, --exclude-layers, --rank, --text-encoder-lr and --train-embedding",
             path.display()
         );
     }
@@ -152,6 +160,9 @@ pub fn load(
     for (i, (_, a)) in adapters.iter().enumerate() {
         a.down.set(&take(&format!("adapter.{i}.down"))?.to_device(a.down.device())?)?;
         a.up.set(&take(&format!("adapter.{i}.up"))?.to_device(a.up.device())?)?;
+        if let Some(m) = &a.magnitude {
+            m.set(&take(&format!("adapter.{i}.magnitude"))?.to_device(m.device())?)?;
+        }
     }
     for (k, v) in word.iter().flat_map(|w| &w.vectors).enumerate() {
         v.set(&take(&format!("embedding.{k}"))?.to_device(v.device())?)?;

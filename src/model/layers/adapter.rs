@@ -53,10 +53,19 @@ impl Op {
     }
 }
 
-/// What an adapter's backward needs: its hidden activation h = down(x) and its dropout mask.
+/// What an adapter's backward needs: its hidden activation h = down(x), its dropout mask, and
+/// for DoRA its factors (`super::dora`).
 pub struct LoraSaved {
     hidden: Tensor,
     mask: Option<Tensor>,
+    dora: Option<super::dora::DoraSaved>,
+}
+
+/// The base layer's frozen weight and its output without bias, W ⋆ x: what DoRA's adapters
+/// rescale.
+pub struct Base<'a> {
+    pub weight: &'a Tensor,
+    pub out: &'a Tensor,
 }
 
 /// `y` plus the deltas of every adapter that is on, for the base layer's input `x`; adapters
@@ -65,6 +74,7 @@ pub fn add_adapters(
     adapters: &[Lora],
     op: Op,
     x: &Tensor,
+    base: Base<'_>,
     mut y: Tensor,
 ) -> Result<(Tensor, Vec<LoraSaved>)> {
     let Some(first) = adapters.first() else { return Ok((y, vec![])) };
@@ -72,7 +82,7 @@ pub fn add_adapters(
     let mut saved = Vec::with_capacity(adapters.len());
     // a switched-off adapter (a base prediction) adds nothing and saves nothing
     for a in adapters.iter().filter(|a| !a.is_off()) {
-        let (delta, s) = a.forward_train(op, &xa)?;
+        let (delta, s) = a.forward_train(op, &xa, &base)?;
         let dt = y.dtype();
         y = (y + delta.to_dtype(dt)?)?;
         saved.push(s);
@@ -83,7 +93,7 @@ pub fn add_adapters(
 /// The adapters' share of dx (None without adapters), their gradients added to `grads`.
 pub fn adapters_backward(
     adapters: &[Lora],
-    op: Op,
+    (op, weight): (Op, &Tensor),
     saved: Vec<LoraSaved>,
     x: &Tensor,
     dy: &Tensor,
@@ -94,7 +104,7 @@ pub fn adapters_backward(
     let (xa, dya) = (x.to_dtype(dt)?, dy.to_dtype(dt)?);
     let mut dx: Option<Tensor> = None;
     for (a, s) in adapters.iter().filter(|a| !a.is_off()).zip(saved) {
-        let d = a.backward(op, s, &xa, &dya, grads)?;
+        let d = a.backward((op, weight), s, &xa, &dya, grads)?;
         dx = Some(match dx {
             None => d,
             Some(acc) => (acc + d)?,
@@ -110,8 +120,14 @@ pub struct Lora {
     pub down: Var,
     /// Linear: [out, rank]. Conv: [out, rank, 1, 1].
     pub up: Var,
-    /// alpha / rank · multiplier.
+    /// alpha / rank · multiplier (DoRA: alpha / rank, the multiplier is `strength`).
     pub scale: f64,
+    /// DoRA (weight-decomposed LoRA): the magnitude of each output channel, [out]; the layer's
+    /// weight becomes m · (W + scale·up·down) / ‖W + scale·up·down‖ row by row.
+    pub magnitude: Option<Var>,
+    /// DoRA's strength: the weight moves this share of the way to the decomposed one
+    /// (ComfyUI's strength); 1 in training.
+    pub strength: f64,
     /// LoRA dropout on the adapter's input (peft's lora_dropout), active only while `switch`
     /// holds a step seed, i.e. inside a training step.
     pub dropout: f64,
@@ -160,8 +176,8 @@ impl SwitchState {
 }
 
 impl Lora {
-    /// delta = scale · up(down(dropout(x))).
-    pub fn forward_train(&self, op: Op, x: &Tensor) -> Result<(Tensor, LoraSaved)> {
+    /// delta = scale · up(down(dropout(x))); DoRA rescales it and the base's output.
+    pub fn forward_train(&self, op: Op, x: &Tensor, base: &Base<'_>) -> Result<(Tensor, LoraSaved)> {
         let mask = self.dropout_mask(x.dims(), x)?;
         let xd = match &mask {
             Some(m) => (x * m)?,
@@ -169,13 +185,22 @@ impl Lora {
         };
         let hidden = op.forward(&xd, &self.down.as_tensor().detach())?;
         let delta = (op.pointwise().forward(&hidden, &self.up.as_tensor().detach())? * self.scale)?;
-        Ok((delta, LoraSaved { hidden, mask }))
+        if self.magnitude.is_none() {
+            return Ok((delta, LoraSaved { hidden, mask, dora: None }));
+        }
+        // peft: with dropout the rescaled base output is that of the dropped-out input too
+        let base_out = match &mask {
+            Some(_) => op.forward(&xd, &base.weight.detach().to_dtype(xd.dtype())?)?,
+            None => base.out.to_dtype(delta.dtype())?,
+        };
+        let (delta, d) = super::dora::forward(self, op, base.weight, &base_out, &delta)?;
+        Ok((delta, LoraSaved { hidden, mask, dora: Some(d) }))
     }
 
-    /// The adapter's share of dx; adds dD and dU to `grads`.
+    /// The adapter's share of dx; adds dD and dU (and DoRA's dm) to `grads`.
     pub fn backward(
         &self,
-        op: Op,
+        (op, weight): (Op, &Tensor),
         s: LoraSaved,
         x: &Tensor,
         dy: &Tensor,
@@ -185,12 +210,24 @@ impl Lora {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
+        // DoRA: the low-rank path sees dy scaled per channel, the base's input gradient a share
+        let (dy, dx_base) = match &s.dora {
+            Some(d) => {
+                let (dy, dx_base) = super::dora::backward(self, (op, weight), d, dy, x.dims(), grads)?;
+                (dy, Some(dx_base))
+            }
+            None => (dy.clone(), None),
+        };
+        let dy = &dy;
         let (up, down) = (self.up.as_tensor().detach(), self.down.as_tensor().detach());
         // delta = s·up(h), h = down(x)  ⇒  dU = s·∂up/∂U(h, dy), dh = s·upᵀ(dy), dD = ∂down/∂D(x, dh)
         let d_up = (op.pointwise().weight_grad(&s.hidden, dy, up.dims())? * self.scale)?;
         let dh = (op.pointwise().input_grad(dy, &up, s.hidden.dims())? * self.scale)?;
         let d_down = op.weight_grad(&xd, &dh, down.dims())?;
         let mut dx = op.input_grad(&dh, &down, x.dims())?;
+        if let Some(b) = dx_base {
+            dx = (dx + b)?;
+        }
         if let Some(m) = &s.mask {
             dx = (dx * m)?;
         }

@@ -6,7 +6,7 @@
 //!
 //! On the CPU in f32, stride-1 k×k convolutions, their input and kernel gradients go through
 //! `conv_taps` (one GEMM per kernel tap); strided ones through `im2col`.
-use super::adapter::{adapters_backward, add_adapters, LoraSaved, Op};
+use super::adapter::{adapters_backward, add_adapters, Base, LoraSaved, Op};
 use super::{Grads, Lora};
 use candle_core::{DType, Result, Tensor};
 
@@ -61,11 +61,13 @@ impl Conv2d {
 
     pub fn forward_train(&self, x: &Tensor) -> Result<(Tensor, Conv2dSaved)> {
         // detached: candle would otherwise record a graph for variable (trainable) tensors
-        let mut y = conv2d(x, &self.weight.detach(), self.padding, self.stride)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.detach().reshape((1, (), 1, 1))?)?;
-        }
-        let (y, adapters) = add_adapters(&self.adapters, self.op(), x, y)?;
+        let wx = conv2d(x, &self.weight.detach(), self.padding, self.stride)?;
+        let y = match &self.bias {
+            Some(b) => wx.broadcast_add(&b.detach().reshape((1, (), 1, 1))?)?,
+            None => wx.clone(),
+        };
+        let base = Base { weight: &self.weight, out: &wx };
+        let (y, adapters) = add_adapters(&self.adapters, self.op(), x, base, y)?;
         let x_dims = x.dims().to_vec();
         let x = (!self.adapters.is_empty() || self.weight.is_variable()).then(|| x.clone());
         Ok((y, Conv2dSaved { x, adapters, x_dims }))
@@ -81,7 +83,9 @@ impl Conv2d {
                 grads.add_weight(b, dy.sum((0, 2, 3))?)?;
             }
         }
-        if let Some(da) = adapters_backward(&self.adapters, self.op(), s.adapters, x, dy, grads)? {
+        if let Some(da) =
+            adapters_backward(&self.adapters, (self.op(), &self.weight), s.adapters, x, dy, grads)?
+        {
             dx = (dx + da)?;
         }
         Ok(dx)

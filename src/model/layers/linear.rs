@@ -1,5 +1,5 @@
 //! Linear layer y = x Wᵀ + b, with optional LoRA adapters.
-use super::adapter::{adapters_backward, add_adapters, LoraSaved, Op};
+use super::adapter::{adapters_backward, add_adapters, Base, LoraSaved, Op};
 use super::{Grads, Lora};
 use candle_core::{Result, Tensor};
 
@@ -36,11 +36,13 @@ impl Linear {
 
     pub fn forward_train(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
         // detached: candle would otherwise record a graph for variable (trainable) tensors
-        let mut y = matmul_wt(x, &self.weight.detach())?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.detach())?;
-        }
-        let (y, adapters) = add_adapters(&self.adapters, Op::Matmul, x, y)?;
+        let wx = matmul_wt(x, &self.weight.detach())?;
+        let y = match &self.bias {
+            Some(b) => wx.broadcast_add(&b.detach())?,
+            None => wx.clone(),
+        };
+        let base = Base { weight: &self.weight, out: &wx };
+        let (y, adapters) = add_adapters(&self.adapters, Op::Matmul, x, base, y)?;
         let x = (!self.adapters.is_empty() || self.trains_base()).then(|| x.clone());
         Ok((y, LinearSaved { x, adapters }))
     }
@@ -59,7 +61,9 @@ impl Linear {
                 grads.add_weight(b, flatten2(dy)?.sum(0)?)?;
             }
         }
-        if let Some(da) = adapters_backward(&self.adapters, Op::Matmul, s.adapters, x, dy, grads)? {
+        if let Some(da) =
+            adapters_backward(&self.adapters, (Op::Matmul, &self.weight), s.adapters, x, dy, grads)?
+        {
             dx = (dx + da)?;
         }
         Ok(dx)

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod conv;
 mod conv_taps;
 mod cpu;
+pub mod dora;
 mod flash;
 pub mod geglu;
 mod im2col;
