@@ -13,6 +13,7 @@ mod fuzz;
 mod generate;
 mod hub;
 mod layering;
+mod lycoris;
 mod masked_loss;
 mod optimizers;
 mod parity;

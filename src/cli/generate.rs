@@ -152,11 +152,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut lora_info = vec![];
     let mut next_id = 0;
     for (file, m) in &loras {
-        let attached = crate::lora::apply::apply_file(&mut sd, file, *m, next_id)?;
-        if attached.is_empty() {
+        let late = pipeline::lora_start_steps(args.lora_start, args.steps)? > 0;
+        let applied = crate::lora::apply::apply(&mut sd, file, *m, next_id, !late)?;
+        if applied.adapters.is_empty() && applied.merged == 0 {
             bail!("{}: no module of this {} model matched the LoRA", file.display(), sd.family.name());
         }
-        next_id += attached.len();
+        next_id += applied.adapters.len();
         lora_info.push(LoraInfo { name: file_stem(file), multiplier: *m, hash: infopng::lora_hash(file)? });
     }
     let seed = if args.seed < 0 {

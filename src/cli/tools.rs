@@ -169,18 +169,23 @@ fn stored_dtype(path: &std::path::Path) -> Result<candle_core::DType> {
 
 pub fn inspect(a: &InspectArgs) -> Result<()> {
     let file = read(&a.input)?;
-    let (family, entries) = standard_entries(&file, &a.input.display().to_string())?;
+    let (family, entries, lycoris) = crate::lora::ops::standard_all(&file, &a.input.display().to_string())?;
     let dtype = stored_dtype(&a.input)?;
     let bytes = std::fs::metadata(&a.input)?.len();
-    let params: usize = entries.iter().map(|(_, _, t)| t.down.elem_count() + t.up.elem_count()).sum();
+    let params: usize =
+        entries.iter().map(|(_, _, t)| t.down.elem_count() + t.up.elem_count()).sum::<usize>()
+            + lycoris.iter().map(|(_, _, l)| l.params()).sum::<usize>();
     let mut per_comp: std::collections::BTreeMap<&str, usize> = Default::default();
-    for (c, _, _) in &entries {
+    for c in entries.iter().map(|e| &e.0).chain(lycoris.iter().map(|e| &e.0)) {
         *per_comp.entry(c.as_str()).or_default() += 1;
     }
-    let layers: Vec<serde_json::Value> = entries
+    let mut layers: Vec<serde_json::Value> = entries
         .iter()
-        .map(|(c, p, t)| serde_json::json!({"component": c, "module": p, "rank": t.rank(), "alpha": t.alpha.unwrap_or(t.rank() as f64), "conv": t.down.rank() == 4, "dora": t.magnitude.is_some()}))
+        .map(|(c, p, t)| serde_json::json!({"component": c, "module": p, "kind": if t.magnitude.is_some() { "DoRA" } else { "LoRA" }, "rank": t.rank(), "alpha": t.alpha.unwrap_or(t.rank() as f64), "conv": t.down.rank() == 4, "dora": t.magnitude.is_some()}))
         .collect();
+    layers.extend(lycoris.iter().map(
+        |(c, p, l)| serde_json::json!({"component": c, "module": p, "kind": l.kind(), "alpha": l.alpha}),
+    ));
     let meta: std::collections::BTreeMap<&String, &String> = file.metadata.iter().collect();
     // bundled embeddings: word, text encoder, width
     let embeddings: Vec<serde_json::Value> = file
@@ -220,6 +225,12 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
         entries.iter().filter(|(_, _, t)| t.down.rank() == 4 && t.down.dim(2).unwrap_or(1) > 1).count();
     if convs > 0 {
         println!("  3×3 conv modules (LoCon): {convs}");
+    }
+    for kind in ["LoHa", "LoKr"] {
+        let n = lycoris.iter().filter(|(_, _, l)| l.kind() == kind).count();
+        if n > 0 {
+            println!("  {kind} modules (LyCORIS): {n}");
+        }
     }
     let dora = entries.iter().filter(|(_, _, t)| t.magnitude.is_some()).count();
     if dora > 0 {

@@ -1,7 +1,7 @@
 //! Putting LoRA files onto a loaded model (for generation, parity checks and merging), without
 //! touching the base weights: each file becomes one more adapter on its layers.
 use super::attach::AdapterInfo;
-use super::format::{read, resolve, unet_layout, LoraTensors, Targets};
+use super::format::{read, resolve_all, unet_layout, LoraTensors, Targets};
 use crate::model::layers::adapter::{Lora, Switch};
 use crate::model::layers::{LayerMut, Visit};
 use crate::model::load::StableDiffusion;
@@ -30,16 +30,45 @@ pub fn each_component(sd: &mut StableDiffusion, f: &mut dyn FnMut(&str, &mut dyn
 }
 
 /// Reads a LoRA file and adds it to the model at `multiplier`, as adapters numbered from
-/// `first_id` (so it can also be trained further). Returns the attached adapters.
+/// `first_id` (so it can also be trained further); LyCORIS LoHa/LoKr modules are merged into the
+/// weights. Returns the attached adapters.
 pub fn apply_file(
     sd: &mut StableDiffusion,
     path: &Path,
     multiplier: f64,
     first_id: usize,
 ) -> Result<Vec<(String, AdapterInfo)>> {
+    Ok(apply(sd, path, multiplier, first_id, true)?.adapters)
+}
+
+/// What `apply` put on a model.
+pub struct Applied {
+    pub adapters: Vec<(String, AdapterInfo)>,
+    /// LyCORIS modules merged into the base weights (these cannot be switched off).
+    pub merged: usize,
+}
+
+/// `apply_file`; with `merge_ok` false a file with LyCORIS modules is refused, for callers that
+/// switch adapters off (`generate --lora-start`).
+pub fn apply(
+    sd: &mut StableDiffusion,
+    path: &Path,
+    multiplier: f64,
+    first_id: usize,
+    merge_ok: bool,
+) -> Result<Applied> {
     let file = read(path)?;
     let targets = model_targets(sd);
-    let entries = resolve(&file, &targets, sd.family, &unet_layout(sd), &path.display().to_string())?;
+    let (entries, lycoris) =
+        resolve_all(&file, &targets, sd.family, &unet_layout(sd), &path.display().to_string())?;
+    if let (false, Some((_, _, l))) = (merge_ok, lycoris.first()) {
+        bail!(
+            "{}: its LyCORIS {} modules are merged into the weights and cannot join late — leave out --lora-start",
+            path.display(),
+            l.kind()
+        );
+    }
+    let merged = merge_lycoris(sd, &lycoris, multiplier, path)?;
     let mut by_comp: HashMap<String, HashMap<String, LoraTensors>> = HashMap::new();
     for (c, p, t) in entries {
         by_comp.entry(c).or_default().insert(p, t);
@@ -74,7 +103,48 @@ pub fn apply_file(
         let name = path.display().to_string();
         super::embedding::install_bundled(&prompts, &mut sd.text_encoders, &file.embeddings, &name)?;
     }
-    Ok(out)
+    Ok(Applied { adapters: out, merged })
+}
+
+/// W += multiplier · ΔW for each LyCORIS module, in the weight's dtype.
+fn merge_lycoris(
+    sd: &mut StableDiffusion,
+    lycoris: &[super::ops::LycorisEntry],
+    multiplier: f64,
+    path: &Path,
+) -> Result<usize> {
+    let mut by_comp: HashMap<&str, HashMap<&str, &super::lycoris::Lycoris>> = HashMap::new();
+    for (c, p, l) in lycoris {
+        by_comp.entry(c.as_str()).or_default().insert(p.as_str(), l);
+    }
+    let (mut n, mut err) = (0, None);
+    each_component(sd, &mut |comp, m| {
+        let Some(map) = by_comp.get(comp) else { return };
+        m.visit("", &mut |p, layer| {
+            let Some(l) = map.get(p) else { return };
+            let w = match &layer {
+                LayerMut::Linear(x) => &x.weight,
+                LayerMut::Conv(x) => &x.weight,
+            };
+            let new = l.delta(w.dims()).and_then(|d| {
+                let w64 = w.to_dtype(candle_core::DType::F64)?;
+                Ok((w64 + (d * multiplier)?)?.to_dtype(w.dtype())?)
+            });
+            match (new, layer) {
+                (Ok(new), LayerMut::Linear(x)) => x.weight = new,
+                (Ok(new), LayerMut::Conv(x)) => x.set_weight(new),
+                (Err(e), _) => {
+                    err.get_or_insert(anyhow::anyhow!("{}: module `{p}`: {e}", path.display()));
+                    return;
+                }
+            }
+            n += 1;
+        });
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(n),
+    }
 }
 
 fn add(

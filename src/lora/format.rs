@@ -52,6 +52,8 @@ pub struct LoraFile {
     pub metadata: HashMap<String, String>,
     /// Bundled embeddings (`super::embedding`): (word, text encoder index, vector).
     pub embeddings: Vec<(String, usize, Tensor)>,
+    /// LyCORIS LoHa / LoKr modules by stem (kohya names): merged whole, never trained.
+    pub lycoris: BTreeMap<String, super::lycoris::Lycoris>,
 }
 
 impl LoraFile {
@@ -130,6 +132,7 @@ pub fn parse(data: &[u8], file: &str) -> Result<LoraFile> {
     let mut format = None;
     let mut unknown = vec![];
     let mut embeddings = vec![];
+    let mut lycoris: BTreeMap<String, super::lycoris::Lycoris> = BTreeMap::new();
     for name in names {
         let t = &tensors[name];
         let sum = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
@@ -138,6 +141,14 @@ pub fn parse(data: &[u8], file: &str) -> Result<LoraFile> {
         }
         if let Some((word, k)) = super::embedding::parse_key(name) {
             embeddings.push((word, k, t.to_dtype(DType::F32)?));
+            continue;
+        }
+        if let Some((stem, part)) = super::lycoris::split(name) {
+            format = format.or(Some(LoraFormat::Kohya));
+            let e = lycoris
+                .entry(stem.to_string())
+                .or_insert_with(|| super::lycoris::Lycoris { parts: BTreeMap::new(), alpha: None });
+            e.parts.insert(part, t.to_dtype(DType::F64)?);
             continue;
         }
         match split_key(name) {
@@ -170,6 +181,13 @@ pub fn parse(data: &[u8], file: &str) -> Result<LoraFile> {
     let format = format.with_context(|| format!("{file}: no LoRA tensors in this file"))?;
     let mut modules = BTreeMap::new();
     for (stem, (d, u, a, m)) in parts {
+        if let (None, None, Some(l)) = (&d, &u, lycoris.get_mut(&stem)) {
+            l.alpha = a;
+            if m.is_some() {
+                bail!("{file}: module `{stem}`: DoRA on a LyCORIS {} module is not supported", l.kind());
+            }
+            continue;
+        }
         match (d, u) {
             (Some(down), Some(up)) => {
                 check_pair(&down, &up)
@@ -202,7 +220,13 @@ pub fn parse(data: &[u8], file: &str) -> Result<LoraFile> {
             }
         }
     }
-    Ok(LoraFile { format, modules, metadata, embeddings })
+    for (stem, l) in &lycoris {
+        if modules.contains_key(stem) {
+            bail!("{file}: module `{stem}` holds both LoRA and {} tensors — the file is damaged", l.kind());
+        }
+        l.check().map_err(|e| anyhow::anyhow!("{file}: module `{stem}`: {e}"))?;
+    }
+    Ok(LoraFile { format, modules, metadata, embeddings, lycoris })
 }
 
 /// down [r, in] or [r, in, kh, kw], up [out, r] or [out, r, 1, 1], with r > 0.
@@ -232,6 +256,17 @@ pub fn resolve(
     layout: &UnetLayout,
     origin: &str,
 ) -> Result<Vec<(String, String, LoraTensors)>> {
+    Ok(resolve_all(file, targets, family, layout, origin)?.0)
+}
+
+/// `resolve` for the LoRA modules and the LyCORIS ones.
+pub fn resolve_all(
+    file: &LoraFile,
+    targets: &Targets,
+    family: Family,
+    layout: &UnetLayout,
+    origin: &str,
+) -> Result<(Vec<Entry>, Vec<LycorisEntry>)> {
     // kohya names (and their accepted aliases) of every target.
     let mut by_name = KohyaNames::new(family, layout).index(targets);
     for (comp, path) in targets {
@@ -245,10 +280,17 @@ pub fn resolve(
         }
     }
     let mut out = vec![];
+    let mut lyc = vec![];
     let mut missing = vec![];
     for (stem, t) in &file.modules {
         match by_name.get(stem) {
             Some((c, p)) => out.push((c.clone(), p.clone(), t.clone())),
+            None => missing.push(stem.clone()),
+        }
+    }
+    for (stem, t) in &file.lycoris {
+        match by_name.get(stem) {
+            Some((c, p)) => lyc.push((c.clone(), p.clone(), t.clone())),
             None => missing.push(stem.clone()),
         }
     }
@@ -267,13 +309,16 @@ pub fn resolve(
         bail!(
             "{origin}: {} of {} LoRA modules match no layer of this {} model (first: `{}`) — was the LoRA trained for another base model?",
             missing.len(),
-            file.modules.len(),
+            file.modules.len() + file.lycoris.len(),
             family.name(),
             missing[0]
         );
     }
-    Ok(out)
+    Ok((out, lyc))
 }
+
+/// A LyCORIS module placed: (component, module path, tensors).
+pub type LycorisEntry = (String, String, super::lycoris::Lycoris);
 
 /// One module's adapter on its way to a file: (component, module path, tensors).
 pub type Entry = (String, String, LoraTensors);

@@ -1,6 +1,6 @@
 //! `merge`: LoRAs baked into a model's weights, written as a diffusers folder or as one
 //! single-file checkpoint in the original LDM/SGM naming.
-use super::format::{read, resolve};
+use super::format::{read, resolve_all};
 use super::ops::merged;
 use crate::model::load::ldm_keys::{plan_to_ldm, UnetLayout};
 use crate::model::load::{folder, single_file, Family};
@@ -141,8 +141,18 @@ pub fn merge_loras(model: &mut ModelTensors, loras: &[(PathBuf, f64)]) -> Result
     let mut n = 0;
     for (path, scale) in loras {
         let file = read(path)?;
-        for (comp, mpath, t) in resolve(&file, &targets, model.family, &layout, &path.display().to_string())?
-        {
+        let (entries, lycoris) =
+            resolve_all(&file, &targets, model.family, &layout, &path.display().to_string())?;
+        for (comp, mpath, l) in lycoris {
+            let m = model.comps.get_mut(&comp).expect("target component");
+            let key = weight_key(m, &mpath).expect("target weight");
+            let w = &m[&key];
+            let new_w = (w.to_dtype(candle_core::DType::F64)? + (l.delta(w.dims())? * *scale)?)?
+                .to_dtype(w.dtype())?;
+            m.insert(key, new_w);
+            n += 1;
+        }
+        for (comp, mpath, t) in entries {
             let m = model.comps.get_mut(&comp).expect("target component");
             let key = weight_key(m, &mpath).expect("target weight");
             let w = &m[&key];

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod attach;
 pub mod embedding;
 pub mod format;
+pub mod lycoris;
 pub mod merge;
 pub mod names;
 pub mod ops;

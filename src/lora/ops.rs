@@ -1,7 +1,8 @@
 //! What the toolbox does to LoRA files: find their base family, convert, resize by SVD, extract
 //! from a fine-tuned model, and bake into base weights.
 use super::apply::model_targets;
-use super::format::{resolve, Entry, LoraFile, LoraTensors, Targets};
+pub use super::format::LycorisEntry;
+use super::format::{resolve_all, Entry, LoraFile, LoraTensors, Targets};
 use super::svd::svd;
 use crate::model::load::ldm_keys::UnetLayout;
 use crate::model::load::{Family, StableDiffusion};
@@ -12,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 /// The base family a LoRA was made for: from its names (SDXL's two text encoders, SGM blocks),
 /// its metadata, or the width of the cross-attention context it adapts.
 pub fn detect_family(file: &LoraFile) -> Family {
-    let stems = || file.modules.keys();
+    let stems = || file.modules.keys().chain(file.lycoris.keys());
     if stems()
         .any(|s| s.starts_with("lora_te1_") || s.starts_with("lora_te2_") || s.starts_with("text_encoder_2."))
         || stems()
@@ -79,11 +80,24 @@ pub fn standard_targets(family: Family) -> Result<Targets> {
 }
 
 /// A LoRA file's modules as (component, path, tensors), resolved against the standard
-/// architecture of its family.
+/// architecture of its family; LyCORIS modules are refused (the toolbox's transforms are LoRA's).
 pub fn standard_entries(file: &LoraFile, origin: &str) -> Result<(Family, Vec<Entry>)> {
+    let (family, entries, lycoris) = standard_all(file, origin)?;
+    if let Some((_, _, l)) = lycoris.first() {
+        anyhow::bail!(
+            "{origin}: holds LyCORIS {} modules, which `generate`, `merge` and `inspect` read but `convert`, `resize` and `extract` do not (they handle LoRA and DoRA)",
+            l.kind()
+        );
+    }
+    Ok((family, entries))
+}
+
+/// The LoRA and the LyCORIS modules of a file, resolved as `standard_entries` does.
+pub fn standard_all(file: &LoraFile, origin: &str) -> Result<(Family, Vec<Entry>, Vec<LycorisEntry>)> {
     let family = detect_family(file);
     let targets = standard_targets(family)?;
-    Ok((family, resolve(file, &targets, family, &standard_layout(family), origin)?))
+    let (entries, lycoris) = resolve_all(file, &targets, family, &standard_layout(family), origin)?;
+    Ok((family, entries, lycoris))
 }
 
 /// scale · up · down in the shape of the adapted weight ([out, in] or [out, in, kh, kw]).

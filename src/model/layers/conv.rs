@@ -27,6 +27,11 @@ pub struct Conv2dSaved {
 }
 
 impl Conv2d {
+    /// Replaces the frozen kernel (a LyCORIS module merged in), stored as `new` stores it.
+    pub fn set_weight(&mut self, weight: Tensor) {
+        self.weight = Self::new(weight, None, self.stride, self.padding).weight;
+    }
+
     pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
         // the CPU f32 stride-1 path multiplies by one tap of the kernel at a time: stored
         // tap-major, each tap is a contiguous matrix (shape-only placeholders and trained
