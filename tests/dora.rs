@@ -228,13 +228,7 @@ fn dora_converts_between_layouts_and_merges_as_it_runs() {
         &s(&merged),
     ]);
     let t = io("sd1/unet_io.safetensors");
-    let input = UNetInput {
-        sample: &t["sample"],
-        timestep: &t["timestep"],
-        encoder_hidden_states: &t["encoder_hidden_states"],
-        text_embeds: None,
-        time_ids: None,
-    };
+    let input = crate::common::unet_input(&t);
     let opts = sdlora::model::load::LoadOptions { vae: false, text_encoders: false, ..Default::default() };
     let m = sdlora::model::load::load(&s(&merged), &opts).unwrap();
     let got = m.unet.as_ref().unwrap().forward(&input).unwrap();

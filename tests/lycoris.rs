@@ -3,7 +3,6 @@
 //! bakes them in alike; `generate --lora-start` and `convert` refuse them by name.
 use crate::parity::{close, fixture, io};
 use sdlora::model::load::{load, LoadOptions};
-use sdlora::model::unet::UNetInput;
 
 fn sdlora(args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdlora")).args(args).output().unwrap();
@@ -18,13 +17,7 @@ fn loha_and_lokr_files_give_peft_output_applied_and_merged() {
     for kind in ["loha", "lokr"] {
         let file = fixture(&format!("sd1/lycoris/{kind}.safetensors"));
         let t = io(&format!("sd1/lycoris/{kind}_io.safetensors"));
-        let input = UNetInput {
-            sample: &t["sample"],
-            timestep: &t["timestep"],
-            encoder_hidden_states: &t["encoder_hidden_states"],
-            text_embeds: None,
-            time_ids: None,
-        };
+        let input = crate::common::unet_input(&t);
         let mut sd = load(pipe.to_str().unwrap(), &opts).unwrap();
         let applied = sdlora::lora::apply::apply(&mut sd, &file, 1.0, 0, true).unwrap();
         assert_eq!((applied.adapters.len(), applied.merged), (0, 52), "{kind}");

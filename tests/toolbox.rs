@@ -3,7 +3,6 @@
 use candle_core::{DType, Tensor};
 use sdlora::lora::apply::apply_file;
 use sdlora::model::load::{load, LoadOptions, StableDiffusion};
-use sdlora::model::unet::UNetInput;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,13 +59,7 @@ fn opts() -> LoadOptions {
 fn outputs(sd: &StableDiffusion) -> (Tensor, Tensor) {
     let t = candle_core::safetensors::load(fixture("sd1/unet_io.safetensors"), &candle_core::Device::Cpu)
         .unwrap();
-    let input = UNetInput {
-        sample: &t["sample"],
-        timestep: &t["timestep"],
-        encoder_hidden_states: &t["encoder_hidden_states"],
-        text_embeds: None,
-        time_ids: None,
-    };
+    let input = crate::common::unet_input(&t);
     let ids = &candle_core::safetensors::load(
         fixture("sd1/text_encoder_io.safetensors"),
         &candle_core::Device::Cpu,

@@ -60,3 +60,15 @@ pub fn fd_check(what: &str, x: &Var, analytic: &Tensor, loss: &dyn Fn() -> f64, 
     }
     assert!(nonzero > 0, "{what}: every probed gradient is zero — the check proves nothing");
 }
+
+/// The U-Net input of a reference file's tensors (`sample`, `timestep`, `encoder_hidden_states`,
+/// and SDXL's `text_embeds` and `time_ids` where present).
+pub fn unet_input(t: &std::collections::HashMap<String, Tensor>) -> sdlora::model::unet::UNetInput<'_> {
+    sdlora::model::unet::UNetInput {
+        sample: &t["sample"],
+        timestep: &t["timestep"],
+        encoder_hidden_states: &t["encoder_hidden_states"],
+        text_embeds: t.get("text_embeds"),
+        time_ids: t.get("time_ids"),
+    }
+}
