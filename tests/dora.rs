@@ -281,6 +281,7 @@ fn dora_trains_resumes_exactly_and_its_files_run_as_trained() {
     let straight = tmp.path().join("a/lora.safetensors");
     let s = train(&config(&straight, 8, "kohya"));
     assert!(s.losses.iter().all(|l| l.is_finite()) && s.eval_after < s.eval_before, "{:?}", s.losses);
+    assert!(s.eval_before.is_some());
     let half = tmp.path().join("b/lora-half.safetensors");
     train(&config(&half, 4, "kohya"));
     let resumed = tmp.path().join("b/lora.safetensors");

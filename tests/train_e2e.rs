@@ -35,7 +35,8 @@ fn loss_falls_and_resume_is_byte_identical() {
 
     // memorising 4 images: the fixed-seed evaluation loss falls well below its start
     let s = train(&config(&model, &data, &tmp.path().join("long.safetensors"), 80));
-    assert!(s.eval_after < 0.8 * s.eval_before, "eval loss {} → {}", s.eval_before, s.eval_after);
+    let (before, after) = s.eval_before.zip(s.eval_after).unwrap();
+    assert!(after < 0.8 * before, "eval loss {before} → {after}");
     assert!(s.losses.iter().all(|l| l.is_finite()));
 
     // 20 steps straight == 10 steps, then --resume for 10 more
@@ -83,5 +84,22 @@ fn progress_reports_steps_and_each_evaluation_forward() {
     .unwrap();
     let evals: Vec<String> = (0..=8).map(|i| format!("eval {i}/8")).collect();
     let steps: Vec<String> = (1..=3).map(|i| format!("step {i}")).collect();
-    assert_eq!(events, [evals.clone(), steps, evals].concat());
+    assert_eq!(events, [evals.clone(), steps.clone(), evals].concat());
+
+    // --eval-samples 0: no evaluation forwards at all (a full-size run's fixed cost), 1: two
+    let mut n_evals = vec![];
+    for n in [0, 1] {
+        let cfg = TrainConfig { eval_samples: n, ..cfg.clone() };
+        let mut events = vec![];
+        let run = setup::setup(&cfg, &mut |_, _, _| {}).unwrap();
+        let s = trainer::train(run, &cfg, &mut |p| {
+            if let trainer::Progress::Evaluating { done, .. } = p {
+                events.push(done);
+            }
+        })
+        .unwrap();
+        assert_eq!(s.eval_before.is_some(), n > 0);
+        n_evals.push(events.iter().filter(|&&d| d > 0).count());
+    }
+    assert_eq!(n_evals, [0, 4], "forwards before and after");
 }

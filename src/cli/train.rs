@@ -160,14 +160,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         );
     }
     println!(
-        "wrote {} ({} bytes): {} steps in {:.1} s, {:.2} images/s, eval loss {:.4} → {:.4}{}",
+        "wrote {} ({} bytes): {} steps in {:.1} s, {:.2} images/s{}{}",
         summary.lora_path.display(),
         summary.lora_bytes,
         summary.steps,
         summary.seconds,
         summary.images_per_second,
-        summary.eval_before,
-        summary.eval_after,
+        match summary.eval_before.zip(summary.eval_after) {
+            Some((b, a)) => format!(", eval loss {b:.4} → {a:.4}"),
+            None => String::new(),
+        },
         if summary.skipped_steps > 0 {
             format!(", {} steps skipped (non-finite)", summary.skipped_steps)
         } else {

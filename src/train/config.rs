@@ -182,6 +182,12 @@ pub struct TrainArgs {
     #[arg(long, value_name = "SHARE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_split: Option<f64>,
+    /// Training images in the fixed-seed evaluation loss measured before and after training, at
+    /// 2 noise draws each (the report's "eval loss"); 0 skips it. At full size each draw is a
+    /// U-Net forward of seconds on a CPU.
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_samples: Option<usize>,
     /// Steps between validation losses (with --val-data or --val-split).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -401,6 +407,7 @@ pub struct TrainConfig {
     pub save_every_epochs: usize,
     pub val_data: Option<PathBuf>,
     pub val_split: f64,
+    pub eval_samples: usize,
     pub val_every: usize,
     pub resume: Option<PathBuf>,
     pub caption: Option<String>,
@@ -470,6 +477,7 @@ impl Default for TrainConfig {
             save_every_epochs: 0,
             val_data: None,
             val_split: 0.0,
+            eval_samples: 4,
             val_every: 100,
             resume: None,
             caption: None,

@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 pub struct Summary {
     pub steps: usize,
     pub losses: Vec<f64>,
-    /// Loss on a fixed set of (image, timestep, noise) before and after training.
-    pub eval_before: f64,
-    pub eval_after: f64,
+    /// Loss on a fixed set of (image, timestep, noise) before and after training (None with
+    /// `--eval-samples 0`).
+    pub eval_before: Option<f64>,
+    pub eval_after: Option<f64>,
     pub seconds: f64,
     pub images_per_second: f64,
     pub lora_path: PathBuf,
@@ -46,7 +47,7 @@ impl Summary {
             notes,
             losses: s.losses.clone(),
             val_losses: s.val_losses.clone(),
-            eval_loss: Some((s.eval_before, s.eval_after)),
+            eval_loss: s.eval_before.zip(s.eval_after),
             lora_bytes: s.lora_bytes,
             seconds: s.seconds,
             images_per_second: s.images_per_second,
@@ -81,12 +82,17 @@ pub enum Progress {
 /// Reports `done`/`total` evaluation forwards.
 pub type Tick<'a> = &'a mut dyn FnMut(usize, usize);
 
-/// Fixed-seed evaluation loss over (up to) 4 training samples (no regularization images), 2
-/// timesteps each.
-pub fn eval_loss(run: &Run, cfg: &TrainConfig, tick: Tick) -> Result<f64> {
-    let picked: Vec<usize> =
-        (0..run.samples.len()).filter(|&i| run.items[run.samples[i].item].is_training()).take(4).collect();
-    fixed_loss(run, cfg, &picked, 2, 0x5eed, 1000, tick)
+/// Fixed-seed evaluation loss over (up to) `--eval-samples` training samples (no regularization
+/// images), 2 timesteps each; None when that is 0.
+pub fn eval_loss(run: &Run, cfg: &TrainConfig, tick: Tick) -> Result<Option<f64>> {
+    let picked: Vec<usize> = (0..run.samples.len())
+        .filter(|&i| run.items[run.samples[i].item].is_training())
+        .take(cfg.eval_samples)
+        .collect();
+    if picked.is_empty() {
+        return Ok(None);
+    }
+    fixed_loss(run, cfg, &picked, 2, 0x5eed, 1000, tick).map(Some)
 }
 
 /// `--val-data`: the mean loss of the held-out images at fixed noise and timesteps (3 each), or
@@ -464,8 +470,8 @@ mod tests {
         let s = Summary {
             steps: 3,
             losses: vec![0.3, f64::NAN, 0.1],
-            eval_before: 0.2,
-            eval_after: 0.1,
+            eval_before: Some(0.2),
+            eval_after: Some(0.1),
             seconds: 1.5,
             images_per_second: 2.0,
             lora_path: "x.safetensors".into(),
