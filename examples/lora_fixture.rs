@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
             dtype: DType::F32,
             dropout: 0.0,
             dora: false,
+            factored: None,
             switch: sdlora::model::layers::adapter::switch(),
         };
         let mut adapters = vec![];

@@ -25,6 +25,7 @@ fn lora_spec(rank: usize) -> LoraSpec {
         dtype: DType::F64,
         dropout: 0.0,
         dora: false,
+        factored: None,
         switch: sdlora::model::layers::adapter::switch(),
     }
 }

@@ -23,6 +23,7 @@ fn dora_spec(multiplier: f64) -> LoraSpec {
         dtype: DType::F64,
         dropout: 0.0,
         dora: true,
+        factored: None,
         switch: sdlora::model::layers::adapter::switch(),
     }
 }

@@ -36,6 +36,7 @@ fn sd15_adapters(preset: &str, rank: usize) -> Vec<sdlora::lora::AdapterInfo> {
         dtype: DType::F32,
         dropout: 0.0,
         dora: false,
+        factored: None,
         switch: sdlora::model::layers::adapter::switch(),
     };
     let preset: Preset = preset.parse().unwrap();

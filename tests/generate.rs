@@ -210,6 +210,7 @@ fn write_lora(dir: &Path, out: &Path) {
         dtype: DType::F32,
         dropout: 0.0,
         dora: false,
+        factored: None,
         switch: sdlora::model::layers::adapter::switch(),
     };
     let unet = sd.unet.as_mut().unwrap();

@@ -36,6 +36,7 @@ fn check(sdxl: bool) {
         dtype: DType::F64,
         dropout: 0.0,
         dora: false,
+        factored: None,
         switch: sdlora::model::layers::adapter::switch(),
     };
     let infos = attach(&mut unet, "", &|_, _| true, &spec, 0, &Device::Cpu).unwrap();

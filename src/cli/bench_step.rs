@@ -65,6 +65,7 @@ pub fn run(c: &Case) -> Result<()> {
         dtype: DType::F32,
         dropout: 0.0,
         dora: false,
+        factored: None,
         switch,
     };
     let adapters = if c.train {
@@ -72,7 +73,7 @@ pub fn run(c: &Case) -> Result<()> {
     } else {
         vec![]
     };
-    let params: Vec<_> = adapters.iter().flat_map(|a| [a.down.clone(), a.up.clone()]).collect();
+    let params: Vec<_> = adapters.iter().flat_map(|a| a.params().into_iter().map(|(_, v)| v)).collect();
     let mut opt = AdamW::new(&params, 1e-2)?;
 
     let dev = candle_core::Device::Cpu;
@@ -127,10 +128,7 @@ pub fn run(c: &Case) -> Result<()> {
             unet.backward(saved, &dpred, &mut g)?;
             let mut grads = vec![];
             for a in &adapters {
-                match g.get(a.id) {
-                    Some((d, u)) => grads.extend([d.clone(), u.clone()]),
-                    None => grads.extend([a.down.zeros_like()?, a.up.zeros_like()?]),
-                }
+                grads.extend(a.grads(&g)?);
             }
             clip_grad_norm(&mut grads, 1.0)?;
             opt.step(&params, &grads, &vec![1e-4; params.len()])?;

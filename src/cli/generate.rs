@@ -152,6 +152,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut lora_info = vec![];
     let mut next_id = 0;
     for (file, m) in &loras {
+        // LoHa / LoKr are merged into the weights, unless the LoRA joins late
         let late = pipeline::lora_start_steps(args.lora_start, args.steps)? > 0;
         let applied = crate::lora::apply::apply(&mut sd, file, *m, next_id, !late)?;
         if applied.adapters.is_empty() && applied.merged == 0 {

@@ -48,27 +48,21 @@ pub struct Applied {
     pub merged: usize,
 }
 
-/// `apply_file`; with `merge_ok` false a file with LyCORIS modules is refused, for callers that
-/// switch adapters off (`generate --lora-start`).
+/// `apply_file`; with `merge` false LyCORIS modules become adapters too (which can be switched
+/// off, as `generate --lora-start` does, or trained), at the price of a weight-sized product
+/// per layer and forward.
 pub fn apply(
     sd: &mut StableDiffusion,
     path: &Path,
     multiplier: f64,
     first_id: usize,
-    merge_ok: bool,
+    merge: bool,
 ) -> Result<Applied> {
     let file = read(path)?;
     let targets = model_targets(sd);
     let (entries, lycoris) =
         resolve_all(&file, &targets, sd.family, &unet_layout(sd), &path.display().to_string())?;
-    if let (false, Some((_, _, l))) = (merge_ok, lycoris.first()) {
-        bail!(
-            "{}: its LyCORIS {} modules are merged into the weights and cannot join late — leave out --lora-start",
-            path.display(),
-            l.kind()
-        );
-    }
-    let merged = merge_lycoris(sd, &lycoris, multiplier, path)?;
+    let merged = if merge { merge_lycoris(sd, &lycoris, multiplier, path)? } else { 0 };
     let mut by_comp: HashMap<String, HashMap<String, LoraTensors>> = HashMap::new();
     for (c, p, t) in entries {
         by_comp.entry(c).or_default().insert(p, t);
@@ -76,15 +70,53 @@ pub fn apply(
     let mut err = None;
     let mut out = vec![];
     let switch = sd.lora_switch.clone();
+    let mut factored: HashMap<String, HashMap<String, &super::lycoris::Lycoris>> = HashMap::new();
+    for (c, p, l) in lycoris.iter().filter(|_| !merge) {
+        factored.entry(c.clone()).or_default().insert(p.clone(), l);
+    }
     each_component(sd, &mut |comp, m| {
-        let Some(map) = by_comp.get(comp) else { return };
+        let (map, fmap) = (by_comp.get(comp), factored.get(comp));
+        if map.is_none() && fmap.is_none() {
+            return;
+        }
         m.visit("", &mut |p, layer| {
-            if let Some(t) = map.get(p) {
+            if let Some(l) = fmap.and_then(|f| f.get(p)) {
+                let id = first_id + out.len();
+                match add_factored(layer, l, multiplier, id, &switch) {
+                    Ok((f, empty)) => {
+                        // no alpha in the file means scale 1: alpha = rank says the same
+                        let alpha = l.alpha.unwrap_or_else(|| f.rank().map_or(1.0, |r| r as f64));
+                        let info = AdapterInfo {
+                            path: p.to_string(),
+                            id,
+                            down: empty.clone(),
+                            up: empty,
+                            alpha,
+                            magnitude: None,
+                            lycoris: Some(f),
+                        };
+                        out.push((comp.to_string(), info));
+                    }
+                    Err(e) => {
+                        err.get_or_insert(anyhow::anyhow!("{}: module `{p}`: {e}", path.display()));
+                    }
+                }
+                return;
+            }
+            if let Some(t) = map.and_then(|m| m.get(p)) {
                 match add(layer, t, multiplier, first_id + out.len(), &switch) {
                     Ok((down, up, magnitude)) => {
                         let alpha = t.alpha.unwrap_or(t.rank() as f64);
                         let id = first_id + out.len();
-                        let info = AdapterInfo { path: p.to_string(), id, down, up, alpha, magnitude };
+                        let info = AdapterInfo {
+                            path: p.to_string(),
+                            id,
+                            down,
+                            up,
+                            alpha,
+                            magnitude,
+                            lycoris: None,
+                        };
                         out.push((comp.to_string(), info));
                     }
                     Err(e) => {
@@ -104,6 +136,39 @@ pub fn apply(
         super::embedding::install_bundled(&prompts, &mut sd.text_encoders, &file.embeddings, &name)?;
     }
     Ok(Applied { adapters: out, merged })
+}
+
+/// A LyCORIS module as an adapter (its factors as variables, in the adapters' dtype).
+fn add_factored(
+    layer: LayerMut<'_>,
+    l: &super::lycoris::Lycoris,
+    multiplier: f64,
+    id: usize,
+    switch: &Switch,
+) -> Result<(crate::model::layers::lycoris::Factors, Var)> {
+    let w = match &layer {
+        LayerMut::Linear(x) => &x.weight,
+        LayerMut::Conv(x) => &x.weight,
+    };
+    l.delta(w.dims())?; // the factors fit the layer
+    let f = l.factors(crate::model::layers::acc(w.dtype()), w.device())?;
+    let empty = Var::from_tensor(&candle_core::Tensor::zeros(0, f.vars[0].1.dtype(), w.device())?)?;
+    let lora = Lora {
+        id,
+        down: empty.clone(),
+        up: empty.clone(),
+        scale: l.scale(&f) * multiplier,
+        magnitude: None,
+        strength: 1.0,
+        lycoris: Some(f.clone()),
+        dropout: 0.0,
+        switch: switch.clone(),
+    };
+    match layer {
+        LayerMut::Linear(x) => x.adapters.push(lora),
+        LayerMut::Conv(x) => x.adapters.push(lora),
+    }
+    Ok((f, empty))
 }
 
 /// W += multiplier · ΔW for each LyCORIS module, in the weight's dtype.
@@ -190,6 +255,7 @@ fn add(
         scale,
         magnitude: magnitude.clone(),
         strength,
+        lycoris: None,
         dropout: 0.0,
         switch: switch.clone(),
     };

@@ -1,5 +1,6 @@
 //! Attaching adapters to a model's Linear/Conv2d layers, selected by module path.
 use crate::model::layers::adapter::Lora;
+use crate::model::layers::lycoris::Factors;
 use crate::model::layers::{LayerMut, Visit};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -15,11 +16,50 @@ pub struct AdapterInfo {
     pub alpha: f64,
     /// DoRA's magnitude per output channel, [out].
     pub magnitude: Option<Var>,
+    /// LoHa / LoKr: the factors (`down` and `up` are then empty).
+    pub lycoris: Option<Factors>,
 }
 
 impl AdapterInfo {
     pub fn rank(&self) -> usize {
-        self.down.dim(0).unwrap_or(0)
+        match &self.lycoris {
+            Some(f) => f.rank().unwrap_or(0),
+            None => self.down.dim(0).unwrap_or(0),
+        }
+    }
+
+    /// The trained tensors by name (`down`, `up`, `magnitude`, or LyCORIS's part names), in the
+    /// order the optimizer and the training state keep them.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        if let Some(f) = &self.lycoris {
+            return f.vars.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        }
+        let mut p = vec![("down".to_string(), self.down.clone()), ("up".to_string(), self.up.clone())];
+        p.extend(self.magnitude.clone().map(|m| ("magnitude".to_string(), m)));
+        p
+    }
+
+    /// The gradients of `params` in `g` (zeros where the step gave none).
+    pub fn grads(&self, g: &crate::model::layers::Grads) -> Result<Vec<Tensor>> {
+        self.params()
+            .into_iter()
+            .map(|(name, v)| {
+                let got = match name.as_str() {
+                    "down" => g.get(self.id).map(|p| p.0.clone()),
+                    "up" => g.get(self.id).map(|p| p.1.clone()),
+                    _ => g.weights.get(&v.as_tensor().id()).cloned(),
+                };
+                got.map_or_else(|| v.zeros_like(), Ok)
+            })
+            .collect()
+    }
+
+    /// What the training state checks a resume against: kind, path-independent shape.
+    pub fn layout(&self) -> String {
+        match &self.lycoris {
+            Some(f) => f.vars.iter().map(|(n, v)| format!("{n}{:?}", v.dims())).collect::<Vec<_>>().join(","),
+            None => format!("{}{}", self.rank(), if self.magnitude.is_some() { ":dora" } else { "" }),
+        }
     }
 }
 
@@ -45,6 +85,8 @@ pub struct LoraSpec {
     /// DoRA: a magnitude per output channel beside the low-rank pair, starting at the norms of
     /// the base weight's rows (with the pair's product added, as peft does).
     pub dora: bool,
+    /// LoHa / LoKr instead of the low-rank pair.
+    pub factored: Option<super::factors::FactorSpec>,
     pub switch: crate::model::layers::adapter::Switch,
 }
 
@@ -91,6 +133,9 @@ fn make(
     device: &Device,
 ) -> Result<AdapterInfo> {
     let r = spec.rank;
+    if let Some(fs) = &spec.factored {
+        return make_factored(layer, path, id, spec, fs, rng, device);
+    }
     let (down_shape, up_shape, fan_in): (Vec<usize>, Vec<usize>, usize) = match &layer {
         LayerMut::Linear(l) => (vec![r, l.in_features()], vec![l.out_features(), r], l.in_features()),
         LayerMut::Conv(c) => {
@@ -119,6 +164,7 @@ fn make(
         scale,
         magnitude: None,
         strength,
+        lycoris: None,
         dropout: spec.dropout,
         switch: spec.switch.clone(),
     };
@@ -137,5 +183,53 @@ fn make(
         LayerMut::Linear(l) => l.adapters.push(lora),
         LayerMut::Conv(c) => c.adapters.push(lora),
     }
-    Ok(AdapterInfo { path: path.to_string(), id, down, up, alpha: spec.alpha, magnitude })
+    Ok(AdapterInfo { path: path.to_string(), id, down, up, alpha: spec.alpha, magnitude, lycoris: None })
+}
+
+/// A LoHa or LoKr adapter (LyCORIS's shapes and initialisation: ΔW starts at zero).
+fn make_factored(
+    layer: LayerMut<'_>,
+    path: &str,
+    id: usize,
+    spec: &LoraSpec,
+    fs: &super::factors::FactorSpec,
+    rng: &mut impl Rng,
+    device: &Device,
+) -> Result<AdapterInfo> {
+    let shape = match &layer {
+        LayerMut::Linear(l) => l.weight.dims().to_vec(),
+        LayerMut::Conv(c) => c.weight.dims().to_vec(),
+    };
+    let f = super::factors::new_factors(fs, &shape, spec.rank, rng, (spec.dtype, device))?;
+    let empty = Var::from_tensor(&Tensor::zeros(0, spec.dtype, device)?)?;
+    let lora = Lora {
+        id,
+        down: empty.clone(),
+        up: empty.clone(),
+        scale: lycoris_scale(&f, spec.alpha) * spec.multiplier,
+        magnitude: None,
+        strength: 1.0,
+        lycoris: Some(f.clone()),
+        dropout: spec.dropout,
+        switch: spec.switch.clone(),
+    };
+    match layer {
+        LayerMut::Linear(l) => l.adapters.push(lora),
+        LayerMut::Conv(c) => c.adapters.push(lora),
+    }
+    let (down, up) = (empty.clone(), empty);
+    Ok(AdapterInfo {
+        path: path.to_string(),
+        id,
+        down,
+        up,
+        alpha: spec.alpha,
+        magnitude: None,
+        lycoris: Some(f),
+    })
+}
+
+/// alpha / rank, the rank as ComfyUI reads it back from the file (1 for a LoKr of two whole factors).
+pub fn lycoris_scale(f: &Factors, alpha: f64) -> f64 {
+    f.rank().map_or(1.0, |r| alpha / r as f64)
 }

@@ -327,6 +327,7 @@ pub type Entry = (String, String, LoraTensors);
 pub fn entries(adapters: &[(String, AdapterInfo)]) -> Vec<Entry> {
     adapters
         .iter()
+        .filter(|(_, a)| a.lycoris.is_none())
         .map(|(c, a)| {
             let t = LoraTensors {
                 down: a.down.as_tensor().clone(),
@@ -352,10 +353,24 @@ pub struct WriteAs<'a> {
 pub fn write(
     path: &Path,
     adapters: &[(String, AdapterInfo)],
-    extra: Vec<(String, Tensor)>,
+    mut extra: Vec<(String, Tensor)>,
     how: WriteAs,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    // LoHa / LoKr: LyCORIS's part names after the kohya module name, and an alpha
+    let kohya = KohyaNames::new(how.family, how.layout);
+    for (comp, a) in adapters {
+        let Some(f) = &a.lycoris else { continue };
+        if how.format != LoraFormat::Kohya {
+            bail!("LoHa and LoKr are written in LyCORIS's kohya layout only (diffusers does not load them): leave out --format peft");
+        }
+        let n =
+            kohya.name(comp, &a.path).with_context(|| format!("{comp} `{}` has no kohya name", a.path))?;
+        for (part, v) in &f.vars {
+            extra.push((format!("{n}.{part}"), v.as_tensor().to_dtype(how.dtype)?.to_device(&Device::Cpu)?));
+        }
+        extra.push((format!("{n}.alpha"), Tensor::new(a.alpha as f32, &Device::Cpu)?.to_dtype(how.dtype)?));
+    }
     write_tensors(path, &entries(adapters), extra, how, metadata)
 }
 

@@ -4,8 +4,9 @@
 //! LoHa: ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha / rank.
 //! LoKr: ΔW = kron(w1, w2), each factor whole or a product w_a·w_b, · alpha / the inner dimension
 //! of a product (1 when both factors are whole).
+use crate::model::layers::lycoris::{FactorKind, Factors};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
 
 /// The tensor names after a module's stem, in both kinds.
@@ -75,72 +76,57 @@ impl Lycoris {
         self.parts.values().map(|t| t.elem_count()).sum()
     }
 
-    fn get(&self, k: &str) -> Result<Tensor> {
-        Ok(self.parts[k].to_dtype(DType::F64)?)
+    /// The factors as the layers hold them (in f64 here), for merging or for an adapter.
+    pub fn factors(&self, dtype: DType, device: &candle_core::Device) -> Result<Factors> {
+        let kind = if self.kind() == "LoHa" { FactorKind::Hada } else { FactorKind::Kron };
+        let vars = self
+            .parts
+            .iter()
+            .map(|(k, t)| Ok((*k, Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?)))
+            .collect::<Result<_>>()?;
+        Ok(Factors { kind, vars })
     }
 
-    /// A product w_a · w_b over its inner dimension.
-    fn product(&self, a: &str, b: &str) -> Result<Tensor> {
-        let (wa, wb) = (self.get(a)?, self.get(b)?);
-        let r = wb.dim(0)?;
-        Ok(wa.reshape(((), r))?.matmul(&wb.reshape((r, ()))?)?)
+    /// ComfyUI's scale: alpha / the decomposed rank (1 without alpha, or for a LoKr of two whole
+    /// factors).
+    pub fn scale(&self, f: &Factors) -> f64 {
+        match (self.alpha, f.rank()) {
+            (Some(a), Some(r)) => a / r as f64,
+            _ => 1.0,
+        }
     }
 
     /// ΔW in the adapted weight's `shape`, in f64.
     pub fn delta(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let d = if self.kind() == "LoHa" {
-            let rank = self.parts["hada_w1_b"].dim(0)?;
-            let scale = self.alpha.map_or(1.0, |a| a / rank as f64);
-            ((self.product("hada_w1_a", "hada_w1_b")? * self.product("hada_w2_a", "hada_w2_b")?)? * scale)?
-        } else {
-            let mut dim = None;
-            let w1 = match self.parts.get("lokr_w1") {
-                Some(_) => self.get("lokr_w1")?,
-                None => {
-                    dim = Some(self.parts["lokr_w1_b"].dim(0)?);
-                    self.product("lokr_w1_a", "lokr_w1_b")?
-                }
-            };
-            let w2 = match self.parts.get("lokr_w2") {
-                Some(_) => self.get("lokr_w2")?,
-                None => {
-                    dim = Some(self.parts["lokr_w2_b"].dim(0)?);
-                    self.product("lokr_w2_a", "lokr_w2_b")?
-                }
-            };
-            let scale = match (self.alpha, dim) {
-                (Some(a), Some(d)) => a / d as f64,
-                _ => 1.0,
-            };
-            (kron(&w1, &w2, shape)? * scale)?
+        let f = self.factors(DType::F64, &candle_core::Device::Cpu)?;
+        let made: usize = match f.kind {
+            FactorKind::Hada => {
+                self.parts["hada_w1_a"].dim(0)? * self.parts["hada_w1_b"].elem_count()
+                    / self.parts["hada_w1_b"].dim(0)?
+            }
+            FactorKind::Kron => {
+                let side = |w: &str| -> Result<(usize, usize)> {
+                    Ok(match self.parts.get(w) {
+                        Some(t) => (t.dim(0)?, t.elem_count() / t.dim(0)?),
+                        None => {
+                            let (a, b) = (
+                                &self.parts[format!("{w}_a").as_str()],
+                                &self.parts[format!("{w}_b").as_str()],
+                            );
+                            (a.dim(0)?, b.elem_count() / b.dim(0)?)
+                        }
+                    })
+                };
+                let ((a, b), (c, d)) = (side("lokr_w1")?, side("lokr_w2")?);
+                a * b * c * d
+            }
         };
-        if d.elem_count() != n {
-            bail!(
-                "{} factors make {} values, the layer's weight {shape:?} has {n}",
-                self.kind(),
-                d.elem_count()
-            );
+        if made != n {
+            bail!("{} factors make {made} values, the layer's weight {shape:?} has {n}", self.kind());
         }
-        Ok(d.reshape(shape)?)
+        Ok((f.delta(shape)? * self.scale(&f))?)
     }
-}
-
-/// kron(w1 [a, b], w2 [c, d, …]) as torch.kron gives it for the adapted weight's `shape`: w1's
-/// dimensions pair with w2's first two ([a·c, b·d, …]); a product factor comes 2-D and takes
-/// w2's kernel shape back from `shape`.
-fn kron(w1: &Tensor, w2: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    let (a, b) = w1.dims2()?;
-    let c = shape[0] / a;
-    let rest: usize = shape[1..].iter().product();
-    let d_k = rest / b; // w2's second dimension times the kernel
-    let w2 = w2.reshape((c, d_k))?;
-    let kernel: usize = shape[2..].iter().product();
-    let d = d_k / kernel;
-    // out[i·c + k, (j·d + l)·kernel + s] = w1[i, j] · w2[k, l·kernel + s]
-    let w1e = w1.reshape((a, 1, b, 1))?;
-    let w2e = w2.reshape((1, c, 1, d * kernel))?;
-    Ok(w1e.broadcast_mul(&w2e)?.reshape((a * c, b * d * kernel))?)
 }
 
 #[cfg(test)]
@@ -155,27 +141,6 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// kron as torch defines it, element by element.
-    #[test]
-    fn kron_of_a_conv_kernel_is_torch_kron() {
-        let (w1, w2) = (t(&[2, 3], 1), t(&[4, 5, 3, 3], 2));
-        let got: Vec<f64> = kron(&w1, &w2, &[8, 15, 3, 3]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let a = w1.to_vec2::<f64>().unwrap();
-        let b: Vec<f64> = w2.flatten_all().unwrap().to_vec1().unwrap();
-        for (i, row) in a.iter().enumerate() {
-            for (j, aij) in row.iter().enumerate() {
-                for k in 0..4 {
-                    for l in 0..5 {
-                        for s in 0..9 {
-                            let out = (((i * 4 + k) * 15) + (j * 5 + l)) * 9 + s;
-                            assert_eq!(got[out], aij * b[((k * 5) + l) * 9 + s], "[{i} {j} {k} {l} {s}]");
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     #[test]
     fn lokr_scale_is_alpha_over_the_decomposed_rank_and_one_for_whole_factors() {
         let parts = |p: &[(&'static str, Tensor)]| p.iter().cloned().collect::<BTreeMap<_, _>>();
@@ -183,14 +148,17 @@ mod tests {
             parts: parts(&[("lokr_w1", t(&[2, 2], 3)), ("lokr_w2", t(&[3, 4], 4))]),
             alpha: Some(8.0),
         };
-        let plain = kron(&t(&[2, 2], 3), &t(&[3, 4], 4), &[6, 8]).unwrap();
+        let plain = crate::model::layers::lycoris::kron(&t(&[2, 2], 3), &t(&[3, 4], 4), &[6, 8]).unwrap();
         assert_eq!(whole.delta(&[6, 8]).unwrap().to_vec2::<f64>().unwrap(), plain.to_vec2::<f64>().unwrap());
         let (wa, wb) = (t(&[3, 2], 5), t(&[2, 4], 6));
         let split = Lycoris {
             parts: parts(&[("lokr_w1", t(&[2, 2], 3)), ("lokr_w2_a", wa.clone()), ("lokr_w2_b", wb.clone())]),
             alpha: Some(8.0),
         };
-        let want = (kron(&t(&[2, 2], 3), &wa.matmul(&wb).unwrap(), &[6, 8]).unwrap() * 4.0).unwrap();
+        let want = (crate::model::layers::lycoris::kron(&t(&[2, 2], 3), &wa.matmul(&wb).unwrap(), &[6, 8])
+            .unwrap()
+            * 4.0)
+            .unwrap();
         let got = split.delta(&[6, 8]).unwrap();
         assert_eq!(got.to_vec2::<f64>().unwrap(), want.to_vec2::<f64>().unwrap());
     }

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod attach;
 pub mod embedding;
+pub mod factors;
 pub mod format;
 pub mod lycoris;
 pub mod merge;

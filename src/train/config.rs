@@ -57,12 +57,28 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_accum: Option<usize>,
-    /// lora, or dora (weight-decomposed LoRA: a magnitude per output channel trained beside the
+    /// lora; dora (weight-decomposed LoRA: a magnitude per output channel trained beside the
     /// low-rank pair; saved as LyCORIS's dora_scale for ComfyUI/A1111, PEFT's
-    /// lora_magnitude_vector with --format peft for diffusers).
+    /// lora_magnitude_vector with --format peft for diffusers); loha or lokr (LyCORIS's Hadamard
+    /// and Kronecker products, saved under LyCORIS's names for ComfyUI, A1111 and kohya's
+    /// LyCORIS loader; --rank and --alpha as for LoRA).
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter: Option<AdapterKind>,
+    /// LoKr: the largest first factor of each channel count, e.g. 8 or 16 (LyCORIS's factor;
+    /// -1: the two factors as close to square as the count divides).
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lokr_factor: Option<i64>,
+    /// LoKr: decompose the first factor into a low-rank pair too, where the rank is below half
+    /// its size (LyCORIS's decompose_both; otherwise that factor is full rank).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lokr_decompose_both: Option<bool>,
+    /// LoKr: keep the second factor whole (full rank) whatever --rank (LyCORIS's full_matrix).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lokr_full_matrix: Option<bool>,
     /// LoRA rank (network dim).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -350,6 +366,17 @@ pub enum AdapterKind {
     Lora,
     /// DoRA: the low-rank pair sets the weight's direction, a trained magnitude its size.
     Dora,
+    /// LyCORIS's LoHa: the Hadamard product of two low-rank products.
+    Loha,
+    /// LyCORIS's LoKr: the Kronecker product of two factors (see --lokr-factor).
+    Lokr,
+}
+
+impl AdapterKind {
+    /// The name `--adapter` takes (LyCORIS's `algo` for LoHa and LoKr).
+    pub fn name(self) -> String {
+        crate::util::choice_name(&self)
+    }
 }
 
 /// What the regularization images' loss pulls towards.
@@ -381,6 +408,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub adapter: AdapterKind,
+    pub lokr_factor: i64,
+    pub lokr_decompose_both: bool,
+    pub lokr_full_matrix: bool,
     pub rank: usize,
     pub alpha: Option<f64>,
     pub lora_dropout: f64,
@@ -451,6 +481,9 @@ impl Default for TrainConfig {
             batch_size: 1,
             grad_accum: 1,
             adapter: AdapterKind::Lora,
+            lokr_factor: -1,
+            lokr_decompose_both: false,
+            lokr_full_matrix: false,
             rank: 16,
             alpha: None,
             lora_dropout: 0.0,
@@ -626,6 +659,22 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// LoHa / LoKr's shapes, or None for LoRA and DoRA.
+    pub fn factor_spec(&self) -> Option<crate::lora::factors::FactorSpec> {
+        use crate::model::layers::lycoris::FactorKind;
+        let kind = match self.adapter {
+            AdapterKind::Loha => FactorKind::Hada,
+            AdapterKind::Lokr => FactorKind::Kron,
+            _ => return None,
+        };
+        Some(crate::lora::factors::FactorSpec {
+            kind,
+            factor: self.lokr_factor,
+            decompose_both: self.lokr_decompose_both,
+            full_matrix: self.lokr_full_matrix,
+        })
+    }
+
     /// `--optimizer` with `--optimizer-args` read.
     pub fn optimizer_settings(&self) -> Result<Settings> {
         self.optimizer.settings(&self.optimizer_args)
@@ -730,6 +779,23 @@ impl TrainConfig {
                 "--val-split {}: the share of the images to hold out, from 0 to below 1",
                 self.val_split
             ));
+        }
+        let lycoris = matches!(self.adapter, AdapterKind::Loha | AdapterKind::Lokr);
+        if lycoris && self.format != LoraFormat::Kohya {
+            return bad(format!(
+                "--adapter {} is written in LyCORIS's kohya layout only (diffusers does not load it): leave out --format peft",
+                self.adapter.name()
+            ));
+        }
+        let lokr_set = self.lokr_factor != -1 || self.lokr_decompose_both || self.lokr_full_matrix;
+        if lokr_set && self.adapter != AdapterKind::Lokr {
+            return bad(
+                "--lokr-factor, --lokr-decompose-both and --lokr-full-matrix shape LoKr: add --adapter lokr"
+                    .into(),
+            );
+        }
+        if self.lokr_factor == 0 || self.lokr_factor < -1 {
+            return bad(format!("--lokr-factor {}: a positive factor, or -1", self.lokr_factor));
         }
         if let Some(d) = self.ema_decay.filter(|d| !(*d > 0.0 && *d < 1.0)) {
             return bad(format!("--ema-decay {d}: a decay between 0 and 1, e.g. 0.999"));

@@ -30,9 +30,11 @@ pub fn kohya_metadata(
     let mut put = |k: &str, v: String| {
         m.insert(k.to_string(), v);
     };
-    // DoRA is LyCORIS's to kohya users: its module and network_args say so
-    let dora = cfg.adapter == super::config::AdapterKind::Dora;
-    put("ss_network_module", if dora { "lycoris.kohya" } else { "networks.lora" }.into());
+    // DoRA, LoHa and LoKr are LyCORIS's to kohya users: its module and network_args say so
+    use super::config::AdapterKind;
+    let dora = cfg.adapter == AdapterKind::Dora;
+    let lycoris = cfg.adapter != AdapterKind::Lora;
+    put("ss_network_module", if lycoris { "lycoris.kohya" } else { "networks.lora" }.into());
     put("ss_network_dim", cfg.rank.to_string());
     put("ss_network_alpha", format!("{}", cfg.alpha()));
     // kohya's network_args, as its train_network.py records them: strings
@@ -45,6 +47,14 @@ pub fn kohya_metadata(
         let algo = if cfg.targets == crate::lora::targets::Preset::Full { "locon" } else { "lora" };
         args.insert("algo".into(), algo.into());
         args.insert("dora_wd".into(), "True".into());
+    }
+    if matches!(cfg.adapter, AdapterKind::Loha | AdapterKind::Lokr) {
+        args.insert("algo".into(), cfg.adapter.name().into());
+    }
+    if cfg.adapter == AdapterKind::Lokr {
+        args.insert("factor".into(), cfg.lokr_factor.to_string().into());
+        args.insert("decompose_both".into(), py_bool(cfg.lokr_decompose_both).into());
+        args.insert("full_matrix".into(), py_bool(cfg.lokr_full_matrix).into());
     }
     if let Some(r) = &cfg.exclude_layers {
         args.insert("exclude_patterns".into(), serde_json::json!([r]).to_string().into());

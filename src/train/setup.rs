@@ -183,6 +183,7 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
         dtype: DType::F32,
         dropout: cfg.lora_dropout,
         dora: cfg.adapter == crate::train::config::AdapterKind::Dora,
+        factored: cfg.factor_spec(),
         switch: switch.clone(),
     };
     let excluded = cfg.excluded_layers()?;
@@ -227,10 +228,8 @@ pub fn setup(cfg: &TrainConfig, progress: &mut dyn FnMut(&str, usize, usize)) ->
     let mut lr_scale = vec![];
     for (comp, a) in &adapters {
         let s = if comp == "unet" { 1.0 } else { te_scale };
-        params.extend([a.down.clone(), a.up.clone()]);
-        lr_scale.extend([s, s]);
-        if let Some(m) = &a.magnitude {
-            params.push(m.clone());
+        for (_, v) in a.params() {
+            params.push(v);
             lr_scale.push(s);
         }
     }

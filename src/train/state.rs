@@ -16,12 +16,7 @@ pub fn state_path(lora: &Path) -> PathBuf {
 }
 
 fn layout(adapters: &[(String, AdapterInfo)], word: Option<&TrainedWord>) -> String {
-    let mut v: Vec<String> = adapters
-        .iter()
-        .map(|(c, a)| {
-            format!("{c}/{}:{}{}", a.path, a.rank(), if a.magnitude.is_some() { ":dora" } else { "" })
-        })
-        .collect();
+    let mut v: Vec<String> = adapters.iter().map(|(c, a)| format!("{c}/{}:{}", a.path, a.layout())).collect();
     v.extend(word.map(|w| format!("embedding/{}", w.word)));
     serde_json::to_string(&v).unwrap_or_default()
 }
@@ -36,10 +31,8 @@ pub fn save(
 ) -> Result<()> {
     let mut t: Vec<(String, Tensor)> = vec![];
     for (i, (_, a)) in adapters.iter().enumerate() {
-        t.push((format!("adapter.{i}.down"), a.down.as_tensor().to_device(&Device::Cpu)?));
-        t.push((format!("adapter.{i}.up"), a.up.as_tensor().to_device(&Device::Cpu)?));
-        if let Some(m) = &a.magnitude {
-            t.push((format!("adapter.{i}.magnitude"), m.as_tensor().to_device(&Device::Cpu)?));
+        for (name, v) in a.params() {
+            t.push((format!("adapter.{i}.{name}"), v.as_tensor().to_device(&Device::Cpu)?));
         }
     }
     for (k, v) in word.iter().flat_map(|w| &w.vectors).enumerate() {
@@ -158,10 +151,8 @@ pub fn load(
     let t = candle_core::safetensors::load_buffer(&data, &Device::Cpu)?;
     let take = |k: &str| t.get(k).cloned().with_context(|| format!("{}: missing tensor {k}", path.display()));
     for (i, (_, a)) in adapters.iter().enumerate() {
-        a.down.set(&take(&format!("adapter.{i}.down"))?.to_device(a.down.device())?)?;
-        a.up.set(&take(&format!("adapter.{i}.up"))?.to_device(a.up.device())?)?;
-        if let Some(m) = &a.magnitude {
-            m.set(&take(&format!("adapter.{i}.magnitude"))?.to_device(m.device())?)?;
+        for (name, v) in a.params() {
+            v.set(&take(&format!("adapter.{i}.{name}"))?.to_device(v.device())?)?;
         }
     }
     for (k, v) in word.iter().flat_map(|w| &w.vectors).enumerate() {

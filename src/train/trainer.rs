@@ -336,16 +336,7 @@ fn optimizer_step(
 ) -> Result<Option<f64>> {
     let mut grads = vec![];
     for (_, a) in &run.adapters {
-        match g.get(a.id) {
-            Some((d, u)) => grads.extend([d.clone(), u.clone()]),
-            None => grads.extend([a.down.zeros_like()?, a.up.zeros_like()?]),
-        }
-        if let Some(m) = &a.magnitude {
-            grads.push(match g.weights.get(&m.as_tensor().id()) {
-                Some(d) => d.clone(),
-                None => m.zeros_like()?,
-            });
-        }
+        grads.extend(a.grads(g)?);
     }
     for v in run.embedding.iter().flat_map(|e| &e.vectors) {
         grads.push(match g.weights.get(&v.as_tensor().id()) {

@@ -128,6 +128,9 @@ pub struct Lora {
     /// DoRA's strength: the weight moves this share of the way to the decomposed one
     /// (ComfyUI's strength); 1 in training.
     pub strength: f64,
+    /// LyCORIS LoHa / LoKr: the weight difference comes from these factors (scaled by `scale`),
+    /// and `down`/`up` are empty.
+    pub lycoris: Option<super::lycoris::Factors>,
     /// LoRA dropout on the adapter's input (peft's lora_dropout), active only while `switch`
     /// holds a step seed, i.e. inside a training step.
     pub dropout: f64,
@@ -183,6 +186,10 @@ impl Lora {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
+        if let Some(f) = &self.lycoris {
+            let delta = super::lycoris::forward(f, op, base.weight.dims(), &xd, self.scale)?;
+            return Ok((delta, LoraSaved { hidden: xd, mask, dora: None }));
+        }
         let hidden = op.forward(&xd, &self.down.as_tensor().detach())?;
         let delta = (op.pointwise().forward(&hidden, &self.up.as_tensor().detach())? * self.scale)?;
         if self.magnitude.is_none() {
@@ -206,6 +213,13 @@ impl Lora {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> Result<Tensor> {
+        if let Some(f) = &self.lycoris {
+            let dx = super::lycoris::backward(f, op, weight.dims(), &s.hidden, dy, self.scale, grads)?;
+            return match &s.mask {
+                Some(m) => dx * m,
+                None => Ok(dx),
+            };
+        }
         let xd = match &s.mask {
             Some(m) => (x * m)?,
             None => x.clone(),

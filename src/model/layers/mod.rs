@@ -15,6 +15,7 @@ mod flash;
 pub mod geglu;
 mod im2col;
 pub mod linear;
+pub mod lycoris;
 pub mod norm;
 pub mod resample;
 mod vmath;
