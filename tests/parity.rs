@@ -209,14 +209,15 @@ fn lora_sdxl_peft_and_kohya() {
     lora_parity("sdxl", "lora_kohya_sgm.safetensors", DType::F32, "", 1e-4);
 }
 
-/// LoRAs we wrote (examples/lora_fixture.rs), loaded by diffusers' `load_lora_weights`
-/// (tools/fixtures/check_our_lora.py: every module consumed): diffusers' outputs equal ours.
+/// LoRAs (and a DoRA) we wrote (examples/lora_fixture.rs), loaded by diffusers'
+/// `load_lora_weights` (tools/fixtures/check_our_lora.py: every module and magnitude consumed):
+/// diffusers' outputs equal ours.
 #[test]
 fn our_loras_load_in_diffusers_with_equal_outputs() {
     for name in ["sd1", "sdxl"] {
         let want = io(&format!("{name}/lora/ours_io.safetensors"));
         let mut tensors_by_format = vec![];
-        for stem in ["ours_kohya", "ours_peft"] {
+        for stem in ["ours_kohya", "ours_peft", "ours_dora_peft"] {
             let mut sd = model(name, DType::F32, true, false, true);
             let path = fixture(&format!("{name}/lora/{stem}.safetensors"));
             let adapters = sdlora::lora::apply::apply_file(&mut sd, &path, 1.0, 0).unwrap();
@@ -250,6 +251,10 @@ fn our_loras_load_in_diffusers_with_equal_outputs() {
                 })
                 .collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
+            if stem == "ours_dora_peft" {
+                assert!(adapters.iter().all(|(_, a)| a.magnitude.is_some()), "{name}: DoRA read as LoRA");
+                continue;
+            }
             tensors_by_format.push(v);
         }
         assert!(

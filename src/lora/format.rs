@@ -426,10 +426,13 @@ pub fn write_tensors(
                         4 => vec![1, m.elem_count(), 1, 1],
                         _ => vec![m.elem_count()],
                     };
-                    tensors.push((
-                        format!("{comp}.{p}.lora_magnitude_vector"),
-                        m.reshape(shape)?.to_dtype(dtype)?,
-                    ));
+                    // diffusers' U-Net loader takes peft's own name; its text-encoder loader
+                    // (transformers') only `.weight` after it (diffusers 0.42, transformers 5)
+                    let key = match comp.as_str() {
+                        "unet" => format!("{comp}.{p}.lora_magnitude_vector"),
+                        _ => format!("{comp}.{p}.lora_magnitude_vector.weight"),
+                    };
+                    tensors.push((key, m.reshape(shape)?.to_dtype(dtype)?));
                 }
             }
         }
