@@ -1,5 +1,6 @@
 //! Training: noise schedule, optimizer, the loop, checkpoints.
 pub mod adafactor;
+pub mod args;
 pub mod batches;
 pub mod config;
 pub mod ema;
