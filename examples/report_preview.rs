@@ -92,6 +92,7 @@ fn main() -> Result<()> {
         lora_bytes: 3_358_720,
         seconds: 1234.5,
         images_per_second: 1.94,
+        epochs: None,
     };
     report.write(&out)?;
     println!("{}", out.display());

@@ -186,6 +186,18 @@ fn resize_to_full_rank_reproduces_and_lower_rank_reports_energy() {
     assert!(rel(&y.0, &x.0) < 1e-5 && rel(&y.1, &x.1) < 1e-5);
     let j: serde_json::Value = serde_json::from_str(&sdlora(&["inspect", p(&half), "--json"])).unwrap();
     assert!(j["layers"].as_array().unwrap().iter().all(|l| l["rank"] == 2));
+
+    // DoRA keeps its magnitudes: at full rank the same output, and still DoRA
+    let dora = fixture("sd1/dora/dora_kohya.safetensors");
+    let full = tmp.path().join("dora4.safetensors");
+    sdlora(&["resize", p(&dora), p(&full), "--rank", "4", "--save-dtype", "f32"]);
+    let mut a = load(p(&fixture("sd1/pipe")), &opts()).unwrap();
+    let mut b = load(p(&fixture("sd1/pipe")), &opts()).unwrap();
+    apply_file(&mut a, &dora, 1.0, 0).unwrap();
+    let resized = apply_file(&mut b, &full, 1.0, 0).unwrap();
+    assert!(resized.iter().all(|(_, a)| a.magnitude.is_some()), "resize dropped the magnitudes");
+    let (x, y) = (outputs(&a), outputs(&b));
+    assert!(rel(&y.0, &x.0) < 1e-5, "DoRA resized to its own rank: {}", rel(&y.0, &x.0));
 }
 
 #[test]

@@ -101,6 +101,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "sdlora train: {}",
         cfg.output.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()
     ));
+    report.epochs = Some((summary.steps * cfg.grad_accum) as f64 / epoch_len as f64);
     let settings = serde_json::to_value(&cfg)?;
     if let Some(m) = settings.as_object() {
         report.settings = m

@@ -77,6 +77,8 @@ pub struct Report {
     pub lora_bytes: u64,
     pub seconds: f64,
     pub images_per_second: f64,
+    /// Passes over the data the steps made, when known.
+    pub epochs: Option<f64>,
 }
 
 impl Report {
@@ -96,7 +98,13 @@ impl Report {
 
         h.push_str("<section class=\"cards\">\n");
         card(&mut h, "LoRA file", &bytes(self.lora_bytes), &format!("{} bytes", thousands(self.lora_bytes)))?;
-        card(&mut h, "Training time", &duration(self.seconds), &format!("{} steps", self.losses.len()))?;
+        let epochs = self.epochs.map_or(String::new(), |e| format!(", {e:.1} epochs"));
+        card(
+            &mut h,
+            "Training time",
+            &duration(self.seconds),
+            &format!("{} steps{epochs}", self.losses.len()),
+        )?;
         card(&mut h, "Throughput", &format!("{:.2}", self.images_per_second), "images / second")?;
         if let Some((before, after)) = self.eval_loss {
             let change =

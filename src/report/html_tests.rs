@@ -52,6 +52,7 @@ fn sample_report() -> Report {
         lora_bytes: 3_355_443,
         seconds: 245.0,
         images_per_second: 4.25,
+        epochs: Some(2.5),
     }
 }
 
@@ -83,9 +84,17 @@ fn written_page_has_plot_grids_scores_and_numbers() {
     for label in ["before", "after", "base vs LoRA"] {
         assert!(html.contains(&format!("<figcaption>{label}</figcaption>")), "{label}");
     }
-    for number in
-        ["87.5 %", "62.5 %", "1.5 points", "95.0 %", "93.5 %", "7.9 / 255", "3.2 MiB", "3,355,443 bytes"]
-    {
+    for number in [
+        "87.5 %",
+        "62.5 %",
+        "1.5 points",
+        "95.0 %",
+        "93.5 %",
+        "7.9 / 255",
+        "3.2 MiB",
+        "3,355,443 bytes",
+        "75 steps, 2.5 epochs",
+    ] {
         assert!(html.contains(number), "{number}");
     }
     for text in [
