@@ -26,6 +26,8 @@ fn help_shows_the_defaults_of_train_config() {
             serde_json::Value::Null => continue,
             serde_json::Value::String(s) if s.is_empty() => continue,
             serde_json::Value::String(s) => s.clone(),
+            // a list that starts empty (--optimizer-args)
+            serde_json::Value::Array(a) if a.is_empty() => "none".into(),
             v => v.to_string(),
         };
         let flag = format!("--{} ", key.replace('_', "-"));

@@ -207,11 +207,11 @@ pub fn train(mut run: Run, cfg: &TrainConfig, on: &mut dyn FnMut(Progress)) -> R
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    // saved first: the evaluation and the grids after it may be cut short
-    save_state(&run, &state::state_path(&cfg.output), cfg.steps)?;
-    // from here on the weights are the ones saved: the average, with --ema-decay
+    // saved first, the LoRA before its state: the evaluation and the grids after it may be cut
+    // short; from here on the weights are the LoRA's (the average, with --ema-decay)
     swap_ema(&mut run)?;
     save(&run, cfg, &cfg.output, cfg.steps)?;
+    with_ema(&mut run, |run| save_state(run, &state::state_path(&cfg.output), cfg.steps))?;
     let mut tick = |done, total| on(Progress::Evaluating { done, total });
     let eval_after = eval_loss(&run, cfg, &mut tick)?;
     val_losses.extend(val_loss(&run, cfg, &mut tick)?.map(|l| (cfg.steps, l)));
@@ -252,8 +252,8 @@ fn stopped(
 fn checkpoint(run: &mut Run, cfg: &TrainConfig, step: usize) -> Result<(PathBuf, PathBuf)> {
     let p = step_path(&cfg.output, step);
     let s = state::state_path(&p);
-    save_state(run, &s, step)?;
     with_ema(run, |run| save(run, cfg, &p, step))?;
+    save_state(run, &s, step)?;
     Ok((p, s))
 }
 
