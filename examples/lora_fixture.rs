@@ -24,18 +24,7 @@ fn main() -> anyhow::Result<()> {
             factored: None,
             switch: sdlora::model::layers::adapter::switch(),
         };
-        let mut adapters = vec![];
-        let unet = sd.unet.as_mut().expect("unet");
-        for a in attach(unet, "", &|p, l| unet_selects(Preset::AttnMlp, p, l), &spec, 0, &Device::Cpu)? {
-            adapters.push(("unet".to_string(), a));
-        }
-        for (i, te) in sd.text_encoders.iter_mut().enumerate() {
-            let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
-            let spec = LoraSpec { seed: 12 + i as u64, ..spec.clone() };
-            for a in attach(te, "", &|p, _| text_encoder_selects(p), &spec, adapters.len(), &Device::Cpu)? {
-                adapters.push((comp.to_string(), a));
-            }
-        }
+        let adapters = attach_all(&mut sd, &spec)?;
         for (fmt, file) in
             [(LoraFormat::Kohya, "ours_kohya.safetensors"), (LoraFormat::Peft, "ours_peft.safetensors")]
         {
@@ -50,18 +39,7 @@ fn main() -> anyhow::Result<()> {
         let mut sd =
             load_folder(&root.join(name).join("pipe"), &LoadOptions { vae: false, ..Default::default() })?;
         let spec = LoraSpec { dora: true, seed: 21, ..spec.clone() };
-        let mut adapters = vec![];
-        let unet = sd.unet.as_mut().expect("unet");
-        for a in attach(unet, "", &|p, l| unet_selects(Preset::AttnMlp, p, l), &spec, 0, &Device::Cpu)? {
-            adapters.push(("unet".to_string(), a));
-        }
-        for (i, te) in sd.text_encoders.iter_mut().enumerate() {
-            let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
-            let spec = LoraSpec { seed: 22 + i as u64, ..spec.clone() };
-            for a in attach(te, "", &|p, _| text_encoder_selects(p), &spec, adapters.len(), &Device::Cpu)? {
-                adapters.push((comp.to_string(), a));
-            }
-        }
+        let adapters = attach_all(&mut sd, &spec)?;
         for (k, (_, a)) in adapters.iter().enumerate() {
             let m = a.magnitude.as_ref().expect("DoRA");
             m.set(&(m.as_tensor() * (1.0 + 0.2 * (k as f64).sin()))?)?;
@@ -73,4 +51,25 @@ fn main() -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// `spec`'s adapters on the U-Net's attention and MLP layers and on every text-encoder layer
+/// (text encoder k seeded `spec.seed + 1 + k`).
+fn attach_all(
+    sd: &mut sdlora::model::load::StableDiffusion,
+    spec: &LoraSpec,
+) -> anyhow::Result<Vec<(String, sdlora::lora::AdapterInfo)>> {
+    let mut adapters = vec![];
+    let unet = sd.unet.as_mut().expect("unet");
+    for a in attach(unet, "", &|p, l| unet_selects(Preset::AttnMlp, p, l), spec, 0, &Device::Cpu)? {
+        adapters.push(("unet".to_string(), a));
+    }
+    for (i, te) in sd.text_encoders.iter_mut().enumerate() {
+        let comp = if i == 0 { "text_encoder" } else { "text_encoder_2" };
+        let spec = LoraSpec { seed: spec.seed + 1 + i as u64, ..spec.clone() };
+        for a in attach(te, "", &|p, _| text_encoder_selects(p), &spec, adapters.len(), &Device::Cpu)? {
+            adapters.push((comp.to_string(), a));
+        }
+    }
+    Ok(adapters)
 }

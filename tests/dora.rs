@@ -2,7 +2,7 @@
 //! constant, as peft and the paper do), peft's DoRA on the tiny U-Net (tests/fixtures/sd1/dora/
 //! from tools/fixtures/dora.py), file layouts, merging, and a whole training run.
 use crate::common;
-use crate::parity::{close, fixture, io, model, mse_grad};
+use crate::parity::{close, fixture, io, model, unet_reference_grads};
 use candle_core::{DType, Device, Tensor};
 use common::{dot, fd_check, randn, var};
 use sdlora::lora::{attach, AdapterInfo, Init, LoraSpec};
@@ -151,21 +151,7 @@ fn dora_files_match_peft_output_and_gradients() {
             "every module attached"
         );
         assert!(adapters.iter().all(|(_, a)| a.magnitude.is_some()), "{file}: read as plain LoRA");
-        let get = |k: &str| t[k].to_dtype(dtype).unwrap();
-        let (sample, ctx) = (get("sample"), get("encoder_hidden_states"));
-        let input = UNetInput {
-            sample: &sample,
-            timestep: &t["timestep"],
-            encoder_hidden_states: &ctx,
-            text_embeds: None,
-            time_ids: None,
-        };
-        let unet = sd.unet.as_ref().unwrap();
-        let (out, saved) = unet.forward_train(&input).unwrap();
-        close(&format!("{file} out{sfx}"), &out, &t[&format!("out{sfx}")], tol);
-        let mut g = Grads::default();
-        let d = unet.backward(saved, &mse_grad(&out, &t["target"]), &mut g).unwrap();
-        close(&format!("{file} grad sample{sfx}"), &d.sample, &t[&format!("grad_sample{sfx}")], tol);
+        let g = unet_reference_grads(file, &sd, &t, (dtype, sfx, tol));
         for (_, a) in &adapters {
             let (dd, du) = g.get(a.id).unwrap();
             let m = a.magnitude.as_ref().unwrap();

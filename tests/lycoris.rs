@@ -3,7 +3,7 @@
 //! gradients; `merge` bakes them in alike; `convert` refuses them by name; the layers' backward
 //! against finite differences; a whole training run of each.
 use crate::common::{self, dot, fd_check, randn, var};
-use crate::parity::{close, fixture, io, model, mse_grad};
+use crate::parity::{close, fixture, io, model, unet_reference_grads};
 use candle_core::{DType, Device};
 use sdlora::lora::factors::FactorSpec;
 use sdlora::lora::{attach, AdapterInfo, Init, LoraSpec};
@@ -90,21 +90,7 @@ fn loha_and_lokr_adapters_match_peft_gradients() {
         let applied = sdlora::lora::apply::apply(&mut sd, &file, 1.0, 0, false).unwrap();
         assert_eq!((applied.adapters.len(), applied.merged), (52, 0));
         let t = io(&format!("sd1/lycoris/{kind}_io.safetensors"));
-        let get = |k: &str| t[k].to_dtype(dtype).unwrap();
-        let (sample, ctx) = (get("sample"), get("encoder_hidden_states"));
-        let input = sdlora::model::unet::UNetInput {
-            sample: &sample,
-            timestep: &t["timestep"],
-            encoder_hidden_states: &ctx,
-            text_embeds: None,
-            time_ids: None,
-        };
-        let unet = sd.unet.as_ref().unwrap();
-        let (out, saved) = unet.forward_train(&input).unwrap();
-        close(&format!("{kind} out{sfx}"), &out, &t[&format!("out{sfx}")], tol);
-        let mut g = Grads::default();
-        let d = unet.backward(saved, &mse_grad(&out, &t["target"]), &mut g).unwrap();
-        close(&format!("{kind} grad sample{sfx}"), &d.sample, &t[&format!("grad_sample{sfx}")], tol);
+        let g = unet_reference_grads(kind, &sd, &t, (dtype, sfx, tol));
         let gk = if sfx.is_empty() { "grad." } else { "grad_f64." };
         let mut n = 0;
         for (_, a) in &applied.adapters {

@@ -362,3 +362,30 @@ fn ckpt_loads_and_code_is_refused() {
     assert!(err.contains("evil.ckpt") && err.contains("system") && err.contains("would run code"), "{err}");
     assert!(!std::path::Path::new("/tmp/sdlora-pwned").exists());
 }
+
+/// The SD1 U-Net of `sd` on a reference file's inputs (in `dtype`): its `out{sfx}` and
+/// `grad_sample{sfx}` (of mean((out − target)²)) checked within `tol`; the adapters' gradients
+/// returned for the caller to compare.
+pub(crate) fn unet_reference_grads(
+    what: &str,
+    sd: &StableDiffusion,
+    t: &HashMap<String, Tensor>,
+    (dtype, sfx, tol): (DType, &str, f64),
+) -> Grads {
+    let get = |k: &str| t[k].to_dtype(dtype).unwrap();
+    let (sample, ctx) = (get("sample"), get("encoder_hidden_states"));
+    let input = UNetInput {
+        sample: &sample,
+        timestep: &t["timestep"],
+        encoder_hidden_states: &ctx,
+        text_embeds: None,
+        time_ids: None,
+    };
+    let unet = sd.unet.as_ref().unwrap();
+    let (out, saved) = unet.forward_train(&input).unwrap();
+    close(&format!("{what} out{sfx}"), &out, &t[&format!("out{sfx}")], tol);
+    let mut g = Grads::default();
+    let d = unet.backward(saved, &mse_grad(&out, &t["target"]), &mut g).unwrap();
+    close(&format!("{what} grad sample{sfx}"), &d.sample, &t[&format!("grad_sample{sfx}")], tol);
+    g
+}

@@ -134,11 +134,17 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Deterministic values in [-1, 1] of `shape`.
     fn t(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> =
-            (0..n).map(|i| ((i as u64 * 2654435761 + seed * 97) % 1000) as f64 / 500.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        let n = shape.iter().product::<usize>();
+        Tensor::arange(0f64, n as f64, &Device::Cpu)
+            .unwrap()
+            .affine(0.7, seed as f64)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape(shape)
+            .unwrap()
     }
 
     #[test]
